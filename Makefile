@@ -1,0 +1,47 @@
+# Every target sets itself up on a fresh machine (venv + pinned install), then does its job.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Offline, quiet, and patient on 2 cores (see ../shared/platform-notes.md).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export TOKENIZERS_PARALLELISM := false
+EXTRAS ?= cpu,dev,llm-local
+
+.PHONY: install demo ablations test lint bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the pinned CPU wheel; an unpinned torch would pull GBs of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install  ## generate the demo data and run the full pipeline on it
+	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data
+	$(BIN)/kgmel run --config configs/demo.yaml
+
+ablations: install  ## the retriever vs. baselines and ablations table on the demo data
+	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data
+	$(BIN)/kgmel ablations --config configs/demo.yaml
+
+test: install  ## lint + the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python -m bench.embedding_throughput
+	$(BIN)/python -m bench.retrieval_latency
+
+clean:
+	rm -rf artifacts demo_data .pytest_cache

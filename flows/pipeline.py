@@ -1,0 +1,117 @@
+"""The flows. Each is a chain of stage tasks; skipping comes from artifact keys (see tasks.common)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
+
+from flows.context import open_context
+from kgmel_core.config import PipelineConfig, load_config
+from storage import Artifact
+from tasks import embed as embed_tasks
+from tasks import evaluate as evaluate_tasks
+from tasks import ingest as ingest_tasks
+from tasks import retrieval
+from tasks.common import PipelineContext
+
+
+def _bootstrap(ctx: PipelineContext, config: PipelineConfig, ingest: Artifact) -> Artifact | None:
+    if config.encoder.clip_pretrained == embed_tasks.TRAIN_ON_DATASET:
+        return embed_tasks.clip_bootstrap(
+            ctx, ingest, epochs=config.encoder.bootstrap_epochs, seed=config.training.seed
+        )
+    return None
+
+
+def retrieval_chain(
+    ctx: PipelineContext, config: PipelineConfig, ingest: Artifact, generation: Artifact | None
+) -> dict[str, Artifact]:
+    """embed -> train -> index -> retrieve (shared by full-pipeline and the ablation study)."""
+    bootstrap = _bootstrap(ctx, config, ingest)
+    embedded = embed_tasks.embed(ctx, config.encoder, ingest, generation, bootstrap)
+    trained = retrieval.train(ctx, config.retriever, config.training, config.encoder, ingest, embedded, generation)
+    indexed = retrieval.index(ctx, config.index, config.encoder, trained, ingest, embedded)
+    candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingest, embedded, generation)
+    chain = {"clip_bootstrap": bootstrap} if bootstrap is not None else {}
+    return {**chain, "embed": embedded, "train": trained, "index": indexed, "retrieve": candidates}
+
+
+def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None) -> str:
+    """A markdown summary (metrics, per-stage rows/time/cache hits, catalog path) as a Prefect artifact."""
+    lines = [
+        f"# {title}",
+        "",
+        f"DuckDB catalog: `{ctx.catalog.path}`",
+        "",
+        "| stage | key | cache hit | rows | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.stage} | `{r.key}` | {'yes' if r.cache_hit else 'no'} | {r.rows} | {r.seconds:.1f} |"
+        for r in ctx.run_log.records
+    ]
+    if metrics is not None:
+        table = evaluate_tasks.format_metrics(metrics.read("metrics"))
+        lines += ["", "## Metrics", "", "```", table, "```"]
+    markdown = "\n".join(lines)
+    with contextlib.suppress(MissingContextError):
+        create_markdown_artifact(markdown, key="kgmel-run-summary", description=title)
+    return markdown
+
+
+@flow(name="full-pipeline", log_prints=True)
+def full_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate."""
+    ctx = open_context(config, "full-pipeline")
+    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    generation = None
+    chain = retrieval_chain(ctx, config, ingested, generation)
+    metrics = evaluate_tasks.evaluate(ctx, config.encoder, ingested, chain["embed"], chain["retrieve"])
+    summary = publish_summary(ctx, "kgmel full-pipeline", metrics)
+    return {
+        "artifacts": {k: v.key for k, v in {"ingest": ingested, **chain, "evaluate": metrics}.items()},
+        "summary": summary,
+        "root": str(ctx.store.root),
+    }
+
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "kgmel": {},
+    "kgmel w/o triples": {"use_triples": False},
+    "kgmel w/o image": {"use_image": False},
+    "kgmel w/o gate": {"use_gate": False},
+}
+
+
+@flow(name="ablations", log_prints=True)
+def ablations(config: PipelineConfig) -> dict[str, Any]:
+    """Train and evaluate the retriever and its ablations on shared ingest/embed artifacts."""
+    ctx = open_context(config, "ablations")
+    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    results = {}
+    for label, switches in ABLATIONS.items():
+        variant = config.model_copy(update={"retriever": config.retriever.model_copy(update=switches)})
+        chain = retrieval_chain(ctx, variant, ingested, None)
+        results[label] = evaluate_tasks.evaluate(
+            ctx, variant.encoder, ingested, chain["embed"], chain["retrieve"], label=label
+        )
+    import polars as pl
+
+    combined = pl.concat([a.read("metrics") for a in results.values()]).unique(maintain_order=True)
+    table = evaluate_tasks.format_metrics(combined)
+    publish_summary(ctx, "kgmel ablations", None)
+    return {"table": table, "metrics": combined}
+
+
+@flow(name="kgmel", log_prints=True)
+def kgmel(job: str = "full-pipeline", config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    """The deployable entry flow: `prefect deployment run kgmel/<job>` picks the job by deployment."""
+    config = load_config(config_path, overrides)  # validated before any work starts
+    jobs = {"full-pipeline": full_pipeline, "ablations": ablations}
+    if job not in jobs:
+        raise ValueError(f"unknown job {job!r}; choose one of {sorted(jobs)}")
+    return jobs[job](config)

@@ -1,0 +1,161 @@
+"""Typed pipeline configuration, validated before any work starts.
+
+Each stage hashes only its own section into its artifact key, so changing, say, the reranker
+model never invalidates trained retrievers or embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Section):
+    path: str = "demo_data"
+    name: str = "demo"
+    mentions_file: str | None = None
+    mention_image_dir: str = "mention_images"
+    kb_entities_file: str = "kb/entities.json"
+    kb_image_dir: str = "kb/images"
+    kb_triples_file: str = "kb/triples.tsv"
+    property_labels_file: str = "PID2Label.tsv"
+
+
+class EncoderConfig(_Section):
+    """Frozen encoders. `clip_pretrained` is an open_clip tag (`openai`) or a local checkpoint path.
+
+    Text and images may come from different encoders (e.g. MiniLM text + CLIP images); the
+    retriever projects each modality to `hidden_dim`, so their dimensions need not match.
+    """
+
+    text_encoder: Literal["open_clip", "minilm"] = "open_clip"
+    image_encoder: Literal["open_clip", "none"] = "open_clip"
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"
+    batch_size: int = Field(256, ge=1)
+    device: str = "auto"
+    mention_text: Literal["mention_sentence", "mention_only"] = "mention_sentence"
+    # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP.
+    bootstrap_epochs: int = Field(40, ge=1)
+
+
+class RetrieverConfig(_Section):
+    hidden_dim: int = Field(512, ge=8)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    beta: float = Field(0.6, ge=0, le=1)
+    attn_temperature: float = Field(0.1, gt=0)
+    top_p: int = Field(5, ge=1)
+    use_triples: bool = True
+    use_image: bool = True
+    use_gate: bool = True
+    max_triples: int = Field(50, ge=1)
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(1024, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    tau_cl: float = Field(0.1, gt=0)
+    lambda_mm: float = Field(0.1, ge=0)
+    lambda_ee: float = Field(0.1, ge=0)
+    patience: int = Field(5, ge=1)
+    seed: int = 0
+    device: str = "auto"
+
+
+class IndexConfig(_Section):
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = Field(1024, ge=1)
+    nprobe: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    top_k: int = Field(16, ge=1)
+
+
+class LLMConfig(_Section):
+    """Any LiteLLM model string: `openai/gpt-4o-mini`, `ollama/llava`, `openai/<name>` + api_base."""
+
+    model: str = "local"  # "local": the packaged model served by the local OpenAI-compatible server
+    api_base: str | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    temperature: float = 0.0
+    max_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(120, gt=0)
+    retries: int = Field(2, ge=0)
+    concurrency: int = Field(4, ge=1)
+    vision: Literal["auto", "yes", "no"] = "auto"
+
+
+class GenerationConfig(_Section):
+    llm: LLMConfig = LLMConfig()
+    max_triples: int = Field(8, ge=1)
+
+
+class RerankConfig(_Section):
+    llm: LLMConfig = LLMConfig()
+    filter_n: int = Field(15, ge=1)
+    max_triples_per_entity: int = Field(50, ge=1)
+    candidates: int = Field(16, ge=1)
+    enabled: bool = True
+
+
+class PipelineConfig(_Section):
+    dataset: DatasetConfig = DatasetConfig()
+    artifacts: str = "artifacts"
+    encoder: EncoderConfig = EncoderConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    training: TrainingConfig = TrainingConfig()
+    index: IndexConfig = IndexConfig()
+    generation: GenerationConfig = GenerationConfig()
+    rerank: RerankConfig = RerankConfig()
+    # Stages rebuilt even when their artifact exists (their outputs get the same key, so the
+    # old folder is replaced, and stages after them rebuild only if the content changed).
+    force_stages: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if self.rerank.candidates > self.index.top_k:
+            raise ValueError(f"rerank.candidates ({self.rerank.candidates}) > index.top_k ({self.index.top_k})")
+        return self
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Config from a YAML file (optional) with nested overrides applied on top, validated."""
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config file must hold a mapping")
+        data = loaded
+    if overrides:
+        data = deep_merge(data, overrides)
+    return PipelineConfig.model_validate(data)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value

@@ -1,0 +1,319 @@
+"""Readers for the MIMIC/KGMEL benchmark layout (WikiMEL, RichpediaMEL, WikiDiverse).
+
+On-disk layout (every path can be overridden in `DatasetLayout`):
+
+    <root>/<Name>.json         list of sentences: id, sentence, mention[], entity[], answer[], imgPath
+    <root>/splits.json         {"train": [ids], "val": [ids], "test": [ids]}
+    <root>/mention_images/     files named by imgPath (optional: absent images are counted)
+    <root>/kb/entities.json    {qid: {"label", "description", "image"}} or a list of {"qid", ...}
+    <root>/kb/images/          entity images named by "image"
+    <root>/kb/triples.tsv      head_qid <TAB> relation <TAB> tail   (no header)
+    <root>/PID2Label.tsv       optional: property id <TAB> label <TAB> description
+
+Bad input raises `DatasetError` naming file, record and field. Things that are allowed but lossy
+(missing images, ids in several splits, a KB built from gold answers) are counted in `stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from kgmel_core import schemas
+
+SPLITS = ("train", "val", "test")
+# When an id is listed in several splits, the evaluation split wins so training never sees it.
+_SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
+_QID = re.compile(r"^Q\d+$")
+_PID = re.compile(r"^P\d+$")
+
+
+class DatasetError(ValueError):
+    """Malformed dataset input; the message names the file, the record and the field."""
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    root: Path
+    mentions_file: str | None = None  # default: the one JSON list beside splits.json
+    splits_file: str = "splits.json"
+    mention_image_dir: str = "mention_images"
+    kb_entities_file: str = "kb/entities.json"
+    kb_image_dir: str = "kb/images"
+    kb_triples_file: str = "kb/triples.tsv"
+    property_labels_file: str = "PID2Label.tsv"
+
+    def resolve_mentions_file(self) -> Path:
+        if self.mentions_file:
+            return self.root / self.mentions_file
+        skip = {self.splits_file, Path(self.kb_entities_file).name}
+        candidates = sorted(p for p in self.root.glob("*.json") if p.name not in skip)
+        if len(candidates) != 1:
+            raise DatasetError(
+                f"{self.root}: expected exactly one mentions JSON file, found {[p.name for p in candidates]}; "
+                "set mentions_file"
+            )
+        return candidates[0]
+
+    def input_files(self) -> list[Path]:
+        """Files whose content defines the dataset (hashed into the ingest key)."""
+        files = [self.resolve_mentions_file(), self.root / self.splits_file]
+        for optional in (self.kb_entities_file, self.kb_triples_file, self.property_labels_file):
+            if (self.root / optional).is_file():
+                files.append(self.root / optional)
+        return files
+
+
+@dataclass
+class Dataset:
+    mentions: pl.DataFrame
+    entities: pl.DataFrame
+    kb_triples: pl.DataFrame
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _require_str(value: Any, where: str, field_name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def image_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _image(folder: Path, name: Any) -> tuple[str | None, str | None]:
+    """(path, sha256) of an image, or (None, None) when the name is empty or the file is absent."""
+    if not name:
+        return None, None
+    path = folder / str(name)
+    if not path.is_file():
+        return None, None
+    return str(path.resolve()), image_sha256(path)
+
+
+def read_splits(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Map sentence id -> split; ids listed in several splits go to the evaluation split (counted)."""
+    raw = _load_json(path)
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: expected an object of split name -> list of ids")
+    unknown = set(raw) - set(SPLITS)
+    if unknown:
+        raise DatasetError(f"{path}: unknown split names {sorted(unknown)}; allowed {SPLITS}")
+    assignment: dict[str, str] = {}
+    conflicts = 0
+    for split in sorted(raw, key=_SPLIT_PRIORITY.__getitem__):
+        ids = raw[split]
+        if not isinstance(ids, list):
+            raise DatasetError(f"{path}: split {split!r} must be a list of ids")
+        for sid in ids:
+            sid = str(sid)
+            if sid in assignment:
+                conflicts += 1
+                continue
+            assignment[sid] = split
+    return assignment, {"ids_in_several_splits": conflicts}
+
+
+def read_property_labels(path: Path) -> dict[str, tuple[str, str]]:
+    if not path.is_file():
+        return {}
+    table = pl.read_csv(
+        path, separator="\t", has_header=False, new_columns=["pid", "label", "description"], quote_char=None
+    )
+    return {row[0]: (row[1], row[2] or "") for row in table.iter_rows()}
+
+
+def read_mentions(path: Path, splits: dict[str, str], image_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
+    records = _load_json(path)
+    if not isinstance(records, list):
+        raise DatasetError(f"{path}: expected a JSON list of sentence records")
+    rows = []
+    stats = {"sentences": len(records), "sentences_without_split": 0, "mentions_without_image": 0}
+    seen_ids: set[str] = set()
+    for index, record in enumerate(records):
+        where = f"{path.name}: record {index}"
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
+        if "id" not in record:
+            raise DatasetError(f"{where}: missing field 'id'")
+        sid = str(record["id"])
+        where = f"{path.name}: record {index} (id={sid})"
+        if sid in seen_ids:
+            raise DatasetError(f"{where}: duplicate field 'id'")
+        seen_ids.add(sid)
+        sentence = _require_str(record.get("sentence"), where, "sentence")
+        lists = {}
+        for name in ("mention", "entity", "answer"):
+            value = record.get(name)
+            if not isinstance(value, list):
+                raise DatasetError(f"{where}: field {name!r} must be a list, got {value!r}")
+            lists[name] = value
+        if not len(lists["mention"]) == len(lists["entity"]) == len(lists["answer"]):
+            raise DatasetError(
+                f"{where}: fields 'mention', 'entity', 'answer' must have equal lengths, got "
+                f"{len(lists['mention'])}, {len(lists['entity'])}, {len(lists['answer'])}"
+            )
+        split = splits.get(sid)
+        if split is None:
+            stats["sentences_without_split"] += 1
+            continue
+        image_path, image_hash = _image(image_dir, record.get("imgPath"))
+        for i, (mention, label, qid) in enumerate(zip(lists["mention"], lists["entity"], lists["answer"], strict=True)):
+            _require_str(mention, where, f"mention[{i}]")
+            qid = str(qid)
+            if not _QID.match(qid):
+                raise DatasetError(f"{where}: field 'answer[{i}]' must be a Wikidata QID like Q42, got {qid!r}")
+            if image_path is None:
+                stats["mentions_without_image"] += 1
+            rows.append(
+                {
+                    "mention_id": f"{sid}-{i}",
+                    "sentence_id": sid,
+                    "sentence": sentence,
+                    "mention": mention,
+                    "split": split,
+                    "gold_qid": qid,
+                    "gold_label": label if isinstance(label, str) else None,
+                    "image_path": image_path,
+                    "image_sha256": image_hash,
+                }
+            )
+    stats["mentions"] = len(rows)
+    return pl.from_dicts(rows, schema=pl.Schema(schemas.MENTIONS)) if rows else pl.DataFrame(
+        schema=pl.Schema(schemas.MENTIONS)
+    ), stats
+
+
+def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
+    raw = _load_json(path)
+    if isinstance(raw, dict):
+        items = [{"qid": qid, **(value if isinstance(value, dict) else {"label": value})} for qid, value in raw.items()]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise DatasetError(f"{path}: expected an object qid -> entity or a list of entities")
+    rows, seen = [], set()
+    stats = {"entities_without_image": 0}
+    for index, item in enumerate(items):
+        where = f"{path.name}: entity {index}"
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: expected an object")
+        qid = str(item.get("qid", ""))
+        if not _QID.match(qid):
+            raise DatasetError(f"{where}: field 'qid' must be a Wikidata QID like Q42, got {item.get('qid')!r}")
+        where = f"{path.name}: entity {index} (qid={qid})"
+        if qid in seen:
+            raise DatasetError(f"{where}: duplicate field 'qid'")
+        seen.add(qid)
+        label = _require_str(item.get("label"), where, "label")
+        description = item.get("description") or ""
+        _require_str(description, where, "description", allow_empty=True)
+        image_path, image_hash = _image(image_dir, item.get("image"))
+        stats["entities_without_image"] += image_path is None
+        rows.append(
+            {
+                "qid": qid,
+                "label": label,
+                "description": description,
+                "image_path": image_path,
+                "image_sha256": image_hash,
+            }
+        )
+    return pl.from_dicts(rows, schema=pl.Schema(schemas.ENTITIES)), stats
+
+
+def read_kb_triples(
+    path: Path, known_qids: set[str], properties: dict[str, tuple[str, str]]
+) -> tuple[pl.DataFrame, dict]:
+    empty = pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES))
+    if not path.is_file():
+        return empty, {"kb_triples": 0}
+    raw = pl.read_csv(
+        path, separator="\t", has_header=False, quote_char=None, infer_schema=False, truncate_ragged_lines=False
+    )
+    if raw.width != 3:
+        raise DatasetError(f"{path}: expected 3 tab-separated columns (head_qid, relation, tail), found {raw.width}")
+    raw = raw.rename(dict(zip(raw.columns, ["head_qid", "relation", "tail"], strict=True)))
+    with_row = raw.with_row_index("line", offset=1)
+    bad = with_row.filter(
+        pl.col("head_qid").is_null()
+        | pl.col("relation").is_null()
+        | pl.col("tail").is_null()
+        | ~pl.col("head_qid").str.contains(r"^Q\d+$")
+    )
+    if bad.height:
+        first = bad.row(0, named=True)
+        raise DatasetError(f"{path}: line {first['line']}: bad triple {first} (head must be a QID; no empty fields)")
+    unknown_head = raw.filter(~pl.col("head_qid").is_in(list(known_qids)))
+    raw = raw.filter(pl.col("head_qid").is_in(list(known_qids)))
+    labels = pl.DataFrame(
+        {
+            "relation": list(properties),
+            "relation_label": [v[0] for v in properties.values()],
+            "relation_description": [v[1] for v in properties.values()],
+        },
+        schema={"relation": pl.String, "relation_label": pl.String, "relation_description": pl.String},
+    )
+    table = (
+        raw.join(labels, on="relation", how="left")
+        .with_columns(
+            relation=pl.coalesce("relation_label", "relation"),
+            tail_description=pl.lit(None, pl.String),
+        )
+        .select(schemas.KB_TRIPLES.names)
+        .unique(maintain_order=True)
+    )
+    return table, {"kb_triples": table.height, "kb_triples_unknown_head": unknown_head.height}
+
+
+def read_dataset(layout: DatasetLayout) -> Dataset:
+    """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats)."""
+    root = layout.root
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    splits, split_stats = read_splits(root / layout.splits_file)
+    mentions, mention_stats = read_mentions(layout.resolve_mentions_file(), splits, root / layout.mention_image_dir)
+    stats: dict[str, Any] = {**split_stats, **mention_stats}
+    entities_path = root / layout.kb_entities_file
+    if entities_path.is_file():
+        entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir)
+        stats["kb_source"] = "kb_file"
+    else:
+        # WikiDiverse as shipped in shared/ has no KB: the entity side is the gold QIDs with their labels.
+        entities = (
+            mentions.filter(pl.col("gold_qid").is_not_null())
+            .group_by("gold_qid", maintain_order=True)
+            .agg(pl.col("gold_label").drop_nulls().first())
+            .select(
+                qid="gold_qid",
+                label=pl.coalesce("gold_label", "gold_qid"),
+                description=pl.lit(""),
+                image_path=pl.lit(None, pl.String),
+                image_sha256=pl.lit(None, pl.String),
+            )
+        )
+        entity_stats = {"entities_without_image": entities.height}
+        stats["kb_source"] = "gold_answers"
+    stats.update(entity_stats)
+    stats["entities"] = entities.height
+    properties = read_property_labels(root / layout.property_labels_file)
+    triples, triple_stats = read_kb_triples(root / layout.kb_triples_file, set(entities["qid"]), properties)
+    stats.update(triple_stats)
+    stats["gold_missing_from_kb"] = mentions.filter(~pl.col("gold_qid").is_in(entities["qid"].to_list())).height
+    return Dataset(mentions=mentions, entities=entities, kb_triples=triples, stats=stats)

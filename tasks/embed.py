@@ -1,0 +1,161 @@
+"""Stages `clip_bootstrap` (tiny offline CLIP) and `embed` (text and image embedding tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from kgmel_core import schemas
+from kgmel_core.config import EncoderConfig
+from kgmel_core.encoders import load_encoder
+from kgmel_core.features import entity_heads, mention_heads, triple_texts
+from kgmel_core.texts import text_sha
+from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
+from storage import Artifact, file_sha256
+from storage.embedding_cache import EmbeddingCache
+from tasks.common import PipelineContext, logger, run_stage
+
+TRAIN_ON_DATASET = "train-on-dataset"
+EMBED_VERSION = "1"
+BOOTSTRAP_VERSION = "1"
+
+
+@task(name="clip_bootstrap", cache_policy=NO_CACHE)
+def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, seed: int = 0) -> Artifact:
+    """Train the tiny stand-in CLIP on the KB's (text, image) pairs and the train mentions' pairs."""
+
+    def build(writer):
+        entities = ingest.read("entities").filter(pl.col("image_path").is_not_null())
+        triples = ingest.read("kb_triples")
+        facts = triples.group_by("head_qid", maintain_order=True).agg(
+            pl.concat_str(pl.col("relation"), pl.lit(" "), pl.col("tail")).str.join("; ").alias("facts")
+        )
+        entities = entities.join(facts, left_on="qid", right_on="head_qid", how="left")
+        texts = [
+            f"{h}. {f}" if f else h
+            for h, f in zip(entity_heads(entities), entities["facts"].fill_null("").to_list(), strict=True)
+        ]
+        images = entities["image_path"].to_list()
+        mentions = ingest.read("mentions").filter((pl.col("split") == "train") & pl.col("image_path").is_not_null())
+        texts += mentions["sentence"].to_list()
+        images += mentions["image_path"].to_list()
+        stats = train_tiny_clip(texts, images, writer.file_path("tiny_clip.pt"), epochs=epochs, seed=seed)
+        writer.stats.update(stats)
+        writer.stats["note"] = "tiny open_clip stand-in trained on this dataset, not a pretrained CLIP"
+
+    return run_stage(
+        ctx,
+        "clip_bootstrap",
+        BOOTSTRAP_VERSION,
+        {"epochs": epochs, "seed": seed, "model": TINY_CLIP_MODEL},
+        {"ingest": ingest.key},
+        build,
+    )
+
+
+def resolve_encoder_config(config: EncoderConfig, bootstrap: Artifact | None) -> EncoderConfig:
+    if config.clip_pretrained == TRAIN_ON_DATASET:
+        if bootstrap is None:
+            raise ValueError("clip_pretrained=train-on-dataset needs the clip_bootstrap stage")
+        return config.model_copy(
+            update={"clip_model": TINY_CLIP_MODEL, "clip_pretrained": str(bootstrap.file("tiny_clip.pt"))}
+        )
+    return config
+
+
+def _vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
+
+
+@task(name="embed", cache_policy=NO_CACHE)
+def embed(
+    ctx: PipelineContext,
+    config: EncoderConfig,
+    ingest: Artifact,
+    generation: Artifact | None = None,
+    bootstrap: Artifact | None = None,
+) -> Artifact:
+    """Embed every unique head text, relation, tail and image once (cached per encoder)."""
+    resolved = resolve_encoder_config(config, bootstrap)
+    inputs = {"ingest": ingest.key}
+    if generation is not None:
+        inputs["generation"] = generation.key
+    if bootstrap is not None and config.clip_pretrained == TRAIN_ON_DATASET:
+        inputs["clip_bootstrap"] = bootstrap.key
+    if config.clip_pretrained != TRAIN_ON_DATASET and Path(config.clip_pretrained).is_file():
+        inputs["clip_weights"] = file_sha256(Path(config.clip_pretrained))
+    stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
+
+    def build(writer):
+        log = logger()
+        encoder = load_encoder(
+            resolved.text_encoder,
+            resolved.image_encoder,
+            resolved.clip_model,
+            resolved.clip_pretrained,
+            resolved.batch_size,
+            resolved.device,
+        )
+        mentions, entities = ingest.read("mentions"), ingest.read("entities")
+        kb = triple_texts(ingest.read("kb_triples"))
+        texts = mention_heads(mentions, config.mention_text) + entity_heads(entities)
+        texts += kb["relation_text"].to_list() + kb["tail_text"].to_list()
+        if generation is not None:
+            generated = triple_texts(generation.read("mention_triples"))
+            texts += generated["relation_text"].to_list() + generated["tail_text"].to_list()
+        unique = list(dict.fromkeys(texts))
+        shas = [text_sha(t) for t in unique]
+        cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
+        vectors, fresh = cache.get_or_compute(shas, lambda rows: encoder.encode_texts([unique[i] for i in rows]))
+        writer.write_table(
+            "text_embeddings",
+            pa.table({"text_sha": shas, "text": unique, "vector": _vector_column(vectors)}),
+            schemas.text_embeddings(vectors.shape[1]),
+        )
+        writer.stats.update(texts_total=len(texts), texts_unique=len(unique), texts_encoded_now=fresh)
+
+        image_rows = pl.concat(
+            [mentions.select("image_sha256", "image_path"), entities.select("image_sha256", "image_path")]
+        )
+        images = image_rows.drop_nulls().unique("image_sha256", maintain_order=True)
+        writer.stats.update(
+            mentions_without_image=int(mentions["image_sha256"].null_count()),
+            entities_without_image=int(entities["image_sha256"].null_count()),
+        )
+        if encoder.image_dim is None or images.height == 0:
+            if images.height:
+                log.warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity, images.height)
+            writer.stats["images_ignored"] = images.height
+            dim = encoder.image_dim or vectors.shape[1]
+            writer.write_table(
+                "image_embeddings",
+                pa.table(
+                    {"image_sha256": pa.array([], pa.string()), "vector": pa.array([], pa.list_(pa.float32(), dim))}
+                ),
+                schemas.image_embeddings(dim),
+            )
+        else:
+            paths = images["image_path"].to_list()
+            image_cache = EmbeddingCache(ctx.store, encoder.image.identity, "image")
+            image_vectors, fresh_images = image_cache.get_or_compute(
+                images["image_sha256"].to_list(), lambda rows: encoder.encode_images([paths[i] for i in rows])
+            )
+            writer.write_table(
+                "image_embeddings",
+                pa.table({"image_sha256": images["image_sha256"].to_list(), "vector": _vector_column(image_vectors)}),
+                schemas.image_embeddings(image_vectors.shape[1]),
+            )
+            writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)
+        writer.stats["encoder"] = encoder.identity
+        if config.clip_pretrained == TRAIN_ON_DATASET:
+            writer.stats["encoder_note"] = (
+                "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"
+            )
+        log.info("embed: %s", writer.stats)
+
+    return run_stage(ctx, "embed", EMBED_VERSION, stage_config, inputs, build)

@@ -1,0 +1,56 @@
+import os
+
+# Offline and quiet before anything imports Prefect, LiteLLM or Hugging Face.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kgmel_core.demo_data import DemoSpec, generate_demo_dataset  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMALL_DEMO = DemoSpec(groups=12, distractors=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, SMALL_DEMO)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def small_config(dataset: Path, artifacts: Path, **overrides):
+    from kgmel_core.config import deep_merge, load_config
+
+    base = {
+        "dataset": {"path": str(dataset), "name": "small-demo"},
+        "artifacts": str(artifacts),
+        "encoder": {
+            "text_encoder": "minilm",
+            "image_encoder": "open_clip",
+            "clip_model": "kgmel-tiny-clip",
+            "clip_pretrained": "train-on-dataset",
+            "bootstrap_epochs": 3,
+            "batch_size": 64,
+        },
+        "retriever": {"hidden_dim": 32, "top_p": 3},
+        "training": {"epochs": 4, "batch_size": 32, "patience": 2},
+        "index": {"top_k": 8},
+        "rerank": {"candidates": 8},
+    }
+    return load_config(None, deep_merge(base, overrides))

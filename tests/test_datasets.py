@@ -1,0 +1,154 @@
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SHARED, SMALL_DEMO
+
+from kgmel_core.datasets import DatasetError, DatasetLayout, read_dataset
+from kgmel_core.demo_data import DemoSpec, generate_demo_dataset
+
+
+def _dataset(tmp_path: Path, records, splits=None, entities=None, triples=None) -> DatasetLayout:
+    (tmp_path / "Mini.json").write_text(json.dumps(records))
+    (tmp_path / "splits.json").write_text(json.dumps(splits or {"train": [r.get("id") for r in records]}))
+    if entities is not None:
+        (tmp_path / "kb").mkdir()
+        (tmp_path / "kb" / "entities.json").write_text(json.dumps(entities))
+        if triples is not None:
+            (tmp_path / "kb" / "triples.tsv").write_text(triples)
+    return DatasetLayout(tmp_path)
+
+
+GOOD = {
+    "id": 7,
+    "sentence": "Obama spoke.",
+    "mention": ["Obama"],
+    "entity": ["Barack Obama"],
+    "answer": ["Q76"],
+    "imgPath": "7.jpg",
+}
+
+
+def test_reads_good_record_and_counts_missing_image(tmp_path):
+    ds = read_dataset(_dataset(tmp_path, [GOOD]))
+    row = ds.mentions.row(0, named=True)
+    assert row["mention_id"] == "7-0" and row["gold_qid"] == "Q76" and row["image_path"] is None
+    assert ds.stats["mentions_without_image"] == 1 and ds.stats["kb_source"] == "gold_answers"
+    assert ds.entities["label"].to_list() == ["Barack Obama"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mention": "Obama"}, r"record 0 \(id=7\): field 'mention' must be a list"),
+        ({"answer": ["Q76", "Q1"]}, r"record 0 \(id=7\): fields 'mention', 'entity', 'answer' must have equal"),
+        ({"answer": ["obama"]}, r"record 0 \(id=7\): field 'answer\[0\]' must be a Wikidata QID"),
+        ({"sentence": ""}, r"record 0 \(id=7\): field 'sentence' must be a non-empty string"),
+        ({"mention": [""]}, r"field 'mention\[0\]' must be a non-empty string"),
+    ],
+)
+def test_malformed_record_names_file_record_and_field(tmp_path, change, message):
+    with pytest.raises(DatasetError, match=message) as info:
+        read_dataset(_dataset(tmp_path, [{**GOOD, **change}]))
+    assert "Mini.json" in str(info.value)
+
+
+def test_missing_id_and_duplicates(tmp_path):
+    record = {k: v for k, v in GOOD.items() if k != "id"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DatasetError, match="record 0: missing field 'id'"):
+        read_dataset(_dataset(tmp_path / "a", [record], {"train": []}))
+    with pytest.raises(DatasetError, match=r"record 1 \(id=7\): duplicate field 'id'"):
+        read_dataset(_dataset(tmp_path / "b", [GOOD, GOOD]))
+
+
+def test_split_conflicts_go_to_evaluation_split_and_are_counted(tmp_path):
+    other = {**GOOD, "id": 8}
+    ds = read_dataset(_dataset(tmp_path, [GOOD, other], {"train": [7, 8], "val": [8]}))
+    assert dict(zip(ds.mentions["sentence_id"], ds.mentions["split"], strict=True)) == {"7": "train", "8": "val"}
+    assert ds.stats["ids_in_several_splits"] == 1
+
+
+def test_unknown_split_name_is_an_error(tmp_path):
+    with pytest.raises(DatasetError, match="unknown split names"):
+        read_dataset(_dataset(tmp_path, [GOOD], {"dev": [7]}))
+
+
+def test_sentences_without_split_are_counted(tmp_path):
+    ds = read_dataset(_dataset(tmp_path, [GOOD, {**GOOD, "id": 9}], {"train": [7]}))
+    assert ds.mentions.height == 1 and ds.stats["sentences_without_split"] == 1
+
+
+def test_kb_entities_and_triples(tmp_path):
+    ds = read_dataset(
+        _dataset(
+            tmp_path,
+            [GOOD],
+            entities={"Q76": {"label": "Barack Obama", "description": "president"}},
+            triples="Q76\tP39\tPresident of the United States\nQ99\tP31\thuman\n",
+        )
+    )
+    assert ds.kb_triples.rows() == [("Q76", "P39", None, "President of the United States", None)]
+    assert ds.stats["kb_triples_unknown_head"] == 1 and ds.stats["entities_without_image"] == 1
+
+
+def test_bad_entity_and_bad_triple_line(tmp_path):
+    with pytest.raises(DatasetError, match=r"entity 0: field 'qid' must be a Wikidata QID"):
+        read_dataset(_dataset(tmp_path, [GOOD], entities=[{"qid": "x", "label": "X"}]))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DatasetError, match=r"entity 0 \(qid=Q76\): field 'label'"):
+        read_dataset(_dataset(tmp_path / "b", [GOOD], entities={"Q76": {"description": "no label"}}))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DatasetError, match="line 2: bad triple"):
+        read_dataset(
+            _dataset(
+                tmp_path / "c",
+                [GOOD],
+                entities={"Q76": {"label": "Obama"}},
+                triples="Q76\tP31\thuman\nnot-a-qid\tP31\thuman\n",
+            )
+        )
+
+
+def test_invalid_json_is_named(tmp_path):
+    (tmp_path / "Mini.json").write_text("[{")
+    (tmp_path / "splits.json").write_text("{}")
+    with pytest.raises(DatasetError, match="Mini.json: not valid JSON"):
+        read_dataset(DatasetLayout(tmp_path))
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "wikidiverse").is_dir(), reason="shared WikiDiverse sample not present")
+def test_reads_shared_wikidiverse_sample():
+    ds = read_dataset(DatasetLayout(SHARED / "data" / "wikidiverse"))
+    assert ds.stats["mentions"] == ds.mentions.height > 10_000
+    assert ds.stats["mentions_without_image"] == ds.mentions.height  # images are not shipped
+    assert ds.stats["ids_in_several_splits"] == 8
+    assert set(ds.mentions["split"].unique()) == {"train", "val"}
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_demo_data_is_deterministic_and_seed_dependent(tmp_path):
+    generate_demo_dataset(tmp_path / "a", SMALL_DEMO)
+    generate_demo_dataset(tmp_path / "b", SMALL_DEMO)
+    generate_demo_dataset(
+        tmp_path / "c", DemoSpec(groups=SMALL_DEMO.groups, distractors=SMALL_DEMO.distractors, seed=99)
+    )
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
+
+
+def test_demo_data_reads_back_with_ambiguous_labels(small_demo):
+    ds = read_dataset(DatasetLayout(small_demo))
+    assert ds.stats["gold_missing_from_kb"] == 0 and ds.stats["kb_source"] == "kb_file"
+    assert set(ds.mentions["split"].unique()) == {"train", "val", "test"}
+    labels = ds.entities.group_by("label").len()
+    assert labels.filter(labels["len"] == 3).height == SMALL_DEMO.groups  # every group shares one label
+    assert 0 < ds.stats["mentions_without_image"] < ds.mentions.height

@@ -1,0 +1,88 @@
+"""The real flows, end to end, on the small demo dataset (Prefect's test harness, no server)."""
+
+import duckdb
+import polars as pl
+import pytest
+from conftest import small_config
+
+from flows.pipeline import full_pipeline, kgmel
+from storage import ArtifactStore
+from tasks import retrieval
+from tasks.common import StageFailed
+
+pytestmark = pytest.mark.slow
+STAGES = ["ingest", "clip_bootstrap", "embed", "train", "index", "retrieve", "evaluate"]
+
+
+def _tables(root, keys):
+    store = ArtifactStore(root)
+    out = {}
+    for stage, key in keys.items():
+        artifact = store.require(stage, key)
+        for table in artifact.manifest["tables"]:
+            out[(stage, table)] = artifact.read(table)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, small_demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    config = small_config(small_demo, root)
+    return config, full_pipeline(config)
+
+
+def test_full_pipeline_writes_every_stage_and_catalog(first_run):
+    config, result = first_run
+    assert list(result["artifacts"]) == STAGES
+    with duckdb.connect(f"{config.artifacts}/kgmel.duckdb", read_only=True) as con:
+        n_mentions = con.execute("select count(*) from mentions").fetchone()[0]
+        per_mention = con.execute("select count(distinct mention_id), max(rank) from candidates").fetchone()
+        methods = {r[0] for r in con.execute("select distinct method from metrics").fetchall()}
+        built = con.execute("select count(*) from runs where not cache_hit").fetchone()[0]
+    assert per_mention == (n_mentions, config.index.top_k)
+    assert methods == {"kgmel", "zero-shot text", "zero-shot image"}
+    assert built == len(STAGES)
+    assert "| train |" in result["summary"]
+
+
+def test_rerun_skips_every_stage_by_key(first_run, prefect_harness):
+    config, result = first_run
+    again = full_pipeline(config)
+    assert again["artifacts"] == result["artifacts"]
+    runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet")
+    latest = runs.filter(pl.col("finished_at") == runs["finished_at"].max())
+    assert latest["cache_hit"].all()
+
+
+def test_crash_in_middle_stage_then_restart_matches_uninterrupted_run(
+    first_run, prefect_harness, small_demo, tmp_path, monkeypatch
+):
+    _, reference = first_run
+    config = small_config(small_demo, tmp_path / "crashy")
+    real_train = retrieval.train_retriever
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(retrieval, "train_retriever", crash)
+    with pytest.raises(StageFailed, match=r"stage 'train' \(artifact key [0-9a-f]+\) failed: RuntimeError: killed"):
+        full_pipeline(config)
+    store = ArtifactStore(config.artifacts)
+    assert store.latest("train") is None and store.latest("embed") is not None
+    monkeypatch.setattr(retrieval, "train_retriever", real_train)
+    resumed = full_pipeline(config)
+    runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet").sort("finished_at")
+    last_run = runs.filter(pl.col("run_id") == runs["run_id"][-1])
+    hits = dict(zip(last_run["stage"], last_run["cache_hit"], strict=True))
+    assert hits["ingest"] and hits["clip_bootstrap"] and hits["embed"]  # earlier stages skipped by key
+    assert not hits["train"]
+    assert resumed["artifacts"] == reference["artifacts"]  # same keys as the uninterrupted run ...
+    first, second = _tables(reference["root"], reference["artifacts"]), _tables(config.artifacts, resumed["artifacts"])
+    for name, table in first.items():  # ... and identical tables (wall-clock columns aside)
+        assert table.drop("seconds", strict=False).equals(second[name].drop("seconds", strict=False)), name
+
+
+def test_entry_flow_validates_config_before_work(prefect_harness, tmp_path):
+    with pytest.raises(Exception, match="top_k"):
+        kgmel(job="full-pipeline", overrides={"artifacts": str(tmp_path), "index": {"top_k": 0}})
+    assert not (tmp_path / "ingest").exists()

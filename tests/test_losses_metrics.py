@@ -1,0 +1,54 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kgmel_core.losses import info_nce, kgmel_loss, self_info_nce
+from kgmel_core.metrics import gold_ranks, rank_in_candidates, ranking_metrics
+
+
+def test_info_nce_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + math.exp(0)))
+    assert info_nce(q, k, torch.tensor([0]), 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_self_info_nce_ignores_items_of_the_same_group():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    with_group = self_info_nce(x, torch.tensor([0, 0, 1]), tau=1.0)
+    # item 0: positives self (1), the same-group twin is masked, negative item 2 (0)
+    l0 = -math.log(math.e / (math.e + 1))
+    l2 = -math.log(math.e / (math.e + 2))  # item 2: self 1, two negatives scoring 0
+    assert with_group.item() == pytest.approx((2 * l0 + l2) / 3, rel=1e-6)
+
+
+def test_kgmel_loss_adds_weighted_terms():
+    torch.manual_seed(0)
+    m = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    e = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    t = torch.tensor([0, 1, 2, 0])
+    total = kgmel_loss(m, e, t, 0.1, 0.2, 0.3)
+    parts = info_nce(m, e, t, 0.1) + 0.2 * self_info_nce(m, t, 0.1) + 0.3 * self_info_nce(e, torch.arange(3), 0.1)
+    assert torch.allclose(total, parts)
+
+
+def test_gold_ranks_are_pessimistic_on_ties_and_inf_when_gold_missing():
+    entities = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+    mentions = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    ranks, ties = gold_ranks(mentions, entities, [2, 3, -1])
+    # mention 0: gold (row 2) ties with row 0 -> rank 2; mention 1: row 1 scores 1.0 > 0.8 -> rank 2
+    assert ranks.tolist() == [2.0, 2.0, math.inf] and ties == 1
+
+
+def test_ranking_metrics_count_missing_gold_as_misses():
+    metrics = ranking_metrics(np.array([1.0, 2.0, 20.0, math.inf]), hits_at=(1, 3, 16))
+    assert metrics["hits@1"] == 25.0 and metrics["hits@3"] == 50.0 and metrics["hits@16"] == 50.0
+    assert metrics["mrr"] == pytest.approx((1 + 0.5 + 0.05 + 0) / 4)
+    assert metrics["n"] == 4
+
+
+def test_rank_in_candidates():
+    assert rank_in_candidates(["Q1", "Q2"], "Q2") == 2.0
+    assert rank_in_candidates(["Q1"], "Q9") == math.inf

@@ -1,0 +1,103 @@
+import json
+import os
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from storage import ArtifactError, ArtifactStore, artifact_key
+from storage.store import conform
+
+
+def _write(store, key="k1", rows=3, fail=False):
+    with store.writer("stage", key, config={"a": 1}, inputs={"x": "1"}, version="1") as writer:
+        writer.write_table("numbers", pl.DataFrame({"n": list(range(rows))}))
+        if fail:
+            raise RuntimeError("boom")
+    return store.require("stage", key)
+
+
+def test_written_artifact_round_trips(tmp_path):
+    store = ArtifactStore(tmp_path)
+    artifact = _write(store)
+    assert artifact.read("numbers")["n"].to_list() == [0, 1, 2]
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    assert manifest["tables"] == {"numbers": 3} and manifest["status"] == "complete"
+    assert manifest["inputs"] == {"x": "1"} and manifest["config"] == {"a": 1}
+
+
+def test_exception_in_body_leaves_no_artifact_and_no_temp(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        _write(store, fail=True)
+    assert store.get("stage", "k1") is None
+    assert list((tmp_path / "stage").iterdir()) == []
+    assert _write(store).read("numbers").height == 3  # a rerun completes
+
+
+def test_crash_between_write_and_rename_leaves_no_artifact(tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path)
+    real_replace = os.replace
+
+    def crash_on_folder_rename(src, dst):
+        if str(dst).endswith("/stage/k1"):
+            raise OSError("power cut")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_folder_rename)
+    with pytest.raises(OSError):
+        _write(store)
+    assert store.get("stage", "k1") is None
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _write(store).read("numbers").height == 3
+
+
+def test_folder_without_complete_manifest_is_not_trusted(tmp_path):
+    store = ArtifactStore(tmp_path)
+    folder = tmp_path / "stage" / "k1" / "numbers"
+    folder.mkdir(parents=True)
+    pl.DataFrame({"n": [1]}).write_parquet(folder / "part-0.parquet")
+    assert store.get("stage", "k1") is None
+    assert _write(store).read("numbers").height == 3  # replaced by a complete one
+
+
+def test_deleted_table_file_makes_artifact_absent(tmp_path):
+    store = ArtifactStore(tmp_path)
+    artifact = _write(store)
+    (artifact.path / "numbers" / "part-0.parquet").unlink()
+    assert store.get("stage", "k1") is None
+
+
+def test_existing_artifact_is_kept_unless_replaced(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, rows=3)
+    assert _write(store, rows=5).read("numbers").height == 3
+    with store.writer("stage", "k1", config={}, inputs={}, version="1", replace=True) as writer:
+        writer.write_table("numbers", pl.DataFrame({"n": [9]}))
+    assert store.require("stage", "k1").read("numbers")["n"].to_list() == [9]
+
+
+def test_key_changes_with_config_inputs_version_and_stage():
+    base = artifact_key("s", "1", {"a": 1, "b": [1, 2]}, {"in": "k"})
+    assert base == artifact_key("s", "1", {"b": [1, 2], "a": 1}, {"in": "k"})  # order does not matter
+    assert base != artifact_key("s", "1", {"a": 2, "b": [1, 2]}, {"in": "k"})
+    assert base != artifact_key("s", "1", {"a": 1, "b": [1, 2]}, {"in": "k2"})
+    assert base != artifact_key("s", "2", {"a": 1, "b": [1, 2]}, {"in": "k"})
+    assert base != artifact_key("t", "1", {"a": 1, "b": [1, 2]}, {"in": "k"})
+
+
+def test_registered_file_must_be_written(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with (
+        pytest.raises(ArtifactError, match="never written"),
+        store.writer("stage", "k", config={}, inputs={}, version="1") as writer,
+    ):
+        writer.file_path("model.pt")
+    assert store.get("stage", "k") is None
+
+
+def test_conform_names_missing_column():
+    schema = pa.schema([("a", pa.string()), ("b", pa.int32())])
+    with pytest.raises(ArtifactError, match=r"t: missing columns \['b'\]"):
+        conform(pa.table({"a": ["x"]}), schema, "t")
+    assert conform(pa.table({"b": [1], "a": ["x"]}), schema, "t").schema == schema
