@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
 EXTRAS ?= cpu,dev,llm-local
 
-.PHONY: install demo ablations test lint bench clean
+.PHONY: install demo ablations test lint serve stop bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ test: install  ## lint + the whole test suite
 
 lint: install
 	$(BIN)/ruff check .
+
+serve: install  ## local Prefect server + worker in the background, deployments registered
+	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data
+	scripts/serve.sh start
+
+stop:
+	scripts/serve.sh stop
 
 bench: install
 	$(BIN)/python -m bench.embedding_throughput

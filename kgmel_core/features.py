@@ -33,8 +33,10 @@ class Banks:
         if image_embeddings is not None and image_embeddings.height:
             images = torch.from_numpy(_matrix(image_embeddings["vector"]))
             image_index = {sha: i for i, sha in enumerate(image_embeddings["image_sha256"].to_list())}
-        else:
-            images, image_index = torch.zeros((1, texts.shape[1])), {}
+        else:  # no images: one zero row of the table's declared width (or the text width)
+            dtype = image_embeddings.schema["vector"] if image_embeddings is not None else None
+            width = dtype.size if isinstance(dtype, pl.Array) else texts.shape[1]
+            images, image_index = torch.zeros((1, width)), {}
         return cls(texts, {sha: i for i, sha in enumerate(text_embeddings["text_sha"].to_list())}, images, image_index)
 
     @property

@@ -30,6 +30,8 @@ class EmbeddingCache:
         if not parts or not wanted:
             return {}
         frame = pl.scan_parquet(parts).filter(pl.col("sha").is_in(list(wanted))).unique("sha").collect()
+        if frame.height == 0:
+            return {}
         vectors = np.asarray(frame["vector"].to_numpy(), dtype=np.float32).reshape(frame.height, -1)
         return dict(zip(frame["sha"].to_list(), vectors, strict=True))
 

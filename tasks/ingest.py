@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
-from kgmel_core.datasets import DatasetLayout, read_dataset
-from storage import Artifact, file_sha256
+from kgmel_core.datasets import DatasetLayout, read_dataset, read_mentions
+from storage import Artifact, artifact_key, file_sha256
 from storage.store import folder_fingerprint
 from tasks.common import PipelineContext, logger, run_stage
 
@@ -46,3 +47,38 @@ def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
 
     # The resolved path is part of the key because the tables hold absolute image paths.
     return run_stage(ctx, "ingest", VERSION, {**config.model_dump(), "path": str(layout.root)}, inputs, build)
+
+
+@task(name="ingest_link_mentions", cache_policy=NO_CACHE)
+def ingest_link_mentions(
+    ctx: PipelineContext,
+    mentions_file: str | None = None,
+    records: list[dict] | None = None,
+    image_dir: str | None = None,
+) -> Artifact:
+    """New mentions to link (a MIMIC JSON file or the records themselves); gold answers optional.
+
+    The artifact holds empty `entities`/`kb_triples` tables, so the embed and retrieve stages read
+    it like any ingest artifact and embed only the mention side.
+    """
+    if (mentions_file is None) == (records is None):
+        raise ValueError("give exactly one of mentions_file or records")
+    folder = Path(image_dir).resolve() if image_dir else None
+    images = folder_fingerprint(folder) if folder else "no images"
+    if mentions_file is not None:
+        path = Path(mentions_file).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"mentions file {path} not found")
+        inputs = {"mentions": file_sha256(path), "images": images}
+    else:
+        path = None
+        inputs = {"records": artifact_key("records", "1", {"records": records}, {}), "images": images}
+
+    def build(writer):
+        mentions, stats = read_mentions(path, None, folder, records=records, require_gold=False)
+        writer.write_table("mentions", mentions, schemas.MENTIONS)
+        writer.write_table("entities", pl.DataFrame(schema=pl.Schema(schemas.ENTITIES)), schemas.ENTITIES)
+        writer.write_table("kb_triples", pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES)), schemas.KB_TRIPLES)
+        writer.stats.update(stats)
+
+    return run_stage(ctx, "ingest_link", VERSION, {"image_dir": str(folder) if folder else None}, inputs, build)

@@ -86,3 +86,40 @@ def test_entry_flow_validates_config_before_work(prefect_harness, tmp_path):
     with pytest.raises(Exception, match="top_k"):
         kgmel(job="full-pipeline", overrides={"artifacts": str(tmp_path), "index": {"top_k": 0}})
     assert not (tmp_path / "ingest").exists()
+
+
+def test_reindex_embeds_only_changed_kb_rows_and_keeps_the_retriever(first_run, prefect_harness, tmp_path):
+    import json
+    import shutil
+
+    from flows.pipeline import reindex_kb
+
+    config, result = first_run
+    dataset = tmp_path / "dataset"
+    shutil.copytree(config.dataset.path, dataset)
+    entities = json.loads((dataset / "kb" / "entities.json").read_text())
+    entities["Q99999"] = {"label": "Newtown", "description": "a city founded yesterday"}
+    (dataset / "kb" / "entities.json").write_text(json.dumps(entities))
+    with open(dataset / "kb" / "triples.tsv", "a") as handle:
+        handle.write("Q99999\tcountry\tAtlantis\n")
+    moved = config.model_copy(update={"dataset": config.dataset.model_copy(update={"path": str(dataset)})})
+    out = reindex_kb(moved)
+    store = ArtifactStore(config.artifacts)
+    assert out["artifacts"]["train"] == result["artifacts"]["train"]  # no retraining
+    embed_stats = store.require("embed", out["artifacts"]["embed"]).manifest["stats"]
+    # new: the entity head text and the tail "Atlantis" (plus the absolute image paths moved: images are
+    # keyed by content, so none of them is re-encoded)
+    assert embed_stats["texts_encoded_now"] == 2 and embed_stats["images_encoded_now"] == 0
+    fused = store.require("index", out["artifacts"]["index"]).read("fused_entities")
+    assert "Q99999" in fused["qid"].to_list()
+
+
+def test_link_new_mentions_against_existing_index(first_run, prefect_harness, tmp_path):
+    from flows.pipeline import link
+
+    config, _ = first_run
+    records = [{"id": "n1", "sentence": "A photo of Newtown.", "mention": ["Newtown"]}]
+    out = link(config, mentions=records)
+    candidates = out["candidates"]
+    assert candidates["mention_id"].unique().to_list() == ["n1-0"]
+    assert candidates.height == config.index.top_k and candidates["rank"].to_list() == list(range(1, 9))

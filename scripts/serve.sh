@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Start (or stop) a local Prefect server (SQLite) and a process worker, and register the deployments.
+#   scripts/serve.sh start   -> prints the UI URL; then: prefect deployment run kgmel/full-pipeline
+#   scripts/serve.sh stop
+# Env: KGMEL_PREFECT_PORT (4200), PREFECT_HOME (~/.prefect), KGMEL_BIN (.venv/bin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KGMEL_PROJECT_DIR="$PWD"
+BIN="${KGMEL_BIN:-$PWD/.venv/bin}"
+PORT="${KGMEL_PREFECT_PORT:-4200}"
+STATE="${PREFECT_HOME:-$HOME/.prefect}/kgmel-serve"
+export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 TOKENIZERS_PARALLELISM=false
+mkdir -p "$STATE"
+
+stop() {
+  for name in worker server; do
+    if [[ -f "$STATE/$name.pid" ]]; then
+      pid=$(cat "$STATE/$name.pid")
+      # the worker wants two interrupts; then make sure
+      kill -INT -- "-$pid" 2>/dev/null || true; sleep 1; kill -INT -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      rm -f "$STATE/$name.pid"
+    fi
+  done
+}
+
+case "${1:-start}" in
+  stop) stop; echo "stopped"; exit 0 ;;
+  start) ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
+
+stop
+setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 &
+echo $! >"$STATE/server.pid"
+for _ in $(seq 120); do
+  if curl -sf "http://127.0.0.1:${PORT}/api/health" >/dev/null; then break; fi
+  sleep 1
+done
+curl -sf "http://127.0.0.1:${PORT}/api/health" >/dev/null || { echo "server did not start; see $STATE/server.log" >&2; exit 1; }
+"$BIN/prefect" config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
+"$BIN/prefect" work-pool inspect kgmel-local >/dev/null 2>&1 || "$BIN/prefect" work-pool create kgmel-local --type process >/dev/null
+"$BIN/prefect" --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
+PATH="$BIN:$PATH" setsid "$BIN/prefect" worker start --pool kgmel-local --type process >"$STATE/worker.log" 2>&1 &
+echo $! >"$STATE/worker.pid"
+cat <<MSG
+Prefect UI:   http://127.0.0.1:${PORT}
+Deployments:  kgmel/full-pipeline, kgmel/reindex-kb (nightly 02:00 UTC), kgmel/link
+Run:          prefect deployment run kgmel/full-pipeline --watch
+Logs:         $STATE/{server,worker,deploy}.log      Stop: make stop
+MSG

@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from kgmel_core.encoders import OpenClipEncoder, load_encoder
+from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
+from storage import ArtifactStore
+from storage.embedding_cache import EmbeddingCache
+
+
+def test_minilm_loads_offline_in_a_fresh_process():
+    code = (
+        "from kgmel_core.encoders import MiniLMTextEncoder; e = MiniLMTextEncoder(device='cpu');"
+        "v = e.encode_texts(['Barack Obama', 'a river'], progress=False); print(v.shape, round(float((v*v).sum()), 3))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(2, 384) 2.0"
+
+
+def test_tiny_clip_checkpoint_loads_by_path_like_a_real_one(small_demo, tmp_path):
+    images = sorted(str(p) for p in (small_demo / "kb" / "images").glob("*.png"))[:16]
+    stats = train_tiny_clip([f"entity {i}" for i in range(16)], images, tmp_path / "tiny.pt", epochs=1, batch_size=8)
+    assert stats["pairs"] == 16
+    encoder = OpenClipEncoder(TINY_CLIP_MODEL, str(tmp_path / "tiny.pt"), batch_size=4, device="cpu")
+    saved = torch.load(tmp_path / "tiny.pt", weights_only=False)["state_dict"]
+    loaded = encoder.model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # the weights are the trained ones
+    texts, vectors = ["a", "b", "c", "d", "e"], encoder.encode_texts(["a", "b", "c", "d", "e"], progress=False)
+    assert vectors.shape == (len(texts), 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    image_vectors = encoder.encode_images(images[:3], progress=False)
+    assert image_vectors.shape == (3, 64)
+    assert encoder.identity.startswith(f"open_clip:{TINY_CLIP_MODEL}:file:")
+
+
+def test_composite_without_image_encoder_reports_no_image_dim(tmp_path):
+    encoder = load_encoder("minilm", "none", "unused", None, 8, "cpu")
+    assert encoder.image_dim is None and encoder.identity.endswith("|no-images")
+
+
+def test_embedding_cache_encodes_only_missing(tmp_path):
+    cache = EmbeddingCache(ArtifactStore(tmp_path), "enc-1", "text")
+    calls = []
+
+    def compute(rows):
+        calls.append(list(rows))
+        return np.array([[float(r), 1.0] for r in rows], dtype=np.float32)
+
+    first, fresh = cache.get_or_compute(["a", "b"], compute)
+    second, fresh2 = cache.get_or_compute(["b", "c", "a"], compute)
+    assert fresh == 2 and fresh2 == 1 and calls == [[0, 1], [1]]
+    assert np.array_equal(second[0], first[1]) and np.array_equal(second[2], first[0])
+    other = EmbeddingCache(ArtifactStore(tmp_path), "enc-2", "text")  # another encoder: nothing shared
+    assert other.get_or_compute(["a"], compute)[1] == 1
