@@ -15,7 +15,7 @@ from storage import Artifact
 from tasks import embed as embed_tasks
 from tasks import evaluate as evaluate_tasks
 from tasks import ingest as ingest_tasks
-from tasks import retrieval
+from tasks import llm_stages, retrieval
 from tasks.common import PipelineContext
 
 
@@ -38,6 +38,11 @@ def retrieval_chain(
     candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingest, embedded, generation)
     chain = {"clip_bootstrap": bootstrap} if bootstrap is not None else {}
     return {**chain, "embed": embedded, "train": trained, "index": indexed, "retrieve": candidates}
+
+
+def artifact_ids(stages: dict[str, Artifact]) -> dict[str, str]:
+    """`{label: "stage/key"}`: where each artifact of a run lives under the store root."""
+    return {label: f"{artifact.stage}/{artifact.key}" for label, artifact in stages.items()}
 
 
 def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None) -> str:
@@ -68,12 +73,32 @@ def full_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate."""
     ctx = open_context(config, "full-pipeline")
     ingested = ingest_tasks.ingest(ctx, config.dataset)
+    stages: dict[str, Artifact] = {"ingest": ingested}
     generation = None
-    chain = retrieval_chain(ctx, config, ingested, generation)
-    metrics = evaluate_tasks.evaluate(ctx, config.encoder, ingested, chain["embed"], chain["retrieve"])
+    if config.generation.enabled:
+        generation = stages["generate"] = llm_stages.generate(ctx, config.generation, ingested)
+    retriever_generation = generation if config.retriever.use_mention_triples else None
+    chain = retrieval_chain(ctx, config, ingested, retriever_generation)
+    stages.update(chain)
+    reranked = None
+    if config.rerank.enabled and generation is not None:
+        embedded = chain["embed"]
+        if retriever_generation is None:  # filtering needs the generated triples' embeddings too
+            embedded = stages["embed_generated"] = embed_tasks.embed(
+                ctx, config.encoder, ingested, generation, chain.get("clip_bootstrap")
+            )
+        filtered = stages["filter"] = llm_stages.filter_stage(
+            ctx, config.rerank, ingested, generation, embedded, chain["retrieve"]
+        )
+        reranked = stages["rerank"] = llm_stages.rerank(
+            ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
+        )
+    metrics = stages["evaluate"] = evaluate_tasks.evaluate(
+        ctx, config.encoder, ingested, chain["embed"], chain["retrieve"], reranked
+    )
     summary = publish_summary(ctx, "kgmel full-pipeline", metrics)
     return {
-        "artifacts": {k: v.key for k, v in {"ingest": ingested, **chain, "evaluate": metrics}.items()},
+        "artifacts": artifact_ids(stages),
         "summary": summary,
         "root": str(ctx.store.root),
     }
@@ -129,7 +154,7 @@ def reindex_kb(config: PipelineConfig, train_key: str | None = None) -> dict[str
     indexed = retrieval.index(ctx, config.index, config.encoder, trained, ingested, embedded)
     summary = publish_summary(ctx, "kgmel reindex-kb", None)
     return {
-        "artifacts": {"train": trained.key, "ingest": ingested.key, "embed": embedded.key, "index": indexed.key},
+        "artifacts": artifact_ids({"train": trained, "ingest": ingested, "embed": embedded, "index": indexed}),
         "summary": summary,
         "root": str(ctx.store.root),
     }
@@ -154,12 +179,9 @@ def link(
     candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingested, embedded)
     summary = publish_summary(ctx, "kgmel link", None)
     return {
-        "artifacts": {
-            "ingest_link": ingested.key,
-            "embed": embedded.key,
-            "index": indexed.key,
-            "retrieve": candidates.key,
-        },
+        "artifacts": artifact_ids(
+            {"ingest_link": ingested, "embed": embedded, "index": indexed, "retrieve": candidates}
+        ),
         "candidates": candidates.read("candidates"),
         "summary": summary,
         "root": str(ctx.store.root),

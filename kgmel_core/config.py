@@ -53,6 +53,9 @@ class RetrieverConfig(_Section):
     attn_temperature: float = Field(0.1, gt=0)
     top_p: int = Field(5, ge=1)
     use_triples: bool = True
+    # Feed the VLM's generated triples to the retriever (mention side). Off when generation runs on a
+    # subset only (the demo), so training and test mentions look alike.
+    use_mention_triples: bool = True
     use_image: bool = True
     use_gate: bool = True
     max_triples: int = Field(50, ge=1)
@@ -90,21 +93,34 @@ class LLMConfig(_Section):
     max_tokens: int = Field(256, ge=1)
     timeout_s: float = Field(120, gt=0)
     retries: int = Field(2, ge=0)
+    backoff_s: float = Field(1.0, ge=0)  # waits backoff_s * 2**attempt between tries
     concurrency: int = Field(4, ge=1)
+    # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
 
 
+class LLMScope(_Section):
+    """Which mentions an LLM stage runs on; the others get a row saying they were skipped (counted)."""
+
+    splits: list[str] | None = None  # None: every split
+    max_mentions: int | None = Field(None, ge=1)  # first N (by mention_id) of the chosen splits
+
+
 class GenerationConfig(_Section):
-    llm: LLMConfig = LLMConfig()
+    enabled: bool = True
+    llm: LLMConfig = LLMConfig(max_tokens=96)
     max_triples: int = Field(8, ge=1)
+    scope: LLMScope = LLMScope()
 
 
 class RerankConfig(_Section):
-    llm: LLMConfig = LLMConfig()
+    enabled: bool = True
+    llm: LLMConfig = LLMConfig(max_tokens=16)
     filter_n: int = Field(15, ge=1)
     max_triples_per_entity: int = Field(50, ge=1)
     candidates: int = Field(16, ge=1)
-    enabled: bool = True
+    use_filter: bool = True
+    scope: LLMScope = LLMScope()
 
 
 class PipelineConfig(_Section):
@@ -124,6 +140,8 @@ class PipelineConfig(_Section):
     def _check(self) -> PipelineConfig:
         if self.rerank.candidates > self.index.top_k:
             raise ValueError(f"rerank.candidates ({self.rerank.candidates}) > index.top_k ({self.index.top_k})")
+        if self.rerank.enabled and not self.generation.enabled:
+            raise ValueError("rerank.enabled needs generation.enabled (filtering compares against generated triples)")
         return self
 
 

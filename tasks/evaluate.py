@@ -68,40 +68,58 @@ def evaluate(
             rows += _metric_rows(label, splits, ranks, {"gold_missing_from_kb": missing})
             writer.stats["retriever_ties"] = ties
         if rerank is not None:
-            predictions = rerank.read("predictions")
-            gold_qid = dict(
-                zip(ingest.read("mentions")["mention_id"], ingest.read("mentions")["gold_qid"], strict=True)
-            )
-            split_of = dict(zip(features.mentions.ids, splits, strict=True))
-            hits = (
-                pl.DataFrame(
-                    {
-                        "split": [split_of[m] for m in predictions["mention_id"]],
-                        "hit": [
-                            p == gold_qid[m] for m, p in zip(predictions["mention_id"], predictions["qid"], strict=True)
-                        ],
-                        "fallback": (predictions["source"] == "fallback").to_list(),
-                    }
-                )
-                .group_by("split")
-                .agg(pl.col("hit").mean() * 100, pl.col("fallback").sum(), pl.len())
-            )
-            for row in hits.iter_rows(named=True):
-                rows += [
-                    {"method": f"{label} + rerank", "split": row["split"], "metric": "hits@1", "value": row["hit"]},
-                    {
-                        "method": f"{label} + rerank",
-                        "split": row["split"],
-                        "metric": "fallbacks",
-                        "value": float(row["fallback"]),
-                    },
-                    {"method": f"{label} + rerank", "split": row["split"], "metric": "n", "value": float(row["len"])},
-                ]
+            rows += _rerank_rows(label, ingest, retrieve, rerank, dict(zip(features.mentions.ids, splits, strict=True)))
         table = pl.DataFrame(rows, schema=pl.Schema(schemas.METRICS))
         writer.write_table("metrics", table, schemas.METRICS)
         logger().info("metrics:\n%s", format_metrics(table))
 
     return run_stage(ctx, "evaluate", VERSION, {"label": label, "mention_text": encoder.mention_text}, inputs, build)
+
+
+def _rerank_rows(
+    label: str, ingest: Artifact, retrieve: Artifact | None, rerank: Artifact, split_of: dict[str, str]
+) -> list[dict]:
+    """HITS@1 after reranking over all mentions, and, on the mentions the LLM was asked about, the
+    retriever's top-1 beside the reranked answer (the fair comparison when only a subset is reranked)."""
+    gold = ingest.read("mentions").select("mention_id", "gold_qid")
+    frame = (
+        rerank.read("predictions")
+        .join(gold, on="mention_id")
+        .with_columns(split=pl.col("mention_id").replace_strict(split_of), hit=pl.col("qid") == pl.col("gold_qid"))
+    )
+    if retrieve is not None:
+        top1 = retrieve.read("candidates").filter(pl.col("rank") == 1).select("mention_id", top1_qid="qid")
+        frame = frame.join(top1, on="mention_id", how="left").with_columns(
+            top1_hit=pl.col("top1_qid") == pl.col("gold_qid")
+        )
+    rows = []
+
+    def add(method: str, subset: pl.DataFrame, column: str) -> None:
+        for split, group in subset.group_by("split"):
+            rows.extend(
+                [
+                    {
+                        "method": method,
+                        "split": split[0],
+                        "metric": "hits@1",
+                        "value": 100 * group[column].fill_null(False).mean(),
+                    },
+                    {"method": method, "split": split[0], "metric": "n", "value": float(group.height)},
+                    {
+                        "method": method,
+                        "split": split[0],
+                        "metric": "fallbacks",
+                        "value": float((group["source"] == "fallback").sum()),
+                    },
+                ]
+            )
+
+    add(f"{label} + rerank (all mentions)", frame, "hit")
+    asked = frame.filter(pl.col("reason").is_null() | ~pl.col("reason").is_in(["out_of_scope", "no_candidates"]))
+    add(f"{label} + rerank (reranked mentions)", asked, "hit")
+    if retrieve is not None:
+        add(f"{label} top-1 (reranked mentions)", asked, "top1_hit")
+    return rows
 
 
 def _entity_vectors(ctx: PipelineContext, retrieve: Artifact, qids: list[str]) -> np.ndarray:

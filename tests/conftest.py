@@ -51,6 +51,7 @@ def small_config(dataset: Path, artifacts: Path, **overrides):
         "retriever": {"hidden_dim": 32, "top_p": 3},
         "training": {"epochs": 4, "batch_size": 32, "patience": 2},
         "index": {"top_k": 8},
-        "rerank": {"candidates": 8},
+        "generation": {"enabled": False},
+        "rerank": {"enabled": False, "candidates": 8},
     }
     return load_config(None, deep_merge(base, overrides))

@@ -73,7 +73,8 @@ def test_full_pipeline_deployment_run_completes(served, tmp_path):
         "retriever": {"hidden_dim": 32},
         "training": {"epochs": 2, "batch_size": 32},
         "index": {"top_k": 8},
-        "rerank": {"candidates": 8},
+        "generation": {"enabled": False},
+        "rerank": {"enabled": False, "candidates": 8},
     }
     run = _prefect(
         served,

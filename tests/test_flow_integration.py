@@ -14,13 +14,14 @@ pytestmark = pytest.mark.slow
 STAGES = ["ingest", "clip_bootstrap", "embed", "train", "index", "retrieve", "evaluate"]
 
 
-def _tables(root, keys):
+def _tables(root, ids):
     store = ArtifactStore(root)
     out = {}
-    for stage, key in keys.items():
+    for label, artifact_id in ids.items():
+        stage, key = artifact_id.split("/")
         artifact = store.require(stage, key)
         for table in artifact.manifest["tables"]:
-            out[(stage, table)] = artifact.read(table)
+            out[(label, table)] = artifact.read(table)
     return out
 
 
@@ -106,11 +107,11 @@ def test_reindex_embeds_only_changed_kb_rows_and_keeps_the_retriever(first_run, 
     out = reindex_kb(moved)
     store = ArtifactStore(config.artifacts)
     assert out["artifacts"]["train"] == result["artifacts"]["train"]  # no retraining
-    embed_stats = store.require("embed", out["artifacts"]["embed"]).manifest["stats"]
+    embed_stats = store.require(*out["artifacts"]["embed"].split("/")).manifest["stats"]
     # new: the entity head text and the tail "Atlantis" (plus the absolute image paths moved: images are
     # keyed by content, so none of them is re-encoded)
     assert embed_stats["texts_encoded_now"] == 2 and embed_stats["images_encoded_now"] == 0
-    fused = store.require("index", out["artifacts"]["index"]).read("fused_entities")
+    fused = store.require(*out["artifacts"]["index"].split("/")).read("fused_entities")
     assert "Q99999" in fused["qid"].to_list()
 
 

@@ -1,0 +1,178 @@
+"""One LiteLLM client for every LLM/VLM call of the pipeline.
+
+Bounded concurrency, a per-call time limit (`asyncio.wait_for`: LiteLLM's own `timeout=` is not
+enforced for every provider), retries with exponential back-off on transient errors only, and a
+disk cache keyed by (model, messages, params) so a re-run makes no call. Every call, cached or
+failed, yields one `llm_calls` row. A failed call is a recorded result, never an exception: the
+stages decide what a failure means (a recorded parse failure, a retrieval fallback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import mimetypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list download at import
+
+import diskcache  # noqa: E402
+import litellm  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from kgmel_core.config import LLMConfig  # noqa: E402
+
+# Errors worth another try: the provider or network may recover. Anything else (bad request, auth,
+# unknown model, a model without vision) fails at once with its message recorded.
+TRANSIENT = (
+    litellm.exceptions.Timeout,
+    litellm.exceptions.APIConnectionError,
+    litellm.exceptions.RateLimitError,
+    litellm.exceptions.ServiceUnavailableError,
+    litellm.exceptions.InternalServerError,
+    asyncio.TimeoutError,
+)
+
+
+def image_data_url(path: str | Path) -> str:
+    """OpenAI-style `image_url` payload; LiteLLM converts it for providers that want raw base64."""
+    mime = mimetypes.guess_type(str(path))[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def prompt_hash(model: str, messages: list[dict], params: dict[str, Any]) -> str:
+    payload = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class LLMRequest:
+    key: str  # what the call is for (a mention id); ties the answer back to its row
+    messages: list[dict]
+
+
+@dataclass
+class LLMResult:
+    key: str
+    text: str | None  # None when the call failed
+    call: dict[str, Any] = field(default_factory=dict)  # the llm_calls row
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None
+
+
+class LLMClient:
+    def __init__(
+        self,
+        config: LLMConfig,
+        stage: str,
+        cache_dir: Path | None,
+        api_base: str | None = None,
+        model: str | None = None,
+    ):
+        self.config, self.stage = config, stage
+        self.model = model or config.model
+        self.api_base = api_base or config.api_base
+        self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        self.params = {"temperature": config.temperature, "max_tokens": config.max_tokens}
+        self.cache = diskcache.Cache(str(cache_dir)) if cache_dir else None
+
+    def _kwargs(self, messages: list[dict]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **self.params, "num_retries": 0}
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self.api_key:
+            kwargs["api_key"] = self.api_key
+        elif self.api_base:
+            kwargs["api_key"] = "not-needed"  # local OpenAI-compatible servers ignore it, the client wants one
+        return kwargs
+
+    async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
+        digest = prompt_hash(self.model, request.messages, self.params)
+        call = {
+            "call_id": f"{self.stage}-{digest[:16]}",
+            "stage": self.stage,
+            "model": self.model,
+            "prompt_hash": digest,
+            "tokens_in": 0,
+            "tokens_out": 0,
+            "latency_s": 0.0,
+            "status": "ok",
+            "error": None,
+            "cached": False,
+            "attempts": 0,
+        }
+        if self.cache is not None and (hit := self.cache.get(digest)) is not None:
+            call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"])
+            return LLMResult(request.key, hit["text"], call)
+        started = time.perf_counter()
+        async with limiter:
+            for attempt in range(self.config.retries + 1):
+                call["attempts"] = attempt + 1
+                try:
+                    response = await asyncio.wait_for(
+                        litellm.acompletion(**self._kwargs(request.messages)), timeout=self.config.timeout_s
+                    )
+                    text = response.choices[0].message.content or ""
+                    usage = getattr(response, "usage", None)
+                    call.update(
+                        tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
+                        tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
+                        latency_s=time.perf_counter() - started,
+                        status="ok",
+                        error=None,
+                    )
+                    if self.cache is not None:
+                        self.cache.set(
+                            digest, {"text": text, "tokens_in": call["tokens_in"], "tokens_out": call["tokens_out"]}
+                        )
+                    return LLMResult(request.key, text, call)
+                except TRANSIENT as exc:
+                    status = (
+                        "timeout" if isinstance(exc, asyncio.TimeoutError | litellm.exceptions.Timeout) else "error"
+                    )
+                    call.update(status=status, error=f"{type(exc).__name__}: {exc}"[:500])
+                    if attempt < self.config.retries:
+                        await asyncio.sleep(self.config.backoff_s * 2**attempt)
+                except Exception as exc:  # not transient: no retry, recorded
+                    call.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+                    break
+        call["latency_s"] = time.perf_counter() - started
+        return LLMResult(request.key, None, call)
+
+    async def _all(self, requests: list[LLMRequest], progress: bool) -> list[LLMResult]:
+        limiter = asyncio.Semaphore(self.config.concurrency)
+        bar = tqdm(total=len(requests), desc=f"{self.stage} LLM calls", unit="call", disable=not progress)
+
+        async def tracked(request: LLMRequest) -> LLMResult:
+            result = await self._one(request, limiter)
+            bar.update(1)
+            return result
+
+        try:
+            return list(await asyncio.gather(*(tracked(r) for r in requests)))
+        finally:
+            bar.close()
+
+    def run(self, requests: list[LLMRequest], progress: bool = True) -> list[LLMResult]:
+        """Run all requests (bounded concurrency); results in request order, one per request."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._all(requests, progress))
+        # Called from inside an event loop (e.g. an async Prefect context): run in a worker thread.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._all(requests, progress)).result()
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

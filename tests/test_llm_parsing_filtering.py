@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+
+from kgmel_core.filtering import Triple, filter_triples
+from kgmel_core.parsing import parse_generation, parse_rerank_answer
+from kgmel_core.prompts import CandidateCard, rerank_messages
+
+MESSY = [
+    # (raw model output, expected (relation, tail) pairs)
+    (
+        'person\nDescription: US president\nTriples:\n- "Obama" | occupation | politician\n- "Obama" | country | USA',
+        [("instance of", "person"), ("occupation", "politician"), ("country", "USA")],
+    ),
+    (
+        "1. Obama | occupation | politician\n2) Obama | member of | Democratic Party.",
+        [("occupation", "politician"), ("member of", "Democratic Party")],
+    ),
+    (
+        "Here are the triples:\n(Obama, occupation, lawyer)\n(Obama, educated at, Harvard Law School, Cambridge)",
+        [("occupation", "lawyer"), ("educated at", "Harvard Law School, Cambridge")],
+    ),
+    (
+        'Sure! ```json\n[["Obama", "position held", "President"], ["Obama", "spouse", "Michelle Obama"]]\n```',
+        [("position held", "President"), ("spouse", "Michelle Obama")],
+    ),
+    (
+        '{"triples": [{"head": "Obama", "relation": "award received", "tail": "Nobel Peace Prize"}]}',
+        [("award received", "Nobel Peace Prize")],
+    ),
+    (
+        "* occupation | politician\n* occupation | politician\n• country | USA",  # two-part rows, a duplicate
+        [("occupation", "politician"), ("country", "USA")],
+    ),
+    ("I am not sure what you mean. The sentence talks about a man.", []),
+    ("", []),
+    ("|||\n- | |", []),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), MESSY)
+def test_generation_parser_on_messy_outputs(raw, expected):
+    parsed = parse_generation(raw, "Obama", max_triples=8)
+    assert parsed.triples == expected
+    assert parsed.ok == bool(expected)
+
+
+def test_generation_parser_reads_type_description_and_caps():
+    parsed = parse_generation(
+        "city\nDescription: capital of France\n" + "\n".join(f"- Paris | rel{i} | t{i}" for i in range(10)),
+        "Paris",
+        max_triples=4,
+    )
+    assert parsed.entity_type == "city" and parsed.description == "capital of France"
+    assert parsed.triples[0] == ("instance of", "city") and len(parsed.triples) == 4
+
+
+CANDS = [("Q41421", "Michael Jordan"), ("Q810", "Jordan"), ("Q3", "Jordan River")]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (" Q810", ("Q810", "qid")),
+        ("The answer is Q3 (Jordan River).", ("Q3", "qid")),
+        ("Q999", (None, "qid_not_in_candidates")),
+        ("[2]", ("Q810", "index")),
+        ("1", ("Q41421", "index")),
+        ("It is Michael Jordan, the player.", ("Q41421", "label")),
+        ("Jordan River", ("Q3", "label")),
+        ("7", (None, "unparsed")),
+        ("no idea", (None, "unparsed")),
+        ("", (None, "unparsed")),
+    ],
+)
+def test_rerank_answer_parsing(answer, expected):
+    assert parse_rerank_answer(answer, CANDS) == expected
+
+
+def test_rerank_prompt_lists_candidates_in_reverse_retrieval_order():
+    cards = [CandidateCard("Q1", "A", "first", [("occupation", "x")]), CandidateCard("Q2", "B", "", [])]
+    text = rerank_messages("s", "m", [("occupation", "x")], cards)[0]["content"]
+    body = text.split("Candidates:")[-1]
+    assert body.index("[2] B (Q2): no description") < body.index("[1] A (Q1): first")
+    assert "  - occupation | x" in body and text.rstrip().endswith("Answer:")
+
+
+def _vec(*xs):
+    v = np.array(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_filter_keeps_triples_whose_relation_and_tail_both_survive():
+    # Hand-worked: n = 1 -> keep the top 2 relations and the top 1 tail.
+    vectors = {
+        "occupation": _vec(1, 0, 0),
+        "job": _vec(0.9, 0.1, 0),
+        "country": _vec(0, 1, 0),
+        "color": _vec(0, 0, 1),
+        "painter": _vec(1, 1, 0),
+        "chemist": _vec(1, -1, 0),
+        "Peru": _vec(0, 0, 1),
+    }
+    triples = [
+        Triple("Q1", "occupation", "painter", "occupation", "painter"),  # rel kept (1.0), tail kept -> survives
+        Triple("Q1", "country", "Peru", "country", "Peru"),  # rel 0.0 dropped
+        Triple("Q2", "job", "painter", "job", "painter"),  # rel kept (0.99), tail kept -> survives
+        Triple("Q2", "occupation", "chemist", "occupation", "chemist"),  # tail dropped (second best)
+        Triple("Q3", "color", "painter", "color", "painter"),  # rel dropped
+    ]
+    kept, applied = filter_triples(triples, ["occupation"], ["painter"], vectors, n=1, max_per_entity=50)
+    assert applied
+    assert [(t.qid, t.relation, t.tail) for t in kept] == [("Q1", "occupation", "painter"), ("Q2", "job", "painter")]
+
+
+def test_filter_without_generated_triples_caps_per_entity_and_says_so():
+    triples = [Triple("Q1", f"r{i}", f"t{i}", f"r{i}", f"t{i}") for i in range(5)] + [Triple("Q2", "r", "t", "r", "t")]
+    kept, applied = filter_triples(triples, [], [], {}, n=1, max_per_entity=2)
+    assert not applied and [(t.qid, t.relation) for t in kept] == [("Q1", "r0"), ("Q1", "r1"), ("Q2", "r")]
