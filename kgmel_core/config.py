@@ -97,6 +97,9 @@ class LLMConfig(_Section):
     concurrency: int = Field(4, ge=1)
     # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
+    # chat: /chat/completions with messages; text: /completions with the prompt continued as is (what a
+    # base model needs). auto: text for the packaged local base model, chat for everything else.
+    api: Literal["auto", "chat", "text"] = "auto"
 
 
 class LLMScope(_Section):

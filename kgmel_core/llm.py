@@ -46,6 +46,19 @@ def image_data_url(path: str | Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
 
 
+def _prompt_text(messages: list[dict]) -> str:
+    """The plain prompt of a text-completion call; images cannot travel that way."""
+    parts = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise ValueError("text-completion mode cannot send images; use api=chat with a vision model")
+            content = "\n".join(part["text"] for part in content)
+        parts.append(content)
+    return "\n\n".join(parts)
+
+
 def prompt_hash(model: str, messages: list[dict], params: dict[str, Any]) -> str:
     payload = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -76,16 +89,25 @@ class LLMClient:
         cache_dir: Path | None,
         api_base: str | None = None,
         model: str | None = None,
+        text_mode: bool = False,
+        stop: list[str] | None = None,
     ):
         self.config, self.stage = config, stage
         self.model = model or config.model
         self.api_base = api_base or config.api_base
         self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
-        self.params = {"temperature": config.temperature, "max_tokens": config.max_tokens}
+        self.text_mode = text_mode  # /completions: the prompt is continued, no chat template around it
+        self.params: dict[str, Any] = {"temperature": config.temperature, "max_tokens": config.max_tokens}
+        if stop:
+            self.params["stop"] = stop
         self.cache = diskcache.Cache(str(cache_dir)) if cache_dir else None
 
     def _kwargs(self, messages: list[dict]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **self.params, "num_retries": 0}
+        kwargs: dict[str, Any] = {"model": self.model, **self.params, "num_retries": 0}
+        if self.text_mode:
+            kwargs["prompt"] = _prompt_text(messages)
+        else:
+            kwargs["messages"] = messages
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self.api_key:
@@ -95,7 +117,7 @@ class LLMClient:
         return kwargs
 
     async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
-        digest = prompt_hash(self.model, request.messages, self.params)
+        digest = prompt_hash(self.model, request.messages, {**self.params, "text_mode": self.text_mode})
         call = {
             "call_id": f"{self.stage}-{digest[:16]}",
             "stage": self.stage,
@@ -117,10 +139,12 @@ class LLMClient:
             for attempt in range(self.config.retries + 1):
                 call["attempts"] = attempt + 1
                 try:
+                    call_api = litellm.atext_completion if self.text_mode else litellm.acompletion
                     response = await asyncio.wait_for(
-                        litellm.acompletion(**self._kwargs(request.messages)), timeout=self.config.timeout_s
+                        call_api(**self._kwargs(request.messages)), timeout=self.config.timeout_s
                     )
-                    text = response.choices[0].message.content or ""
+                    choice = response.choices[0]
+                    text = (choice.text if self.text_mode else choice.message.content) or ""
                     usage = getattr(response, "usage", None)
                     call.update(
                         tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),

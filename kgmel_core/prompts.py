@@ -69,13 +69,23 @@ Triples:
 """
 
 
+# Where an answer ends: a base model would go on to invent the next example.
+GENERATION_STOP = ["\n\n", "\nSentence:"]
+RERANK_STOP = ["\n"]
+
+
 def generation_messages(
-    sentence: str, mention: str, image_path: str | None, max_triples: int, send_image: bool
+    sentence: str,
+    mention: str,
+    image_path: str | None,
+    max_triples: int,
+    send_image: bool,
+    instruction: bool = True,
 ) -> list[dict]:
-    text = (
-        f"{GENERATION_INSTRUCTION} Write at most {max_triples} triples.\n\n{GENERATION_EXAMPLE}\n"
-        f"Sentence: {sentence}\nMention: {mention}\nType:"
-    )
+    """Without `instruction` the prompt is the example alone: a small base model echoes instructions
+    but continues a pattern."""
+    head = f"{GENERATION_INSTRUCTION} Write at most {max_triples} triples.\n\n" if instruction else ""
+    text = f"{head}{GENERATION_EXAMPLE}\nSentence: {sentence}\nMention: {mention}\nType:"
     if send_image and image_path:
         content = [
             {"type": "text", "text": text},
@@ -111,11 +121,15 @@ Answer: Q41421
 
 
 def rerank_messages(
-    sentence: str, mention: str, mention_triples: list[tuple[str, str]], candidates: list[CandidateCard]
+    sentence: str,
+    mention: str,
+    mention_triples: list[tuple[str, str]],
+    candidates: list[CandidateCard],
+    instruction: bool = True,
 ) -> list[dict]:
     """Candidates are listed in reverse retrieval order (the reference reports this works better),
     numbered by retrieval rank so `[1]` is always the retriever's top choice."""
-    lines = [RERANK_INSTRUCTION, "", RERANK_EXAMPLE, "Candidates:"]
+    lines = ([RERANK_INSTRUCTION, ""] if instruction else []) + [RERANK_EXAMPLE, "Candidates:"]
     for rank in range(len(candidates), 0, -1):
         card = candidates[rank - 1]
         lines.append(f"[{rank}] {card.label} ({card.qid}): {card.description or 'no description'}")
@@ -124,3 +138,29 @@ def rerank_messages(
     lines += [f"- {relation} | {tail}" for relation, tail in mention_triples] or ["- none"]
     lines.append("Answer:")
     return [{"role": "user", "content": "\n".join(lines)}]
+
+
+def rerank_requests(
+    mentions: list[dict],
+    candidates: dict[str, list[str]],
+    entities: dict[str, dict],
+    filtered: dict[tuple[str, str], list[tuple[str, str]]],
+    generated: dict[str, list[tuple[str, str]]],
+    instruction: bool = True,
+) -> tuple[list[tuple[str, list[dict]]], dict[str, list[tuple[str, str]]]]:
+    """(mention_id, messages) per mention that has candidates, and each one's (qid, label) options
+    in retrieval order, which is what the answer parser resolves indices and labels against."""
+    requests, options = [], {}
+    for row in mentions:
+        mid = row["mention_id"]
+        cards = [
+            CandidateCard(q, entities[q]["label"], entities[q]["description"], filtered.get((mid, q), []))
+            for q in candidates.get(mid, [])
+            if q in entities
+        ]
+        if not cards:
+            continue
+        options[mid] = [(c.qid, c.label) for c in cards]
+        messages = rerank_messages(row["sentence"], row["mention"], generated.get(mid, []), cards, instruction)
+        requests.append((mid, messages))
+    return requests, options

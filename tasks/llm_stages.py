@@ -17,7 +17,7 @@ from kgmel_core.filtering import Triple, filter_triples
 from kgmel_core.llm import LLMClient, LLMRequest
 from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
 from kgmel_core.parsing import parse_generation, parse_rerank_answer
-from kgmel_core.prompts import CandidateCard, generation_messages, rerank_messages
+from kgmel_core.prompts import GENERATION_STOP, RERANK_STOP, generation_messages, rerank_requests
 from kgmel_core.texts import text_sha
 from storage import Artifact
 from tasks.common import PipelineContext, logger, run_stage
@@ -33,24 +33,40 @@ def llm_key_config(config: LLMConfig) -> dict:
     return config.model_dump(exclude=_RUNTIME_ONLY)
 
 
+def text_mode(config: LLMConfig) -> bool:
+    return config.api == "text" or (config.api == "auto" and config.model == "local")
+
+
 @contextmanager
-def llm_client(ctx: PipelineContext, config: LLMConfig, stage: str) -> Iterator[tuple[LLMClient, bool]]:
+def llm_client(
+    ctx: PipelineContext, config: LLMConfig, stage: str, stop: list[str]
+) -> Iterator[tuple[LLMClient, bool]]:
     """A client for the configured model, plus whether images are sent. `local` starts the packaged
     model's server for the duration of the stage."""
     cache_dir = ctx.store.root / "_llm_cache"
+    as_text = text_mode(config)
     if config.model == "local":
         if config.vision == "yes":
             raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
         with local_llm_server(parallel=min(config.concurrency, 4)) as api_base:
-            client = LLMClient(config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}")
+            prefix = "text-completion-openai" if as_text else "openai"
+            client = LLMClient(
+                config,
+                stage,
+                cache_dir,
+                api_base=api_base,
+                model=f"{prefix}/{LOCAL_MODEL_NAME}",
+                text_mode=as_text,
+                stop=stop,
+            )
             try:
                 yield client, False
             finally:
                 client.close()
     else:
-        client = LLMClient(config, stage, cache_dir)
+        client = LLMClient(config, stage, cache_dir, text_mode=as_text, stop=stop)
         try:
-            yield client, config.vision != "no"
+            yield client, config.vision != "no" and not as_text
         finally:
             client.close()
 
@@ -88,12 +104,17 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
     def build(writer):
         mentions = ingest.read("mentions")
         chosen = in_scope(mentions, config.scope)
-        with llm_client(ctx, config.llm, "generate") as (client, send_images):
+        with llm_client(ctx, config.llm, "generate", GENERATION_STOP) as (client, send_images):
             requests = [
                 LLMRequest(
                     row["mention_id"],
                     generation_messages(
-                        row["sentence"], row["mention"], row["image_path"], config.max_triples, send_images
+                        row["sentence"],
+                        row["mention"],
+                        row["image_path"],
+                        config.max_triples,
+                        send_images,
+                        instruction=not text_mode(config.llm),
                     ),
                 )
                 for row in chosen.iter_rows(named=True)
@@ -257,21 +278,12 @@ def rerank(
         generated: dict[str, list[tuple[str, str]]] = {}
         for row in generation.read("mention_triples").iter_rows(named=True):
             generated.setdefault(row["mention_id"], []).append((row["relation"], row["tail"]))
-        requests, options = [], {}
-        for row in mentions.filter(pl.col("mention_id").is_in(list(chosen))).iter_rows(named=True):
-            mid = row["mention_id"]
-            cards = [
-                CandidateCard(q, entities[q]["label"], entities[q]["description"], facts.get((mid, q), []))
-                for q in candidates.get(mid, [])
-                if q in entities
-            ]
-            if not cards:
-                continue
-            options[mid] = [(c.qid, c.label) for c in cards]
-            requests.append(
-                LLMRequest(mid, rerank_messages(row["sentence"], row["mention"], generated.get(mid, []), cards))
-            )
-        with llm_client(ctx, config.llm, "rerank") as (client, _):
+        asked = mentions.filter(pl.col("mention_id").is_in(list(chosen))).iter_rows(named=True)
+        pairs, options = rerank_requests(
+            list(asked), candidates, entities, facts, generated, instruction=not text_mode(config.llm)
+        )
+        requests = [LLMRequest(mid, messages) for mid, messages in pairs]
+        with llm_client(ctx, config.llm, "rerank", RERANK_STOP) as (client, _):
             results = client.run(requests)
         by_id = {r.key: r for r in results}
         rows, reasons = [], {}
