@@ -37,7 +37,7 @@ def main() -> None:
         kinds = ["flat", "ivf"] + (["hnsw"] if size <= 100_000 else [])
         exact = None
         for kind in kinds:
-            config = IndexConfig(kind=kind, nlist=max(16, int(4 * size**0.5)), nprobe=16)
+            config = IndexConfig(kind=kind, nlist=max(16, int(size**0.5)), nprobe=16)
             start = time.perf_counter()
             index = build_index(entities, config)
             built = time.perf_counter() - start

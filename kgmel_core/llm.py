@@ -28,6 +28,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from kgmel_core.config import LLMConfig  # noqa: E402
 
+# httpx's own transport: LiteLLM's aiohttp transport leaves sessions open when an event loop ends.
+litellm.disable_aiohttp_transport = True
+
 # Errors worth another try: the provider or network may recover. Anything else (bad request, auth,
 # unknown model, a model without vision) fails at once with its message recorded.
 TRANSIENT = (
@@ -134,8 +137,8 @@ class LLMClient:
         if self.cache is not None and (hit := self.cache.get(digest)) is not None:
             call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"])
             return LLMResult(request.key, hit["text"], call)
-        started = time.perf_counter()
         async with limiter:
+            started = time.perf_counter()  # latency of the call itself, not the wait for a slot
             for attempt in range(self.config.retries + 1):
                 call["attempts"] = attempt + 1
                 try:
@@ -184,6 +187,10 @@ class LLMClient:
             return list(await asyncio.gather(*(tracked(r) for r in requests)))
         finally:
             bar.close()
+            # LiteLLM caches HTTP clients bound to this event loop: close and forget them before the
+            # loop ends, so a later loop (the next stage) never reuses a dead one.
+            await litellm.close_litellm_async_clients()
+            litellm.in_memory_llm_clients_cache.flush_cache()
 
     def run(self, requests: list[LLMRequest], progress: bool = True) -> list[LLMResult]:
         """Run all requests (bounded concurrency); results in request order, one per request."""

@@ -96,6 +96,8 @@ def _rerank_rows(
 
     def add(method: str, subset: pl.DataFrame, column: str) -> None:
         for split, group in subset.group_by("split"):
+            if column == "top1_hit":  # the retriever's answer: no LLM, no fallback to count
+                group = group.with_columns(source=pl.lit("retrieval"))
             rows.extend(
                 [
                     {
@@ -131,12 +133,23 @@ def _entity_vectors(ctx: PipelineContext, retrieve: Artifact, qids: list[str]) -
 
 
 def format_metrics(
-    metrics: pl.DataFrame, metrics_shown: tuple[str, ...] = ("hits@1", "hits@5", "hits@16", "mrr", "n")
+    metrics: pl.DataFrame, metrics_shown: tuple[str, ...] = ("hits@1", "hits@5", "hits@16", "mrr", "n", "fallbacks")
 ) -> str:
-    """One row per (method, split), one column per metric."""
+    """A markdown table, one row per (method, split), one column per metric (rounded)."""
     wide = (
         metrics.filter(pl.col("metric").is_in(metrics_shown))
+        .with_columns(pl.col("value").round(2))
         .pivot(on="metric", index=["method", "split"], values="value")
         .sort("split", "method")
     )
-    return str(wide)
+    wide = wide.select(["method", "split", *[m for m in metrics_shown if m in wide.columns]])
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=-1,
+        tbl_cols=-1,
+        fmt_str_lengths=80,
+        tbl_width_chars=250,
+    ):
+        return str(wide)
