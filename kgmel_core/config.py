@@ -79,6 +79,7 @@ class IndexConfig(_Section):
     nlist: int = Field(1024, ge=1)
     nprobe: int = Field(32, ge=1)
     hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)  # candidates HNSW explores per query; keep it well above top_k
     use_gpu: Literal["auto", "never", "always"] = "auto"
     top_k: int = Field(16, ge=1)
 

@@ -44,6 +44,7 @@ def build_index(vectors: np.ndarray, config: IndexConfig):
         index.nprobe = config.nprobe
     else:
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(config.hnsw_ef_search, config.top_k)
     index.add(vectors)
     return index
 

@@ -134,7 +134,7 @@ def index(
 ) -> Artifact:
     """Fuse every KB entity with the trained retriever and index the vectors."""
     inputs = {"train": train.key, "ingest": ingest.key, "embed": embed.key}
-    stage_config = config.model_dump(include={"kind", "nlist", "nprobe", "hnsw_m"})
+    stage_config = config.model_dump(include={"kind", "nlist", "nprobe", "hnsw_m", "hnsw_ef_search"})
 
     def build(writer):
         model = load_model(train)
