@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from kgmel_core.model import SideBatch
+from kgmel_core.schemas import vector_matrix
 from kgmel_core.texts import entity_head_text, mention_head_text, text_sha, with_description
 
 
@@ -29,9 +30,9 @@ class Banks:
 
     @classmethod
     def from_tables(cls, text_embeddings: pl.DataFrame, image_embeddings: pl.DataFrame | None) -> Banks:
-        texts = torch.from_numpy(_matrix(text_embeddings["vector"]))
+        texts = torch.from_numpy(vector_matrix(text_embeddings["vector"]))
         if image_embeddings is not None and image_embeddings.height:
-            images = torch.from_numpy(_matrix(image_embeddings["vector"]))
+            images = torch.from_numpy(vector_matrix(image_embeddings["vector"]))
             image_index = {sha: i for i, sha in enumerate(image_embeddings["image_sha256"].to_list())}
         else:  # no images: one zero row of the table's declared width (or the text width)
             dtype = image_embeddings.schema["vector"] if image_embeddings is not None else None
@@ -52,12 +53,6 @@ class Banks:
             return np.array([self.text_index[text_sha(t)] for t in texts], dtype=np.int64)
         except KeyError as exc:
             raise KeyError(f"{what}: a text has no embedding (was the embed stage run on these inputs?)") from exc
-
-
-def _matrix(column: pl.Series) -> np.ndarray:
-    if column.len() == 0:
-        return np.zeros((0, 0), np.float32)
-    return np.array(column.to_numpy(), dtype=np.float32).reshape(column.len(), -1)  # writable copy for torch
 
 
 @dataclass

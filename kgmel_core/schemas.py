@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
 
 MENTIONS = pa.schema(
@@ -136,3 +138,16 @@ METRICS = pa.schema(
         ("value", pa.float64()),
     ]
 )
+
+
+def vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A float32 [n, d] matrix as an Arrow `fixed_size_list<float32>[d]` column (no copy per row)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
+
+
+def vector_matrix(column: pl.Series) -> np.ndarray:
+    """An embedding column (polars Array or List of float32) as a writable float32 [n, d] matrix."""
+    if column.len() == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.array(column.to_numpy(), dtype=np.float32).reshape(column.len(), -1)

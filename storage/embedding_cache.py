@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from kgmel_core.schemas import vector_column, vector_matrix
 from storage.store import ArtifactStore, write_parquet_atomic
 
 
@@ -32,7 +33,7 @@ class EmbeddingCache:
         frame = pl.scan_parquet(parts).filter(pl.col("sha").is_in(list(wanted))).unique("sha").collect()
         if frame.height == 0:
             return {}
-        vectors = np.asarray(frame["vector"].to_numpy(), dtype=np.float32).reshape(frame.height, -1)
+        vectors = vector_matrix(frame["vector"])
         return dict(zip(frame["sha"].to_list(), vectors, strict=True))
 
     def get_or_compute(self, shas: Sequence[str], compute: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, int]:
@@ -44,11 +45,10 @@ class EmbeddingCache:
         missing = [i for i, sha in enumerate(shas) if sha not in cached]
         computed = compute(missing) if missing else None
         if computed is not None and len(missing):
-            dim = computed.shape[1]
             table = pa.table(
                 {
                     "sha": pa.array([shas[i] for i in missing], pa.string()),
-                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(computed.reshape(-1), pa.float32()), dim),
+                    "vector": vector_column(computed),
                 }
             )
             write_parquet_atomic(table, self.folder / f"part-{uuid.uuid4().hex}.parquet")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 from prefect import task
@@ -68,10 +67,6 @@ def resolve_encoder_config(config: EncoderConfig, bootstrap: Artifact | None) ->
     return config
 
 
-def _vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
-
-
 @task(name="embed", cache_policy=NO_CACHE)
 def embed(
     ctx: PipelineContext,
@@ -114,7 +109,7 @@ def embed(
         vectors, fresh = cache.get_or_compute(shas, lambda rows: encoder.encode_texts([unique[i] for i in rows]))
         writer.write_table(
             "text_embeddings",
-            pa.table({"text_sha": shas, "text": unique, "vector": _vector_column(vectors)}),
+            pa.table({"text_sha": shas, "text": unique, "vector": schemas.vector_column(vectors)}),
             schemas.text_embeddings(vectors.shape[1]),
         )
         writer.stats.update(texts_total=len(texts), texts_unique=len(unique), texts_encoded_now=fresh)
@@ -147,7 +142,9 @@ def embed(
             )
             writer.write_table(
                 "image_embeddings",
-                pa.table({"image_sha256": images["image_sha256"].to_list(), "vector": _vector_column(image_vectors)}),
+                pa.table(
+                    {"image_sha256": images["image_sha256"].to_list(), "vector": schemas.vector_column(image_vectors)}
+                ),
                 schemas.image_embeddings(image_vectors.shape[1]),
             )
             writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)

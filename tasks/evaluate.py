@@ -128,7 +128,7 @@ def _entity_vectors(ctx: PipelineContext, retrieve: Artifact, qids: list[str]) -
     index_artifact = ctx.store.require("index", retrieve.manifest["inputs"]["index"])
     fused = index_artifact.read("fused_entities")
     row = {q: i for i, q in enumerate(fused["qid"].to_list())}
-    matrix = np.asarray(fused["vector"].to_numpy(), dtype=np.float32).reshape(fused.height, -1)
+    matrix = schemas.vector_matrix(fused["vector"])
     return matrix[[row[q] for q in qids]]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -209,7 +208,7 @@ def filter_stage(
             m: (r, t) for m, r, t in generated.group_by("mention_id").agg("relation_text", "tail_text").iter_rows()
         }
         text_table = embed.read("text_embeddings")
-        vectors_matrix = np.asarray(text_table["vector"].to_numpy(), dtype=np.float32).reshape(text_table.height, -1)
+        vectors_matrix = schemas.vector_matrix(text_table["vector"])
         row_of = {sha: i for i, sha in enumerate(text_table["text_sha"].to_list())}
 
         class Lookup(dict):

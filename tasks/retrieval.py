@@ -119,10 +119,6 @@ def train(
     return run_stage(ctx, "train", TRAIN_VERSION, config, inputs, build)
 
 
-def _vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
-
-
 @task(name="index", cache_policy=NO_CACHE)
 def index(
     ctx: PipelineContext,
@@ -142,7 +138,7 @@ def index(
         vectors = encode_side(model, features.entities, features.banks).numpy()
         writer.write_table(
             "fused_entities",
-            pa.table({"qid": features.entities.ids, "vector": _vectors(vectors)}),
+            pa.table({"qid": features.entities.ids, "vector": schemas.vector_column(vectors)}),
             schemas.fused_entities(vectors.shape[1]),
         )
         save_index(build_index(vectors, config), writer.file_path("entities.faiss"))
@@ -174,7 +170,11 @@ def retrieve(
         writer.write_table(
             "fused_mentions",
             pa.table(
-                {"mention_id": features.mentions.ids, "split": features.mention_split, "vector": _vectors(vectors)}
+                {
+                    "mention_id": features.mentions.ids,
+                    "split": features.mention_split,
+                    "vector": schemas.vector_column(vectors),
+                }
             ),
             schemas.fused_mentions(vectors.shape[1]),
         )
