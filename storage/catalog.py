@@ -59,6 +59,11 @@ class Catalog:
                 "tables, config, inputs, stats from read_json("
                 f"{_quote(root / '*/*/manifest.json')}, union_by_name=true, format='auto')"
             )
+        if any(root.glob("*/*/llm_calls/*.parquet")):  # generate and rerank both write one
+            views.append(
+                "create or replace view llm_calls_all as select * from "
+                f"read_parquet({_quote(root / '*/*/llm_calls/*.parquet')}, union_by_name=true)"
+            )
         if any(root.glob("evaluate/*/metrics/*.parquet")):
             views.append(
                 "create or replace view metrics_all as select regexp_extract(filename, '/evaluate/([^/]+)/', 1) "

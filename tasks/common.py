@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from storage import Artifact, ArtifactStore, Catalog, RunLog, StageRecord, artifact_key
@@ -20,6 +21,31 @@ from storage.store import ArtifactWriter
 
 class StageFailed(RuntimeError):
     """A stage could not build its artifact; the message names stage, key and cause."""
+
+
+TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError, MemoryError)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry I/O-like failures; a bad input or a bug fails at once."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return isinstance(exc.__cause__, TRANSIENT_ERRORS)
+    except TRANSIENT_ERRORS:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Shared by every stage task: Prefect's result cache off (the store decides), transient retries.
+STAGE_TASK = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": retry_if_transient,
+}
 
 
 @dataclass

@@ -7,7 +7,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
@@ -17,14 +16,14 @@ from kgmel_core.texts import text_sha
 from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
-from tasks.common import PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 TRAIN_ON_DATASET = "train-on-dataset"
 EMBED_VERSION = "1"
 BOOTSTRAP_VERSION = "1"
 
 
-@task(name="clip_bootstrap", cache_policy=NO_CACHE)
+@task(name="clip_bootstrap", **STAGE_TASK)
 def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, seed: int = 0) -> Artifact:
     """Train the tiny stand-in CLIP on the KB's (text, image) pairs and the train mentions' pairs."""
 
@@ -67,7 +66,7 @@ def resolve_encoder_config(config: EncoderConfig, bootstrap: Artifact | None) ->
     return config
 
 
-@task(name="embed", cache_policy=NO_CACHE)
+@task(name="embed", **STAGE_TASK)
 def embed(
     ctx: PipelineContext,
     config: EncoderConfig,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.baselines import zero_shot_image, zero_shot_text
 from kgmel_core.config import EncoderConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
 from storage import Artifact
-from tasks.common import PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.retrieval import load_features
 
 VERSION = "1"
@@ -30,7 +29,7 @@ def _metric_rows(method: str, splits: list[str], ranks: np.ndarray, extra: dict[
     return rows
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", **STAGE_TASK)
 def evaluate(
     ctx: PipelineContext,
     encoder: EncoderConfig,

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import polars as pl
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
 from kgmel_core.datasets import DatasetLayout, read_dataset, read_mentions
 from storage import Artifact, artifact_key, file_sha256
 from storage.store import folder_fingerprint
-from tasks.common import PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 VERSION = "1"
 
@@ -30,7 +29,7 @@ def layout_for(config: DatasetConfig) -> DatasetLayout:
     )
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", **STAGE_TASK)
 def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
     layout = layout_for(config)
     inputs = {str(path.relative_to(layout.root)): file_sha256(path) for path in layout.input_files()}
@@ -49,7 +48,7 @@ def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
     return run_stage(ctx, "ingest", VERSION, {**config.model_dump(), "path": str(layout.root)}, inputs, build)
 
 
-@task(name="ingest_link_mentions", cache_policy=NO_CACHE)
+@task(name="ingest_link_mentions", **STAGE_TASK)
 def ingest_link_mentions(
     ctx: PipelineContext,
     mentions_file: str | None = None,

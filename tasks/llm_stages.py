@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import polars as pl
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.config import GenerationConfig, LLMConfig, LLMScope, RerankConfig
@@ -19,7 +18,7 @@ from kgmel_core.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.prompts import GENERATION_STOP, RERANK_STOP, generation_messages, rerank_requests
 from kgmel_core.texts import text_sha
 from storage import Artifact
-from tasks.common import PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 GENERATE_VERSION = "1"
 FILTER_VERSION = "1"
@@ -91,7 +90,7 @@ def _call_stats(results) -> dict:
     }
 
 
-@task(name="generate", cache_policy=NO_CACHE)
+@task(name="generate", **STAGE_TASK)
 def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -> Artifact:
     """Stage 1: triples about each mention from the sentence (and image, with a VLM)."""
     stage_config = {
@@ -180,7 +179,7 @@ def _candidate_lists(retrieve: Artifact, k: int) -> dict[str, list[str]]:
     return {m: q for m, q in frame.group_by("mention_id", maintain_order=True).agg("qid").iter_rows()}
 
 
-@task(name="filter", cache_policy=NO_CACHE)
+@task(name="filter", **STAGE_TASK)
 def filter_stage(
     ctx: PipelineContext,
     config: RerankConfig,
@@ -249,7 +248,7 @@ def filter_stage(
     return run_stage(ctx, "filter", FILTER_VERSION, stage_config, inputs, build)
 
 
-@task(name="rerank", cache_policy=NO_CACHE)
+@task(name="rerank", **STAGE_TASK)
 def rerank(
     ctx: PipelineContext,
     config: RerankConfig,

@@ -7,7 +7,6 @@ import polars as pl
 import pyarrow as pa
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig, IndexConfig, RetrieverConfig, TrainingConfig
@@ -16,7 +15,7 @@ from kgmel_core.index import build_index, load_index, save_index, search, to_sea
 from kgmel_core.model import KGMELRetriever
 from kgmel_core.training import encode_side, seed_everything, train_retriever
 from storage import Artifact
-from tasks.common import PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 TRAIN_VERSION = "1"
 INDEX_VERSION = "1"
@@ -51,7 +50,7 @@ def _rows(features: Features, split: str) -> torch.Tensor:
     return torch.tensor([i for i, s in enumerate(features.mention_split) if s == split], dtype=torch.long)
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", **STAGE_TASK)
 def train(
     ctx: PipelineContext,
     retriever: RetrieverConfig,
@@ -119,7 +118,7 @@ def train(
     return run_stage(ctx, "train", TRAIN_VERSION, config, inputs, build)
 
 
-@task(name="index", cache_policy=NO_CACHE)
+@task(name="index", **STAGE_TASK)
 def index(
     ctx: PipelineContext,
     config: IndexConfig,
@@ -147,7 +146,7 @@ def index(
     return run_stage(ctx, "index", INDEX_VERSION, stage_config, inputs, build)
 
 
-@task(name="retrieve", cache_policy=NO_CACHE)
+@task(name="retrieve", **STAGE_TASK)
 def retrieve(
     ctx: PipelineContext,
     config: IndexConfig,

@@ -124,3 +124,21 @@ def test_link_new_mentions_against_existing_index(first_run, prefect_harness, tm
     candidates = out["candidates"]
     assert candidates["mention_id"].unique().to_list() == ["n1-0"]
     assert candidates.height == config.index.top_k and candidates["rank"].to_list() == list(range(1, 9))
+
+
+def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harness, small_demo, tmp_path, monkeypatch):
+    config = small_config(small_demo, tmp_path / "retry")
+    real_train = retrieval.train_retriever
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk hiccup")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "train_retriever", flaky)
+    full_pipeline(config)
+    assert len(calls) == 2  # failed once, retried, succeeded
+    runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet")
+    assert runs.filter(pl.col("stage") == "train")["status"].to_list() == ["failed", "ok"]
