@@ -46,9 +46,10 @@ serve: install  ## local Prefect server + worker in the background, deployments 
 stop:
 	scripts/serve.sh stop
 
-bench: install
+bench: install  ## embedding throughput, retrieval latency, local LLM (run `make demo` first for the rerank part)
 	$(BIN)/python -m bench.embedding_throughput
 	$(BIN)/python -m bench.retrieval_latency
+	$(BIN)/python -m bench.llm_local
 
 clean:
 	rm -rf artifacts demo_data .pytest_cache

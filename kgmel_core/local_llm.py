@@ -37,7 +37,11 @@ def _free_port() -> int:
 
 @contextmanager
 def local_llm_server(
-    model_path: Path | None = None, n_ctx: int = 8192, parallel: int = 2, threads: int | None = None
+    model_path: Path | None = None,
+    n_ctx: int = 8192,
+    parallel: int = 2,
+    threads: int | None = None,
+    verbosity: int = 0,
 ) -> Iterator[str]:
     """Serve the model on 127.0.0.1 for the duration of the block; yields the api_base (`.../v1`)."""
     try:
@@ -51,6 +55,7 @@ def local_llm_server(
     params.n_ctx = n_ctx
     params.n_parallel = parallel
     params.cpuparams.n_threads = threads or max(1, os.cpu_count() or 1)
+    params.verbosity = verbosity  # llama.cpp logs every slot event at the default level
     server = xllamacpp.Server(params)
     api_base = f"http://127.0.0.1:{params.port}/v1"
     log.info("local LLM %s serving on %s", LOCAL_MODEL_NAME, api_base)

@@ -9,6 +9,7 @@ such in manifests; its numbers say nothing about CLIP ViT-B/32.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,15 @@ def train_tiny_clip(
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model, preprocess_train, _ = open_clip.create_model_and_transforms(
-        TINY_CLIP_MODEL, pretrained=None, output_dict=True
-    )
+    root = logging.getLogger()
+    quiet = _DropMessage("No pretrained weights loaded")  # random init is the point here, not a problem
+    root.addFilter(quiet)
+    try:
+        model, preprocess_train, _ = open_clip.create_model_and_transforms(
+            TINY_CLIP_MODEL, pretrained=None, output_dict=True
+        )
+    finally:
+        root.removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_MODEL)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -73,6 +80,15 @@ def train_tiny_clip(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict()}, out_path)
     return {"final_loss": last, "pairs": len(texts), "epochs": epochs}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _load(path: str) -> Image.Image:
