@@ -142,3 +142,22 @@ def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harnes
     assert len(calls) == 2  # failed once, retried, succeeded
     runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet")
     assert runs.filter(pl.col("stage") == "train")["status"].to_list() == ["failed", "ok"]
+
+
+def _last_run_hits(artifacts) -> dict[str, bool]:
+    runs = pl.read_parquet(f"{artifacts}/_runs/*.parquet").sort("finished_at")
+    last = runs.filter(pl.col("run_id") == runs["run_id"][-1])
+    return dict(zip(last["stage"], last["cache_hit"], strict=True))
+
+
+def test_changed_config_rebuilds_only_the_affected_stages_and_force_rebuilds(first_run, prefect_harness):
+    config, result = first_run
+    changed = config.model_copy(update={"training": config.training.model_copy(update={"epochs": 3})})
+    out = full_pipeline(changed)
+    hits = _last_run_hits(config.artifacts)
+    assert hits["ingest"] and hits["clip_bootstrap"] and hits["embed"]
+    assert not hits["train"] and out["artifacts"]["train"] != result["artifacts"]["train"]
+    forced = full_pipeline(config.model_copy(update={"force_stages": ["evaluate"]}))
+    hits = _last_run_hits(config.artifacts)
+    assert not hits["evaluate"] and all(v for k, v in hits.items() if k != "evaluate")
+    assert forced["artifacts"] == result["artifacts"]  # same inputs, same key, replaced in place
