@@ -168,21 +168,39 @@ def link(
     image_dir: str | None = None,
     index_key: str | None = None,
 ) -> dict[str, Any]:
-    """Link new mentions against the existing index: candidates (top-K), no retraining."""
+    """Link new mentions against the existing index, without retraining:
+    ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> predictions."""
     ctx = open_context(config, "link")
     indexed = ctx.store.require("index", index_key) if index_key else ctx.store.latest("index")
     if indexed is None:
         raise RuntimeError(f"no index under {ctx.store.root}: run kgmel/full-pipeline or kgmel/reindex-kb first")
     trained, bootstrap = current_retriever(ctx, indexed.manifest["inputs"]["train"])
+    kb = ctx.store.require("ingest", indexed.manifest["inputs"]["ingest"])
+    kb_embed = ctx.store.require("embed", indexed.manifest["inputs"]["embed"])
     ingested = ingest_tasks.ingest_link_mentions(ctx, mentions_file, mentions, image_dir)
-    embedded = embed_tasks.embed(ctx, config.encoder, ingested, None, bootstrap)
-    candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingested, embedded)
+    stages: dict[str, Artifact] = {"ingest_link": ingested, "index": indexed}
+    generation = None
+    if config.generation.enabled:
+        generation = stages["generate"] = llm_stages.generate(ctx, config.generation, ingested)
+    embedded = stages["embed"] = embed_tasks.embed(ctx, config.encoder, ingested, generation, bootstrap)
+    retriever_generation = generation if config.retriever.use_mention_triples else None
+    candidates = stages["retrieve"] = retrieval.retrieve(
+        ctx, config.index, config.encoder, indexed, trained, ingested, embedded, retriever_generation
+    )
+    predictions = None
+    if config.rerank.enabled and generation is not None:
+        filtered = stages["filter"] = llm_stages.filter_stage(
+            ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed
+        )
+        reranked = stages["rerank"] = llm_stages.rerank(
+            ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
+        )
+        predictions = reranked.read("predictions")
     summary = publish_summary(ctx, "kgmel link", None)
     return {
-        "artifacts": artifact_ids(
-            {"ingest_link": ingested, "embed": embedded, "index": indexed, "retrieve": candidates}
-        ),
+        "artifacts": artifact_ids(stages),
         "candidates": candidates.read("candidates"),
+        "predictions": predictions,
         "summary": summary,
         "root": str(ctx.store.root),
     }
@@ -208,6 +226,7 @@ def kgmel(
             raise ValueError("job 'link' needs mentions_file")
         result = link(config, mentions_file=mentions_file, image_dir=image_dir)
         result.pop("candidates")
+        result.pop("predictions")
     else:
         result = ablations(config)
         result.pop("metrics")

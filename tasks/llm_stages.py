@@ -187,18 +187,24 @@ def filter_stage(
     generation: Artifact,
     embed: Artifact,
     retrieve: Artifact,
+    kb: Artifact | None = None,
+    kb_embed: Artifact | None = None,
 ) -> Artifact:
-    """Keep the candidates' KB triples that share relations/tails with the mention's generated ones."""
+    """Keep the candidates' KB triples that share relations/tails with the mention's generated ones.
+
+    `kb`/`kb_embed` (the link flow): the KB and its embeddings live in other artifacts than the mentions.
+    """
     inputs = {"ingest": ingest.key, "generation": generation.key, "embed": embed.key, "retrieve": retrieve.key}
+    inputs |= {name: a.key for name, a in (("kb", kb), ("kb_embed", kb_embed)) if a is not None}
     stage_config = config.model_dump(include={"filter_n", "max_triples_per_entity", "candidates", "use_filter"})
     stage_config["scope"] = config.scope.model_dump()
 
     def build(writer):
         chosen = in_scope(ingest.read("mentions"), config.scope)
         candidates = _candidate_lists(retrieve, config.candidates)
-        kb = triple_texts(ingest.read("kb_triples"))
+        kb_triples = triple_texts((kb or ingest).read("kb_triples"))
         by_entity: dict[str, list[Triple]] = {}
-        for row in kb.iter_rows(named=True):
+        for row in kb_triples.iter_rows(named=True):
             by_entity.setdefault(row["head_qid"], []).append(
                 Triple(row["head_qid"], row["relation"], row["tail"], row["relation_text"], row["tail_text"])
             )
@@ -206,7 +212,8 @@ def filter_stage(
         per_mention = {
             m: (r, t) for m, r, t in generated.group_by("mention_id").agg("relation_text", "tail_text").iter_rows()
         }
-        text_table = embed.read("text_embeddings")
+        text_table = pl.concat([a.read("text_embeddings") for a in (embed, kb_embed) if a is not None])
+        text_table = text_table.unique("text_sha", maintain_order=True)
         vectors_matrix = schemas.vector_matrix(text_table["vector"])
         row_of = {sha: i for i, sha in enumerate(text_table["text_sha"].to_list())}
 
@@ -256,9 +263,12 @@ def rerank(
     generation: Artifact,
     retrieve: Artifact,
     filtered: Artifact,
+    kb: Artifact | None = None,
 ) -> Artifact:
     """Stage 3: the LLM picks one candidate; anything else falls back to retrieval top-1 (counted)."""
     inputs = {"ingest": ingest.key, "generation": generation.key, "retrieve": retrieve.key, "filter": filtered.key}
+    if kb is not None:
+        inputs["kb"] = kb.key
     stage_config = {
         "llm": llm_key_config(config.llm),
         "candidates": config.candidates,
@@ -269,7 +279,7 @@ def rerank(
         mentions = ingest.read("mentions")
         chosen = set(in_scope(mentions, config.scope)["mention_id"].to_list())
         candidates = _candidate_lists(retrieve, config.candidates)
-        entities = {r["qid"]: r for r in ingest.read("entities").iter_rows(named=True)}
+        entities = {r["qid"]: r for r in (kb or ingest).read("entities").iter_rows(named=True)}
         facts: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for row in filtered.read("filtered_triples").iter_rows(named=True):
             facts.setdefault((row["mention_id"], row["qid"]), []).append((row["relation"], row["tail"]))
