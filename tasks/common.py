@@ -68,6 +68,11 @@ def logger():
         return logging.getLogger("kgmel")
 
 
+def input_keys(**artifacts: Artifact | None) -> dict[str, str]:
+    """The `inputs` of a stage key: each given artifact's key by name; absent (None) ones are left out."""
+    return {name: artifact.key for name, artifact in artifacts.items() if artifact is not None}
+
+
 def run_stage(
     ctx: PipelineContext,
     stage: str,

@@ -16,7 +16,7 @@ from kgmel_core.texts import text_sha
 from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
-from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 
 TRAIN_ON_DATASET = "train-on-dataset"
 EMBED_VERSION = "1"
@@ -51,7 +51,7 @@ def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, see
         "clip_bootstrap",
         BOOTSTRAP_VERSION,
         {"epochs": epochs, "seed": seed, "model": TINY_CLIP_MODEL},
-        {"ingest": ingest.key},
+        input_keys(ingest=ingest),
         build,
     )
 
@@ -76,11 +76,8 @@ def embed(
 ) -> Artifact:
     """Embed every unique head text, relation, tail and image once (cached per encoder)."""
     resolved = resolve_encoder_config(config, bootstrap)
-    inputs = {"ingest": ingest.key}
-    if generation is not None:
-        inputs["generation"] = generation.key
-    if bootstrap is not None and config.clip_pretrained == TRAIN_ON_DATASET:
-        inputs["clip_bootstrap"] = bootstrap.key
+    uses_bootstrap = config.clip_pretrained == TRAIN_ON_DATASET
+    inputs = input_keys(ingest=ingest, generation=generation, clip_bootstrap=bootstrap if uses_bootstrap else None)
     if config.clip_pretrained != TRAIN_ON_DATASET and Path(config.clip_pretrained).is_file():
         inputs["clip_weights"] = file_sha256(Path(config.clip_pretrained))
     stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})

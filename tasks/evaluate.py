@@ -11,7 +11,7 @@ from kgmel_core.baselines import zero_shot_image, zero_shot_text
 from kgmel_core.config import EncoderConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
 from storage import Artifact
-from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 from tasks.retrieval import load_features
 
 VERSION = "1"
@@ -39,11 +39,7 @@ def evaluate(
     rerank: Artifact | None = None,
     label: str = "kgmel",
 ) -> Artifact:
-    inputs = {"ingest": ingest.key, "embed": embed.key}
-    if retrieve is not None:
-        inputs["retrieve"] = retrieve.key
-    if rerank is not None:
-        inputs["rerank"] = rerank.key
+    inputs = input_keys(ingest=ingest, embed=embed, retrieve=retrieve, rerank=rerank)
 
     def build(writer):
         features = load_features(ingest, embed, None, encoder, max_triples=1)

@@ -18,7 +18,7 @@ from kgmel_core.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.prompts import GENERATION_STOP, RERANK_STOP, generation_messages, rerank_requests
 from kgmel_core.texts import text_sha
 from storage import Artifact
-from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 
 GENERATE_VERSION = "1"
 FILTER_VERSION = "1"
@@ -171,7 +171,7 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
             writer.stats["note"] = "text-only prompts: no image was sent to the model"
         logger().info("generate: %s", writer.stats)
 
-    return run_stage(ctx, "generate", GENERATE_VERSION, stage_config, {"ingest": ingest.key}, build)
+    return run_stage(ctx, "generate", GENERATE_VERSION, stage_config, input_keys(ingest=ingest), build)
 
 
 def _candidate_lists(retrieve: Artifact, k: int) -> dict[str, list[str]]:
@@ -194,8 +194,7 @@ def filter_stage(
 
     `kb`/`kb_embed` (the link flow): the KB and its embeddings live in other artifacts than the mentions.
     """
-    inputs = {"ingest": ingest.key, "generation": generation.key, "embed": embed.key, "retrieve": retrieve.key}
-    inputs |= {name: a.key for name, a in (("kb", kb), ("kb_embed", kb_embed)) if a is not None}
+    inputs = input_keys(ingest=ingest, generation=generation, embed=embed, retrieve=retrieve, kb=kb, kb_embed=kb_embed)
     stage_config = config.model_dump(include={"filter_n", "max_triples_per_entity", "candidates", "use_filter"})
     stage_config["scope"] = config.scope.model_dump()
 
@@ -266,9 +265,7 @@ def rerank(
     kb: Artifact | None = None,
 ) -> Artifact:
     """Stage 3: the LLM picks one candidate; anything else falls back to retrieval top-1 (counted)."""
-    inputs = {"ingest": ingest.key, "generation": generation.key, "retrieve": retrieve.key, "filter": filtered.key}
-    if kb is not None:
-        inputs["kb"] = kb.key
+    inputs = input_keys(ingest=ingest, generation=generation, retrieve=retrieve, filter=filtered, kb=kb)
     stage_config = {
         "llm": llm_key_config(config.llm),
         "candidates": config.candidates,

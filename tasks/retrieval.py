@@ -15,7 +15,7 @@ from kgmel_core.index import build_index, load_index, save_index, search, to_sea
 from kgmel_core.model import KGMELRetriever
 from kgmel_core.training import encode_side, seed_everything, train_retriever
 from storage import Artifact
-from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 
 TRAIN_VERSION = "1"
 INDEX_VERSION = "1"
@@ -60,9 +60,7 @@ def train(
     embed: Artifact,
     generation: Artifact | None = None,
 ) -> Artifact:
-    inputs = {"ingest": ingest.key, "embed": embed.key}
-    if generation is not None:
-        inputs["generation"] = generation.key
+    inputs = input_keys(ingest=ingest, embed=embed, generation=generation)
     config = {
         "retriever": retriever.model_dump(),
         "training": training.model_dump(exclude={"device"}),
@@ -128,7 +126,7 @@ def index(
     embed: Artifact,
 ) -> Artifact:
     """Fuse every KB entity with the trained retriever and index the vectors."""
-    inputs = {"train": train.key, "ingest": ingest.key, "embed": embed.key}
+    inputs = input_keys(train=train, ingest=ingest, embed=embed)
     stage_config = config.model_dump(include={"kind", "nlist", "nprobe", "hnsw_m", "hnsw_ef_search"})
 
     def build(writer):
@@ -158,9 +156,7 @@ def retrieve(
     generation: Artifact | None = None,
 ) -> Artifact:
     """Top-K candidates for every mention (all splits) from the FAISS index."""
-    inputs = {"index": index_artifact.key, "train": train.key, "ingest": ingest.key, "embed": embed.key}
-    if generation is not None:
-        inputs["generation"] = generation.key
+    inputs = input_keys(index=index_artifact, train=train, ingest=ingest, embed=embed, generation=generation)
 
     def build(writer):
         model = load_model(train)

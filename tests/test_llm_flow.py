@@ -60,7 +60,8 @@ def test_twenty_percent_failures_lose_no_mention_and_rerun_makes_no_call(prefect
 
     label = mentions["mention"][0]
     linked = link(config, mentions=[{"id": "new", "sentence": f"A photo of {label} near Peru.", "mention": [label]}])
-    assert linked["predictions"].rows() == [("new-0", linked["candidates"]["qid"][0], "llm", None,
-                                             linked["predictions"]["call_id"][0])]
+    assert linked["predictions"].rows() == [
+        ("new-0", linked["candidates"]["qid"][0], "llm", None, linked["predictions"]["call_id"][0])
+    ]
     assert _read(linked, "filter", "filter_counts")["triples_before"][0] > 0  # KB triples came from the KB's artifact
     assert healthy.calls == 2  # one generation and one rerank call for the new mention
