@@ -16,11 +16,11 @@ import time
 import polars as pl
 
 from kgmel_core.config import LLMConfig
-from kgmel_core.features import triple_texts
 from kgmel_core.llm import LLMClient, LLMRequest
 from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
 from kgmel_core.prompts import GENERATION_STOP, generation_messages, rerank_requests
 from storage import ArtifactStore
+from tasks.llm_stages import candidate_lists, relation_tail_pairs
 
 UNFILTERED_CAP = 50  # the reference's cap on triples per entity in the rerank prompt
 
@@ -49,27 +49,12 @@ def rerank_token_counts(store: ArtifactStore, api_base: str) -> None:
     k = filtered.manifest["config"]["candidates"]
     asked = filtered.read("filter_counts")["mention_id"].to_list()
     mentions = ingest.read("mentions").filter(pl.col("mention_id").is_in(asked)).to_dicts()
-    candidates = {
-        m: q
-        for m, q in retrieve.read("candidates")
-        .filter(pl.col("rank") <= k)
-        .sort("mention_id", "rank")
-        .group_by("mention_id", maintain_order=True)
-        .agg("qid")
-        .iter_rows()
-    }
+    candidates = candidate_lists(retrieve, k)
     entities = {r["qid"]: r for r in ingest.read("entities").iter_rows(named=True)}
-    generated: dict[str, list] = {}
-    for r in generation.read("mention_triples").iter_rows(named=True):
-        generated.setdefault(r["mention_id"], []).append((r["relation"], r["tail"]))
-    with_filter: dict[tuple[str, str], list] = {}
-    for r in filtered.read("filtered_triples").iter_rows(named=True):
-        with_filter.setdefault((r["mention_id"], r["qid"]), []).append((r["relation"], r["tail"]))
-    kb = triple_texts(ingest.read("kb_triples"))
-    per_entity: dict[str, list] = {}
-    for r in kb.iter_rows(named=True):
-        if len(per_entity.setdefault(r["head_qid"], [])) < UNFILTERED_CAP:
-            per_entity[r["head_qid"]].append((r["relation"], r["tail"]))
+    generated = relation_tail_pairs(generation.read("mention_triples"), "mention_id")
+    with_filter = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
+    capped = ingest.read("kb_triples").filter(pl.int_range(pl.len()).over("head_qid") < UNFILTERED_CAP)
+    per_entity = relation_tail_pairs(capped, "head_qid")
     without = {(m, q): per_entity.get(q, []) for m in asked for q in candidates.get(m, [])}
     client = _client(api_base, 2, 1)
     print(f"rerank prompts for {len(mentions)} mentions, {k} candidates each, KB cap {UNFILTERED_CAP} triples/entity")

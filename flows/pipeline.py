@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Literal
 
+import polars as pl
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
@@ -124,8 +125,6 @@ def ablations(config: PipelineConfig) -> dict[str, Any]:
         results[label] = evaluate_tasks.evaluate(
             ctx, variant.encoder, ingested, chain["embed"], chain["retrieve"], label=label
         )
-    import polars as pl
-
     combined = pl.concat([a.read("metrics") for a in results.values()]).unique(maintain_order=True)
     table = evaluate_tasks.format_metrics(combined)
     publish_summary(ctx, "kgmel ablations", None)

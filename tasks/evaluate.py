@@ -47,9 +47,8 @@ def evaluate(
         gold = features.mention_gold_rows
         missing = (gold < 0).numpy()
         rows: list[dict] = []
-        for method, (m, e) in {"zero-shot text": zero_shot_text(features)}.items():
-            ranks, _ = gold_ranks(m, e, gold.tolist())
-            rows += _metric_rows(method, splits, ranks, {"gold_missing_from_kb": missing})
+        ranks, _ = gold_ranks(*zero_shot_text(features), gold.tolist())
+        rows += _metric_rows("zero-shot text", splits, ranks, {"gold_missing_from_kb": missing})
         if features.banks.image_dim is not None:
             ranks, _ = gold_ranks(*zero_shot_image(features), gold.tolist())
             no_image = (features.mentions.image < 0).numpy()
@@ -58,7 +57,7 @@ def evaluate(
             mentions = retrieve.read("fused_mentions")
             index_vectors = _entity_vectors(ctx, retrieve, features.entities.ids)
             order = {mid: i for i, mid in enumerate(mentions["mention_id"].to_list())}
-            aligned = np.stack([mentions["vector"][order[mid]].to_numpy() for mid in features.mentions.ids])
+            aligned = schemas.vector_matrix(mentions["vector"])[[order[mid] for mid in features.mentions.ids]]
             ranks, ties = gold_ranks(aligned, index_vectors, gold.tolist())
             rows += _metric_rows(label, splits, ranks, {"gold_missing_from_kb": missing})
             writer.stats["retriever_ties"] = ties

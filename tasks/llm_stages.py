@@ -79,14 +79,13 @@ def _calls_table(results) -> pl.DataFrame:
     return pl.DataFrame([r.call for r in results], schema=pl.Schema(schemas.LLM_CALLS))
 
 
-def _call_stats(results) -> dict:
-    calls = _calls_table(results)
+def _call_stats(calls: pl.DataFrame) -> dict:
     return {
         "calls": calls.height,
-        "calls_cached": int(calls["cached"].sum()) if calls.height else 0,
-        "calls_failed": int((calls["status"] != "ok").sum()) if calls.height else 0,
-        "tokens_in": int(calls["tokens_in"].sum()) if calls.height else 0,
-        "tokens_out": int(calls["tokens_out"].sum()) if calls.height else 0,
+        "calls_cached": int(calls["cached"].sum()),
+        "calls_failed": int((calls["status"] != "ok").sum()),
+        "tokens_in": int(calls["tokens_in"].sum()),
+        "tokens_out": int(calls["tokens_out"].sum()),
     }
 
 
@@ -157,10 +156,11 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
             "mention_triples", pl.DataFrame(triples, schema=pl.Schema(schemas.MENTION_TRIPLES)), schemas.MENTION_TRIPLES
         )
         writer.write_table("mention_generations", generations, schemas.MENTION_GENERATIONS)
-        writer.write_table("llm_calls", _calls_table(results), schemas.LLM_CALLS)
+        calls = _calls_table(results)
+        writer.write_table("llm_calls", calls, schemas.LLM_CALLS)
         status = dict(generations.group_by("status").len().iter_rows())
         writer.stats.update(
-            _call_stats(results),
+            _call_stats(calls),
             status=status,
             images_sent=send_images,
             model=client.model,
@@ -174,9 +174,19 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
     return run_stage(ctx, "generate", GENERATE_VERSION, stage_config, input_keys(ingest=ingest), build)
 
 
-def _candidate_lists(retrieve: Artifact, k: int) -> dict[str, list[str]]:
+def candidate_lists(retrieve: Artifact, k: int) -> dict[str, list[str]]:
+    """mention_id -> its top-k candidate QIDs in retrieval order."""
     frame = retrieve.read("candidates").filter(pl.col("rank") <= k).sort("mention_id", "rank")
     return {m: q for m, q in frame.group_by("mention_id", maintain_order=True).agg("qid").iter_rows()}
+
+
+def relation_tail_pairs(frame: pl.DataFrame, *keys: str) -> dict:
+    """(relation, tail) pairs of a triples table grouped by its key column(s), in table order."""
+    grouped: dict = {}
+    for row in frame.iter_rows(named=True):
+        key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+        grouped.setdefault(key, []).append((row["relation"], row["tail"]))
+    return grouped
 
 
 @task(name="filter", **STAGE_TASK)
@@ -200,7 +210,7 @@ def filter_stage(
 
     def build(writer):
         chosen = in_scope(ingest.read("mentions"), config.scope)
-        candidates = _candidate_lists(retrieve, config.candidates)
+        candidates = candidate_lists(retrieve, config.candidates)
         kb_triples = triple_texts((kb or ingest).read("kb_triples"))
         by_entity: dict[str, list[Triple]] = {}
         for row in kb_triples.iter_rows(named=True):
@@ -274,18 +284,14 @@ def rerank(
 
     def build(writer):
         mentions = ingest.read("mentions")
-        chosen = set(in_scope(mentions, config.scope)["mention_id"].to_list())
-        candidates = _candidate_lists(retrieve, config.candidates)
+        asked = in_scope(mentions, config.scope)
+        chosen = set(asked["mention_id"].to_list())
+        candidates = candidate_lists(retrieve, config.candidates)
         entities = {r["qid"]: r for r in (kb or ingest).read("entities").iter_rows(named=True)}
-        facts: dict[tuple[str, str], list[tuple[str, str]]] = {}
-        for row in filtered.read("filtered_triples").iter_rows(named=True):
-            facts.setdefault((row["mention_id"], row["qid"]), []).append((row["relation"], row["tail"]))
-        generated: dict[str, list[tuple[str, str]]] = {}
-        for row in generation.read("mention_triples").iter_rows(named=True):
-            generated.setdefault(row["mention_id"], []).append((row["relation"], row["tail"]))
-        asked = mentions.filter(pl.col("mention_id").is_in(list(chosen))).iter_rows(named=True)
+        facts = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
+        generated = relation_tail_pairs(generation.read("mention_triples"), "mention_id")
         pairs, options = rerank_requests(
-            list(asked), candidates, entities, facts, generated, instruction=not text_mode(config.llm)
+            asked.to_dicts(), candidates, entities, facts, generated, instruction=not text_mode(config.llm)
         )
         requests = [LLMRequest(mid, messages) for mid, messages in pairs]
         with llm_client(ctx, config.llm, "rerank", RERANK_STOP) as (client, _):
@@ -316,8 +322,9 @@ def rerank(
         writer.write_table(
             "predictions", pl.DataFrame(rows, schema=pl.Schema(schemas.PREDICTIONS)), schemas.PREDICTIONS
         )
-        writer.write_table("llm_calls", _calls_table(results), schemas.LLM_CALLS)
-        writer.stats.update(_call_stats(results), outcomes=reasons, model=client.model)
+        calls = _calls_table(results)
+        writer.write_table("llm_calls", calls, schemas.LLM_CALLS)
+        writer.stats.update(_call_stats(calls), outcomes=reasons, model=client.model)
         logger().info("rerank: %s", writer.stats)
 
     return run_stage(ctx, "rerank", RERANK_VERSION, stage_config, inputs, build)
