@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kgmel_core.encoders import MiniLMTextEncoder, OpenClipEncoder
-from kgmel_core.torch_compat import import_open_clip
+from kgmel_core.retrieval.encoders import MiniLMTextEncoder, OpenClipEncoder
+from kgmel_core.retrieval.torch_compat import import_open_clip
 
 
 def _timed(fn, repeats: int = 2) -> float:

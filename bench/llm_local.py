@@ -16,9 +16,9 @@ import time
 import polars as pl
 
 from kgmel_core.config import LLMConfig
-from kgmel_core.llm import LLMClient, LLMRequest
-from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
-from kgmel_core.prompts import GENERATION_STOP, generation_messages, rerank_requests
+from kgmel_core.llm.client import LLMClient, LLMRequest
+from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+from kgmel_core.llm.prompts import GENERATION_STOP, generation_messages, rerank_requests
 from storage import ArtifactStore
 from tasks.llm_stages import candidate_lists, relation_tail_pairs
 

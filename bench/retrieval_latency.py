@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from kgmel_core.config import IndexConfig
-from kgmel_core.index import build_index, search
+from kgmel_core.retrieval.index import build_index, search
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo-data":
-        from kgmel_core.demo_data import DemoSpec, generate_demo_dataset
+        from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
 
         print(generate_demo_dataset(args.out, DemoSpec(seed=args.seed)))
         return 0

@@ -10,10 +10,10 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
-from kgmel_core.encoders import load_encoder
-from kgmel_core.features import entity_heads, mention_heads, triple_texts
-from kgmel_core.texts import text_sha
-from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
+from kgmel_core.data.texts import text_sha
+from kgmel_core.retrieval.encoders import load_encoder
+from kgmel_core.retrieval.features import entity_heads, mention_heads, triple_texts
+from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
 from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage

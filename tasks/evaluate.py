@@ -7,9 +7,9 @@ import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.baselines import zero_shot_image, zero_shot_text
 from kgmel_core.config import EncoderConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
+from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_text
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 from tasks.retrieval import load_features

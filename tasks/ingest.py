@@ -9,7 +9,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
-from kgmel_core.datasets import DatasetLayout, read_dataset, read_mentions
+from kgmel_core.data.datasets import DatasetLayout, read_dataset, read_mentions
 from storage import Artifact, artifact_key, file_sha256
 from storage.store import folder_fingerprint
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage

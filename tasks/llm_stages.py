@@ -10,13 +10,13 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import GenerationConfig, LLMConfig, LLMScope, RerankConfig
-from kgmel_core.features import triple_texts
-from kgmel_core.filtering import Triple, filter_triples
-from kgmel_core.llm import LLMClient, LLMRequest
-from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
-from kgmel_core.parsing import parse_generation, parse_rerank_answer
-from kgmel_core.prompts import GENERATION_STOP, RERANK_STOP, generation_messages, rerank_requests
-from kgmel_core.texts import text_sha
+from kgmel_core.data.texts import text_sha
+from kgmel_core.llm.client import LLMClient, LLMRequest
+from kgmel_core.llm.filtering import Triple, filter_triples
+from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
+from kgmel_core.llm.prompts import GENERATION_STOP, RERANK_STOP, generation_messages, rerank_requests
+from kgmel_core.retrieval.features import triple_texts
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 

@@ -10,10 +10,10 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig, IndexConfig, RetrieverConfig, TrainingConfig
-from kgmel_core.features import Features, assemble, subset_side
-from kgmel_core.index import build_index, load_index, save_index, search, to_search_device
-from kgmel_core.model import KGMELRetriever
-from kgmel_core.training import encode_side, seed_everything, train_retriever
+from kgmel_core.retrieval.features import Features, assemble, subset_side
+from kgmel_core.retrieval.index import build_index, load_index, save_index, search, to_search_device
+from kgmel_core.retrieval.model import KGMELRetriever
+from kgmel_core.retrieval.training import encode_side, seed_everything, train_retriever
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
 

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kgmel_core.demo_data import DemoSpec, generate_demo_dataset  # noqa: E402
+from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMALL_DEMO = DemoSpec(groups=12, distractors=6, seed=3)

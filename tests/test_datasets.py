@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED, SMALL_DEMO
 
-from kgmel_core.datasets import DatasetError, DatasetLayout, read_dataset
-from kgmel_core.demo_data import DemoSpec, generate_demo_dataset
+from kgmel_core.data.datasets import DatasetError, DatasetLayout, read_dataset
+from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
 
 
 def _dataset(tmp_path: Path, records, splits=None, entities=None, triples=None) -> DatasetLayout:

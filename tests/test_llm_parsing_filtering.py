@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from kgmel_core.filtering import Triple, filter_triples
-from kgmel_core.parsing import parse_generation, parse_rerank_answer
-from kgmel_core.prompts import CandidateCard, rerank_messages
+from kgmel_core.llm.filtering import Triple, filter_triples
+from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
+from kgmel_core.llm.prompts import CandidateCard, rerank_messages
 
 MESSY = [
     # (raw model output, expected (relation, tail) pairs)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kgmel_core.losses import info_nce, kgmel_loss, self_info_nce
 from kgmel_core.metrics import gold_ranks, rank_in_candidates, ranking_metrics
+from kgmel_core.retrieval.losses import info_nce, kgmel_loss, self_info_nce
 
 
 def test_info_nce_matches_hand_computation():

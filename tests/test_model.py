@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from kgmel_core.config import RetrieverConfig
-from kgmel_core.model import (
+from kgmel_core.retrieval.model import (
     GatedFusion,
     KGMELRetriever,
     SideBatch,

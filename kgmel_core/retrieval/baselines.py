@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kgmel_core.features import Features
+from kgmel_core.retrieval.features import Features
 
 
 def zero_shot_text(features: Features) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kgmel_core.llm import image_data_url
+from kgmel_core.llm.client import image_data_url
 
 # ~20 frequent Wikidata properties the reference prompt steers towards.
 PREFERRED_RELATIONS = [

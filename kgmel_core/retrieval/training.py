@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kgmel_core.config import TrainingConfig
-from kgmel_core.encoders import resolve_device
-from kgmel_core.features import Banks, SideFeatures, subset_side
-from kgmel_core.losses import kgmel_loss
 from kgmel_core.metrics import gold_ranks, ranking_metrics
-from kgmel_core.model import KGMELRetriever
+from kgmel_core.retrieval.encoders import resolve_device
+from kgmel_core.retrieval.features import Banks, SideFeatures, subset_side
+from kgmel_core.retrieval.losses import kgmel_loss
+from kgmel_core.retrieval.model import KGMELRetriever
 
 
 def seed_everything(seed: int) -> None:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from kgmel_core.encoders import CLIP_CONFIG_DIR
-from kgmel_core.torch_compat import import_open_clip
+from kgmel_core.retrieval.encoders import CLIP_CONFIG_DIR
+from kgmel_core.retrieval.torch_compat import import_open_clip
 
 TINY_CLIP_MODEL = "kgmel-tiny-clip"
 

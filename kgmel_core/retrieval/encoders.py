@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from kgmel_core.torch_compat import import_open_clip, import_torchvision
+from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 

@@ -14,9 +14,9 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from kgmel_core.model import SideBatch
+from kgmel_core.data.texts import entity_head_text, mention_head_text, text_sha, with_description
+from kgmel_core.retrieval.model import SideBatch
 from kgmel_core.schemas import vector_matrix
-from kgmel_core.texts import entity_head_text, mention_head_text, text_sha, with_description
 
 
 @dataclass

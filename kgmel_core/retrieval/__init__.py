@@ -1,0 +1,1 @@
+"""Stage 2, candidate retrieval: frozen encoders, the trainable KGMEL retriever, training, FAISS."""
