@@ -20,7 +20,7 @@ from kgmel_core.llm.client import LLMClient, LLMRequest
 from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
 from kgmel_core.llm.prompts import GENERATION_STOP, generation_messages, rerank_requests
 from storage import ArtifactStore
-from tasks.llm_stages import candidate_lists, relation_tail_pairs
+from tasks.rerank import candidate_lists, relation_tail_pairs
 
 UNFILTERED_CAP = 50  # the reference's cap on triples per entity in the rerank prompt
 
@@ -38,14 +38,15 @@ def _client(api_base: str, concurrency: int, max_tokens: int) -> LLMClient:
     )
 
 
-def rerank_token_counts(store: ArtifactStore, api_base: str) -> None:
-    filtered = store.latest("filter")
-    if filtered is None:
-        print("no filter artifact under", store.root, "- run `make demo` first; skipping the token benchmark")
+def rerank_token_counts(store: ArtifactStore, api_base: str, filter_key: str | None) -> None:
+    keys = [filter_key] if filter_key else store.keys("filter")
+    if len(keys) != 1:
+        print(f"{len(keys)} filter artifacts under {store.root} ({keys}): run `make demo` first, or pick one "
+              "with --filter KEY; skipping the token benchmark")
         return
-    inputs = filtered.manifest["inputs"]
-    ingest, generation = store.require("ingest", inputs["ingest"]), store.require("generate", inputs["generation"])
-    retrieve = store.require("retrieve", inputs["retrieve"])
+    filtered = store.require("filter", keys[0])
+    ingest, generation = store.input(filtered, "ingest"), store.input(filtered, "generation")
+    retrieve = store.input(filtered, "retrieve")
     k = filtered.manifest["config"]["candidates"]
     asked = filtered.read("filter_counts")["mention_id"].to_list()
     mentions = ingest.read("mentions").filter(pl.col("mention_id").is_in(asked)).to_dicts()
@@ -100,9 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--calls", type=int, default=16)
+    parser.add_argument("--filter", help="key of the filter artifact to measure (default: the only one)")
     args = parser.parse_args()
     with local_llm_server(parallel=8) as api_base:
-        rerank_token_counts(ArtifactStore(args.artifacts), api_base)
+        rerank_token_counts(ArtifactStore(args.artifacts), api_base, args.filter)
         throughput(api_base, args.calls)
 
 

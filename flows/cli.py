@@ -1,4 +1,5 @@
-"""`kgmel` command line: run flows locally (no server needed), make demo data, query artifacts."""
+"""`kgmel` command line: run flows locally (no server needed), make demo data, query and verify artifacts,
+list and promote the models the store serves."""
 
 from __future__ import annotations
 
@@ -14,6 +15,23 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         merged = deep_merge(merged, parse_override(pair))
     return merged
+
+
+def _models(args: argparse.Namespace) -> int:
+    from storage import ArtifactStore, ModelRegistry
+
+    registry = ModelRegistry(ArtifactStore(args.artifacts).root)
+    if args.action == "promote":
+        version = registry.promote(args.name, args.version)
+        print(f"model {args.name!r}: now serving v{version.number} (train {version.train}, index {version.index})")
+        return 0
+    for name in [args.name] if args.name else registry.names():
+        state = registry.require(name)
+        print(f"{name}:")
+        for v in state.versions:
+            mark = "*" if v.number == state.served else " "
+            print(f" {mark} v{v.number}  train {v.train}  index {v.index}  registered {v.registered_at[:19]}  {v.info}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "run":
             p.add_argument("--job", default="full-pipeline")
-    query = sub.add_parser("query", help="run SQL against the DuckDB catalog")
+            p.add_argument("--model", help="model name reindex-kb / link serve (default: the config's)")
+            p.add_argument("--promote", action="store_true", help="serve the model this run trains")
+    query = sub.add_parser("query", help="run a read-only SQL query against the artifact catalog")
     query.add_argument("sql")
     query.add_argument("--artifacts", default="artifacts")
+    verify = sub.add_parser("verify", help="check every artifact's files against their manifest digests")
+    verify.add_argument("--artifacts", default="artifacts")
+    verify.add_argument("--quarantine", action="store_true", help="move damaged artifacts aside (rebuilt next run)")
+    models = sub.add_parser("models", help="list the named models, or promote a version to be served")
+    models.add_argument("action", choices=["list", "promote"])
+    models.add_argument("name", nargs="?")
+    models.add_argument("version", nargs="?")
+    models.add_argument("--artifacts", default="artifacts")
     args = parser.parse_args(argv)
 
     if args.command == "demo-data":
@@ -44,17 +72,39 @@ def main(argv: list[str] | None = None) -> int:
         print(generate_demo_dataset(args.out, DemoSpec(seed=args.seed)))
         return 0
     if args.command == "query":
-        from storage import ArtifactStore, Catalog
+        from storage import ArtifactStore, Catalog, QueryRefused
 
-        with Catalog(ArtifactStore(args.artifacts)).connect(read_only=True) as con:
-            print(con.sql(args.sql))
+        try:
+            print(Catalog(ArtifactStore(args.artifacts)).query(args.sql))
+        except QueryRefused as exc:
+            print(f"kgmel query: {exc}", file=sys.stderr)
+            return 2
         return 0
+    if args.command == "verify":
+        from storage import ArtifactStore
+
+        store = ArtifactStore(args.artifacts)
+        problems = store.verify(full=True)
+        for path, problem in problems:
+            print(f"DAMAGED {path}: {problem}")
+            if args.quarantine:
+                stage, key = path.rsplit("/", 2)[-2:]
+                store.quarantine(stage, key, problem)
+        print(f"{len(problems)} damaged artifact(s) under {store.root}")
+        return 1 if problems else 0
+    if args.command == "models":
+        if args.action == "promote" and not (args.name and args.version):
+            parser.error("models promote NAME VERSION")
+        return _models(args)
     overrides = _overrides(args.set)
     load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
     from flows.pipeline import kgmel
 
-    job = args.job if args.command == "run" else "ablations"
-    result = kgmel(job=job, config_path=args.config, overrides=overrides)
+    if args.command == "run":
+        result = kgmel(job=args.job, config_path=args.config, overrides=overrides, model=args.model,
+                       promote=args.promote)
+    else:
+        result = kgmel(job="ablations", config_path=args.config, overrides=overrides)
     print(result.get("summary") or result.get("table"))
     return 0
 

@@ -15,4 +15,5 @@ def open_context(config: PipelineConfig, flow_name: str) -> PipelineContext:
     store = ArtifactStore(config.artifacts)
     store.sweep_temporaries()
     run_id = str(flow_run.get_id() or uuid.uuid4())
-    return PipelineContext(store=store, run_log=RunLog(store, run_id, flow_name), force_stages=set(config.force_stages))
+    run_log = RunLog(store, run_id, flow_name, model=config.model)
+    return PipelineContext(store=store, run_log=run_log, force_stages=set(config.force_stages))

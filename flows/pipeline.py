@@ -11,18 +11,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from flows.context import open_context
-from kgmel_core.config import PipelineConfig, load_config
-from storage import Artifact
+from kgmel_core.config import EncoderConfig, PipelineConfig, explicit_differences, load_config
+from storage import Artifact, ModelRegistry
+from storage.registry import ModelVersion
+from tasks import clip_bootstrap as bootstrap_tasks
 from tasks import embed as embed_tasks
 from tasks import evaluate as evaluate_tasks
+from tasks import generate as generate_tasks
+from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
-from tasks import llm_stages, retrieval
-from tasks.common import PipelineContext
+from tasks import rerank as rerank_tasks
+from tasks import train as train_tasks
+from tasks.common import PipelineContext, logger
 
 
 def _bootstrap(ctx: PipelineContext, config: PipelineConfig, ingest: Artifact) -> Artifact | None:
     if config.encoder.clip_pretrained == embed_tasks.TRAIN_ON_DATASET:
-        return embed_tasks.clip_bootstrap(
+        return bootstrap_tasks.clip_bootstrap(
             ctx, ingest, epochs=config.encoder.bootstrap_epochs, seed=config.training.seed
         )
     return None
@@ -34,30 +39,24 @@ def retrieval_chain(
     """embed -> train -> index -> retrieve (shared by full-pipeline and the ablation study)."""
     bootstrap = _bootstrap(ctx, config, ingest)
     embedded = embed_tasks.embed(ctx, config.encoder, ingest, generation, bootstrap)
-    trained = retrieval.train(ctx, config.retriever, config.training, config.encoder, ingest, embedded, generation)
-    indexed = retrieval.index(ctx, config.index, config.encoder, trained, ingest, embedded)
-    candidates = retrieval.retrieve(ctx, config.index, config.encoder, indexed, trained, ingest, embedded, generation)
+    trained = train_tasks.train(ctx, config.retriever, config.training, config.encoder, ingest, embedded, generation)
+    indexed = index_tasks.index(ctx, config.index, trained, ingest, embedded)
+    candidates = index_tasks.retrieve(ctx, config.index, indexed, trained, ingest, embedded, generation)
     chain = {"clip_bootstrap": bootstrap} if bootstrap is not None else {}
     return {**chain, "embed": embedded, "train": trained, "index": indexed, "retrieve": candidates}
 
 
 def artifact_ids(stages: dict[str, Artifact]) -> dict[str, str]:
     """`{label: "stage/key"}`: where each artifact of a run lives under the store root."""
-    return {label: f"{artifact.stage}/{artifact.key}" for label, artifact in stages.items()}
+    return {label: artifact.id for label, artifact in stages.items()}
 
 
-def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None) -> str:
+def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None, notes: list[str] = ()) -> str:
     """A markdown summary (metrics, per-stage rows/time/cache hits, catalog path) as a Prefect artifact."""
-    lines = [
-        f"# {title}",
-        "",
-        f"DuckDB catalog: `{ctx.catalog.path}`",
-        "",
-        "| stage | key | cache hit | rows | seconds |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"# {title}", "", *[f"- {note}" for note in notes], "", f"DuckDB catalog: `{ctx.catalog.path}`", ""]
+    lines += ["| stage | key | cache hit | rows | seconds | note |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| {r.stage} | `{r.key}` | {'yes' if r.cache_hit else 'no'} | {r.rows} | {r.seconds:.1f} |"
+        f"| {r.stage} | `{r.key}` | {'yes' if r.cache_hit else 'no'} | {r.rows} | {r.seconds:.1f} | {r.note or ''} |"
         for r in ctx.run_log.records
     ]
     if metrics is not None:
@@ -69,15 +68,32 @@ def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None) 
     return markdown
 
 
+def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact], promote: bool) -> str:
+    """Register what full-pipeline trained and indexed under the config's model name; one summary line."""
+    registry = ModelRegistry(ctx.store.root)
+    info = {"dataset": config.dataset.name, "run_id": ctx.run_log.run_id}
+    version = registry.register(config.model, chain["train"].key, chain["index"].key, info)
+    if promote:
+        registry.promote(config.model, version.number)
+    state = registry.state(config.model)
+    served = f"v{state.served}" if state.served else "none"
+    line = f"model {config.model!r}: this run's retriever is v{version.number}; served: {served}"
+    if state.served != version.number:
+        line += f" (serve this one with: kgmel models promote {config.model} {version.number})"
+    ctx.catalog.refresh()
+    return line
+
+
 @flow(name="full-pipeline", log_prints=True)
-def full_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate."""
+def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, Any]:
+    """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate,
+    then register the trained retriever and its index under the model name."""
     ctx = open_context(config, "full-pipeline")
     ingested = ingest_tasks.ingest(ctx, config.dataset)
     stages: dict[str, Artifact] = {"ingest": ingested}
     generation = None
     if config.generation.enabled:
-        generation = stages["generate"] = llm_stages.generate(ctx, config.generation, ingested)
+        generation = stages["generate"] = generate_tasks.generate(ctx, config.generation, ingested)
     retriever_generation = generation if config.retriever.use_mention_triples else None
     chain = retrieval_chain(ctx, config, ingested, retriever_generation)
     stages.update(chain)
@@ -88,21 +104,16 @@ def full_pipeline(config: PipelineConfig) -> dict[str, Any]:
             embedded = stages["embed_generated"] = embed_tasks.embed(
                 ctx, config.encoder, ingested, generation, chain.get("clip_bootstrap")
             )
-        filtered = stages["filter"] = llm_stages.filter_stage(
+        filtered = stages["filter"] = rerank_tasks.filter_stage(
             ctx, config.rerank, ingested, generation, embedded, chain["retrieve"]
         )
-        reranked = stages["rerank"] = llm_stages.rerank(
+        reranked = stages["rerank"] = rerank_tasks.rerank(
             ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
         )
-    metrics = stages["evaluate"] = evaluate_tasks.evaluate(
-        ctx, config.encoder, ingested, chain["embed"], chain["retrieve"], reranked
-    )
-    summary = publish_summary(ctx, "kgmel full-pipeline", metrics)
-    return {
-        "artifacts": artifact_ids(stages),
-        "summary": summary,
-        "root": str(ctx.store.root),
-    }
+    metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
+    registered = register_model(ctx, config, chain, promote)
+    summary = publish_summary(ctx, "kgmel full-pipeline", metrics, [registered])
+    return {"artifacts": artifact_ids(stages), "summary": summary, "root": str(ctx.store.root), "model": registered}
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -115,43 +126,73 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 @flow(name="ablations", log_prints=True)
 def ablations(config: PipelineConfig) -> dict[str, Any]:
-    """Train and evaluate the retriever and its ablations on shared ingest/embed artifacts."""
+    """Train and evaluate the retriever and its ablations on shared ingest/embed artifacts.
+
+    Experiments only: nothing here is registered, so no ablation is ever served."""
     ctx = open_context(config, "ablations")
     ingested = ingest_tasks.ingest(ctx, config.dataset)
     results = {}
     for label, switches in ABLATIONS.items():
         variant = config.model_copy(update={"retriever": config.retriever.model_copy(update=switches)})
         chain = retrieval_chain(ctx, variant, ingested, None)
-        results[label] = evaluate_tasks.evaluate(
-            ctx, variant.encoder, ingested, chain["embed"], chain["retrieve"], label=label
-        )
+        results[label] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], label=label)
     combined = pl.concat([a.read("metrics") for a in results.values()]).unique(maintain_order=True)
     table = evaluate_tasks.format_metrics(combined)
     publish_summary(ctx, "kgmel ablations", None)
     return {"table": table, "metrics": combined}
 
 
-def current_retriever(ctx: PipelineContext, train_key: str | None) -> tuple[Artifact, Artifact | None]:
-    """The trained retriever to reuse (the given key, else the newest) and the CLIP stand-in it was
-    trained with, so re-indexing embeds new rows with exactly the encoder the retriever knows."""
-    trained = ctx.store.require("train", train_key) if train_key else ctx.store.latest("train")
-    if trained is None:
-        raise RuntimeError(f"no trained retriever under {ctx.store.root}: run kgmel/full-pipeline first")
-    embedded = ctx.store.require("embed", trained.manifest["inputs"]["embed"])
-    bootstrap_key = embedded.manifest["inputs"].get("clip_bootstrap")
-    return trained, ctx.store.require("clip_bootstrap", bootstrap_key) if bootstrap_key else None
+class ServedModelMismatch(ValueError):
+    """The live config contradicts the settings the served model was trained with."""
+
+
+def served_model(ctx: PipelineContext, config: PipelineConfig, model: str | None) -> tuple[ModelVersion, Artifact]:
+    """The promoted version of a model name and its trained retriever; refuses a live config whose
+    explicit encoder/retriever settings contradict what that retriever was trained with."""
+    name = model or config.model
+    version = ModelRegistry(ctx.store.root).require(name).serving
+    trained = ctx.store.require("train", version.train)
+    trained_config = trained.manifest["config"]
+    problems = explicit_differences(config.encoder, trained_config["encoder"], "encoder")
+    problems += explicit_differences(config.retriever, trained_config["retriever"], "retriever")
+    if problems:
+        raise ServedModelMismatch(
+            f"model {name!r} v{version.number} (train {trained.key}) was trained with other settings than the "
+            "config asks for:\n  " + "\n  ".join(problems) + "\nRemove them from the config to serve this model, "
+            "or run full-pipeline to train (and promote) a model with the new settings."
+        )
+    return version, trained
+
+
+def served_encoder(
+    ctx: PipelineContext, config: PipelineConfig, trained: Artifact
+) -> tuple[EncoderConfig, Artifact | None]:
+    """The encoder settings a retriever was trained with (runtime knobs from the live config), and the
+    CLIP stand-in it used, so new rows are embedded exactly as the retriever knows them."""
+    embedded = ctx.store.input(trained, "embed")
+    encoder = EncoderConfig.model_validate(
+        {**trained.manifest["config"]["encoder"], **config.encoder.model_dump(include={"batch_size", "device"})}
+    )
+    if "clip_bootstrap" not in embedded.manifest["inputs"]:
+        return encoder, None
+    return encoder, ctx.store.input(embedded, "clip_bootstrap")
 
 
 @flow(name="reindex-kb", log_prints=True)
-def reindex_kb(config: PipelineConfig, train_key: str | None = None) -> dict[str, Any]:
-    """Re-read the KB, embed only new or changed strings/images, rebuild the index with the current
-    retriever (no retraining). Meant to run on a schedule."""
+def reindex_kb(config: PipelineConfig, model: str | None = None) -> dict[str, Any]:
+    """Re-read the KB, embed only new or changed strings/images, rebuild the index with the served
+    retriever (no retraining), and make it the index that model serves. Meant to run on a schedule."""
     ctx = open_context(config, "reindex-kb")
-    trained, bootstrap = current_retriever(ctx, train_key)
+    version, trained = served_model(ctx, config, model)
+    encoder, bootstrap = served_encoder(ctx, config, trained)
     ingested = ingest_tasks.ingest(ctx, config.dataset)
-    embedded = embed_tasks.embed(ctx, config.encoder, ingested, None, bootstrap)
-    indexed = retrieval.index(ctx, config.index, config.encoder, trained, ingested, embedded)
-    summary = publish_summary(ctx, "kgmel reindex-kb", None)
+    embedded = embed_tasks.embed(ctx, encoder, ingested, None, bootstrap)
+    indexed = index_tasks.index(ctx, config.index, trained, ingested, embedded)
+    name = model or config.model
+    ModelRegistry(ctx.store.root).record_reindex(name, trained.key, indexed.key)
+    ctx.catalog.refresh()
+    note = f"model {name!r} v{version.number}: serves index {indexed.key} (was {version.index})"
+    summary = publish_summary(ctx, "kgmel reindex-kb", None, [note])
     return {
         "artifacts": artifact_ids({"train": trained, "ingest": ingested, "embed": embedded, "index": indexed}),
         "summary": summary,
@@ -165,37 +206,38 @@ def link(
     mentions_file: str | None = None,
     mentions: list[dict] | None = None,
     image_dir: str | None = None,
-    index_key: str | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """Link new mentions against the existing index, without retraining:
+    """Link new mentions against the served model's index, without retraining:
     ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> predictions."""
     ctx = open_context(config, "link")
-    indexed = ctx.store.require("index", index_key) if index_key else ctx.store.latest("index")
-    if indexed is None:
-        raise RuntimeError(f"no index under {ctx.store.root}: run kgmel/full-pipeline or kgmel/reindex-kb first")
-    trained, bootstrap = current_retriever(ctx, indexed.manifest["inputs"]["train"])
-    kb = ctx.store.require("ingest", indexed.manifest["inputs"]["ingest"])
-    kb_embed = ctx.store.require("embed", indexed.manifest["inputs"]["embed"])
+    version, trained = served_model(ctx, config, model)
+    indexed = ctx.store.require("index", version.index)
+    if ctx.store.input(indexed, "train").key != trained.key:
+        raise RuntimeError(f"index {indexed.key} was not built with model {version.train}: registry out of step")
+    encoder, bootstrap = served_encoder(ctx, config, trained)
+    kb, kb_embed = ctx.store.input(indexed, "ingest"), ctx.store.input(indexed, "embed")
     ingested = ingest_tasks.ingest_link_mentions(ctx, mentions_file, mentions, image_dir)
     stages: dict[str, Artifact] = {"ingest_link": ingested, "index": indexed}
     generation = None
     if config.generation.enabled:
-        generation = stages["generate"] = llm_stages.generate(ctx, config.generation, ingested)
-    embedded = stages["embed"] = embed_tasks.embed(ctx, config.encoder, ingested, generation, bootstrap)
-    retriever_generation = generation if config.retriever.use_mention_triples else None
-    candidates = stages["retrieve"] = retrieval.retrieve(
-        ctx, config.index, config.encoder, indexed, trained, ingested, embedded, retriever_generation
+        generation = stages["generate"] = generate_tasks.generate(ctx, config.generation, ingested)
+    embedded = stages["embed"] = embed_tasks.embed(ctx, encoder, ingested, generation, bootstrap)
+    uses_triples = trained.manifest["config"]["retriever"]["use_mention_triples"]
+    candidates = stages["retrieve"] = index_tasks.retrieve(
+        ctx, config.index, indexed, trained, ingested, embedded, generation if uses_triples else None
     )
     predictions = None
     if config.rerank.enabled and generation is not None:
-        filtered = stages["filter"] = llm_stages.filter_stage(
+        filtered = stages["filter"] = rerank_tasks.filter_stage(
             ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed
         )
-        reranked = stages["rerank"] = llm_stages.rerank(
+        reranked = stages["rerank"] = rerank_tasks.rerank(
             ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
         )
         predictions = reranked.read("predictions")
-    summary = publish_summary(ctx, "kgmel link", None)
+    note = f"model {model or config.model!r} v{version.number} (train {trained.key}, index {indexed.key})"
+    summary = publish_summary(ctx, "kgmel link", None, [note])
     return {
         "artifacts": artifact_ids(stages),
         "candidates": candidates.read("candidates"),
@@ -212,21 +254,25 @@ def kgmel(
     overrides: dict[str, Any] | None = None,
     mentions_file: str | None = None,
     image_dir: str | None = None,
+    model: str | None = None,
+    promote: bool = False,
 ) -> dict:
     """The deployable entry flow. Deployments `kgmel/full-pipeline`, `kgmel/reindex-kb`, `kgmel/link`
-    are this flow with `job` preset, so `prefect deployment run kgmel/<job>` is what users type."""
+    are this flow with `job` preset, so `prefect deployment run kgmel/<job>` is what users type.
+    `model` names the served model `reindex-kb` and `link` use (default: the config's model name)."""
     config = load_config(config_path, overrides)  # validated by pydantic before any work starts
     if job == "full-pipeline":
-        result = full_pipeline(config)
+        result = full_pipeline(config, promote=promote)
     elif job == "reindex-kb":
-        result = reindex_kb(config)
+        result = reindex_kb(config, model=model)
     elif job == "link":
         if not mentions_file:
             raise ValueError("job 'link' needs mentions_file")
-        result = link(config, mentions_file=mentions_file, image_dir=image_dir)
+        result = link(config, mentions_file=mentions_file, image_dir=image_dir, model=model)
         result.pop("candidates")
         result.pop("predictions")
     else:
         result = ablations(config)
         result.pop("metrics")
+    logger().info("%s", result.get("summary") or result.get("table"))
     return result

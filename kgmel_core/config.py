@@ -98,6 +98,9 @@ class LLMConfig(_Section):
     concurrency: int = Field(4, ge=1)
     # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
+    # A stage whose LLM calls failed (outage, timeouts) is run again by later runs, re-calling only the
+    # failures (successes come from the answer cache), until none fail or it ran this many times.
+    max_stage_attempts: int = Field(3, ge=1)
     # chat: /chat/completions with messages; text: /completions with the prompt continued as is (what a
     # base model needs). auto: text for the packaged local base model, chat for everything else.
     api: Literal["auto", "chat", "text"] = "auto"
@@ -130,6 +133,8 @@ class RerankConfig(_Section):
 class PipelineConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()
     artifacts: str = "artifacts"
+    # The name full-pipeline registers its model under, and reindex-kb / link serve (default: dataset.name).
+    model_name: str | None = None
     encoder: EncoderConfig = EncoderConfig()
     retriever: RetrieverConfig = RetrieverConfig()
     training: TrainingConfig = TrainingConfig()
@@ -140,6 +145,10 @@ class PipelineConfig(_Section):
     # old folder is replaced, and stages after them rebuild only if the content changed).
     force_stages: list[str] = []
 
+    @property
+    def model(self) -> str:
+        return self.model_name or self.dataset.name
+
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
         if self.rerank.candidates > self.index.top_k:
@@ -147,6 +156,16 @@ class PipelineConfig(_Section):
         if self.rerank.enabled and not self.generation.enabled:
             raise ValueError("rerank.enabled needs generation.enabled (filtering compares against generated triples)")
         return self
+
+
+def explicit_differences(section: BaseModel, trained: dict[str, Any], prefix: str) -> list[str]:
+    """Settings a config sets explicitly (in its file or overrides) that differ from what a model was
+    trained with; defaults the user never wrote are not a contradiction."""
+    return [
+        f"{prefix}.{name}: the config says {getattr(section, name)!r}, the model was trained with {trained[name]!r}"
+        for name in sorted(section.model_fields_set)
+        if name in trained and getattr(section, name) != trained[name]
+    ]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

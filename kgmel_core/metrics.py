@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 import torch
 
 HITS_AT = (1, 3, 5, 10, 16)
@@ -43,20 +44,34 @@ def gold_ranks(
     return ranks, ties
 
 
-def ranking_metrics(ranks: np.ndarray, hits_at: Sequence[int] = HITS_AT) -> dict[str, float]:
-    """HITS@k in percent and MRR (0..1) over all mentions, missing gold included as misses."""
+def ranking_metrics(
+    ranks: np.ndarray, hits_at: Sequence[int] = HITS_AT, depth: int | None = None
+) -> dict[str, float]:
+    """HITS@k in percent and MRR (0..1) over all mentions, missing gold included as misses.
+
+    `depth`: ranks come from a served top-`depth` list (gold beyond it is a miss), so HITS@k for
+    k > depth cannot be known and is NaN, and MRR is MRR@depth.
+    """
     n = len(ranks)
     if n == 0:
         return {**{f"hits@{k}": float("nan") for k in hits_at}, "mrr": float("nan"), "n": 0}
-    out = {f"hits@{k}": float(100.0 * np.mean(ranks <= k)) for k in hits_at}
+    out = {
+        f"hits@{k}": float("nan") if depth is not None and k > depth else float(100.0 * np.mean(ranks <= k))
+        for k in hits_at
+    }
     out["mrr"] = float(np.mean(1.0 / ranks))
     out["n"] = n
     return out
 
 
-def rank_in_candidates(candidate_qids: Sequence[str], gold_qid: str) -> float:
-    """1-based position of gold in a candidate list, or inf when it is not there."""
-    for position, qid in enumerate(candidate_qids, start=1):
-        if qid == gold_qid:
-            return float(position)
-    return float("inf")
+def candidate_ranks(
+    candidates: pl.DataFrame, mention_ids: Sequence[str], gold_qids: Sequence[str | None]
+) -> np.ndarray:
+    """1-based rank of each mention's gold entity in its served candidate list (`mention_id`, `rank`,
+    `qid`), aligned with `mention_ids`; inf when gold is not among the candidates (or unknown)."""
+    gold = pl.DataFrame(
+        {"mention_id": list(mention_ids), "qid": list(gold_qids)}, schema={"mention_id": pl.String, "qid": pl.String}
+    )
+    served = candidates.select("mention_id", "qid", pl.col("rank").cast(pl.Float64))
+    found = gold.with_row_index("position").join(served, on=["mention_id", "qid"], how="left").sort("position")
+    return found["rank"].fill_null(np.inf).to_numpy()

@@ -126,7 +126,6 @@ TRAINING_HISTORY = pa.schema(
         ("val_loss", pa.float64()),
         ("val_hits1", pa.float64()),
         ("val_mrr", pa.float64()),
-        ("seconds", pa.float64()),
     ]
 )
 

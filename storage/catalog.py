@@ -1,28 +1,65 @@
-"""DuckDB catalog over the artifact store: one view per table pointing at the current artifact.
+"""DuckDB views over the artifact store: what is current, and every run's history.
 
-The catalog is a convenience for people (`duckdb <root>/kgmel.duckdb -c "from candidates"`); the
-Parquet artifacts stay the source of truth, so a catalog that cannot be updated (another process
-holds the DuckDB file) only logs a warning and never fails a stage.
+The views are derived, never a source of truth: they are rebuilt from the store's verified
+manifests, the run log and the model registry, so a damaged or unfinished artifact is never in
+them and a lost update fixes itself at the next refresh. Each view reads an explicit list of files
+(no glob patterns, so temporary folders and odd characters in the root are harmless).
+
+- `<root>/kgmel.duckdb` holds the views with paths relative to the root (a copied root keeps
+  working); open it with `file_search_path` set to the root (`Catalog.connect`), or `cd` there.
+- `kgmel query` never opens that file: it builds the same views in an in-memory database with
+  absolute paths, then locks it down (reads only under the root, SELECT/EXPLAIN only), so a query
+  can neither write an artifact nor block a running flow's refresh.
+
+Current views: KB tables (`entities`, `kb_triples`, `fused_entities`) follow the model served under
+the latest run's model name; every other table follows the latest run that wrote rows into it;
+`llm_calls` joins every LLM stage of that run. History views `<table>_all` (candidates, predictions,
+metrics, llm_calls, ...) hold every artifact's rows with its `stage` and `artifact_key`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
-from storage.store import Artifact, ArtifactStore
+from storage.registry import ModelRegistry, RegistryError
+from storage.store import MANIFEST, Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 CATALOG_FILE = "kgmel.duckdb"
+KB_TABLES = ("entities", "kb_triples", "fused_entities")
+HISTORY_TABLES = (
+    "mentions",
+    "candidates",
+    "predictions",
+    "metrics",
+    "llm_calls",
+    "mention_triples",
+    "mention_generations",
+    "filter_counts",
+    "training_history",
+    "rejected",
+)
+READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _lock = threading.Lock()
 
 
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+class QueryRefused(ValueError):
+    """A statement `kgmel query` does not run (it would write or change settings)."""
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _file_list(paths: list[Path], base: Callable[[Path], str]) -> str:
+    return "[" + ", ".join(_quote(base(p)) for p in paths) + "]"
 
 
 class Catalog:
@@ -30,59 +67,181 @@ class Catalog:
         self.store = store
         self.path = store.root / CATALOG_FILE
 
-    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        return duckdb.connect(str(self.path), read_only=read_only)
+    # -- what the views show ---------------------------------------------------------------------
 
-    def publish(self, artifact: Artifact) -> None:
-        """Point each of the artifact's tables' views at it, and refresh the cross-run views."""
-        statements = [
-            f"create or replace view {table} as select * from read_parquet("
-            f"{_quote(artifact.table_path(table) / '*.parquet')})"
-            for table in artifact.manifest["tables"]
-        ]
-        self._execute(statements + self._cross_run_views())
-
-    def refresh(self) -> None:
-        self._execute(self._cross_run_views())
-
-    def _cross_run_views(self) -> list[str]:
-        root = self.store.root
-        views = []
-        if any(root.glob("_runs/*.parquet")):
-            views.append(
-                "create or replace view runs as select * from "
-                f"read_parquet({_quote(root / '_runs/*.parquet')}, union_by_name=true)"
-            )
-        if any(root.glob("*/*/manifest.json")):
-            views.append(
-                "create or replace view manifests as select stage, key, version, created_at, seconds, "
-                "tables, config, inputs, stats from read_json("
-                f"{_quote(root / '*/*/manifest.json')}, union_by_name=true, format='auto')"
-            )
-        if any(root.glob("*/*/llm_calls/*.parquet")):  # generate and rerank both write one
-            views.append(
-                "create or replace view llm_calls_all as select * from "
-                f"read_parquet({_quote(root / '*/*/llm_calls/*.parquet')}, union_by_name=true)"
-            )
-        if any(root.glob("evaluate/*/metrics/*.parquet")):
-            views.append(
-                "create or replace view metrics_all as select regexp_extract(filename, '/evaluate/([^/]+)/', 1) "
-                "as evaluate_key, * exclude (filename) from "
-                f"read_parquet({_quote(root / 'evaluate/*/metrics/*.parquet')}, filename=true, union_by_name=true)"
-            )
-        return views
-
-    def _execute(self, statements: list[str]) -> None:
-        if not statements:
-            return
-        with _lock:
+    def _runs(self) -> pl.DataFrame | None:
+        parts = sorted((self.store.root / "_runs").glob("*.parquet"))
+        if not parts:
+            return None
+        frames = []
+        for part in parts:
             try:
-                with self.connect() as con:
+                frames.append(pl.read_parquet(part, glob=False))
+            except Exception as exc:  # one damaged log must not hide the others
+                log.warning("run log %s unreadable, left out of the catalog: %s", part, exc)
+        return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+    def current_artifacts(self, artifacts: dict[str, Artifact], runs: pl.DataFrame | None) -> dict[str, list[Artifact]]:
+        """Table name -> the artifact(s) its current view reads."""
+        chosen: dict[str, list[Artifact]] = {}
+        if runs is None or runs.height == 0:
+            return chosen
+        order = (
+            runs.group_by("run_id").agg(pl.col("finished_at").max()).sort("finished_at", descending=True)["run_id"]
+        )
+        latest_model = None
+        for run_id in order:
+            records = runs.filter((pl.col("run_id") == run_id) & (pl.col("status") == "ok"))
+            run_artifacts = [artifacts[f"{s}/{k}"] for s, k in zip(records["stage"], records["key"], strict=True)
+                             if f"{s}/{k}" in artifacts]
+            if latest_model is None and "model" in records.columns:
+                latest_model = next((m for m in records["model"] if m), None)
+            if run_id == order[0]:
+                calls = [a for a in run_artifacts if a.tables.get("llm_calls")]
+                if calls:
+                    chosen["llm_calls"] = calls
+            for artifact in reversed(run_artifacts):
+                for table, rows in artifact.tables.items():
+                    if rows and table not in chosen:
+                        chosen[table] = [artifact]
+        served = self._served_kb(artifacts, latest_model)
+        chosen.update(served)
+        # Tables only ever written empty still get a view (their schema), from any run.
+        for artifact in artifacts.values():
+            for table in artifact.tables:
+                chosen.setdefault(table, [artifact])
+        return chosen
+
+    def _served_kb(self, artifacts: dict[str, Artifact], model: str | None) -> dict[str, list[Artifact]]:
+        if not model:
+            return {}
+        try:
+            version = ModelRegistry(self.store.root).require(model).serving
+        except RegistryError:
+            return {}
+        index = artifacts.get(f"index/{version.index}")
+        if index is None:
+            return {}
+        ingest_ref = index.manifest["inputs"].get("ingest")
+        ingest = artifacts.get(f"{ingest_ref['stage']}/{ingest_ref['key']}") if ingest_ref else None
+        out = {"fused_entities": [index]}
+        if ingest is not None:
+            out.update(entities=[ingest], kb_triples=[ingest])
+        return out
+
+    def statements(self, base: Callable[[Path], str]) -> list[str]:
+        """`create or replace view` statements for the store as it is now; `base` renders a file path."""
+        artifacts = {a.id: a for a in self.store.artifacts()}
+        runs = self._runs()
+        statements = []
+        for table, sources in sorted(self.current_artifacts(artifacts, runs).items()):
+            parts = [p for a in sources for p in a.parts(table)]
+            statements.append(
+                f"create or replace view {table} as select * from "
+                f"read_parquet({_file_list(parts, base)}, union_by_name=true)"
+            )
+        for table in HISTORY_TABLES:
+            holders = [a for a in artifacts.values() if table in a.tables]
+            parts = [p for a in holders for p in a.parts(table)]
+            if parts:
+                statements.append(
+                    f"create or replace view {table}_all as select "
+                    r"regexp_extract(filename, '([^/]+)/([^/]+)/[^/]+/[^/]+$', 1) as stage, "
+                    r"regexp_extract(filename, '([^/]+)/([^/]+)/[^/]+/[^/]+$', 2) as artifact_key, "
+                    f"* exclude (filename) from read_parquet({_file_list(parts, base)}, "
+                    "union_by_name=true, filename=true)"
+                )
+        run_parts = sorted((self.store.root / "_runs").glob("*.parquet"))
+        if run_parts and runs is not None:
+            statements.append(
+                f"create or replace view runs as select * from read_parquet({_file_list(run_parts, base)}, "
+                "union_by_name=true)"
+            )
+        if artifacts:
+            manifests = [a.path / MANIFEST for a in artifacts.values()]
+            statements.append(
+                "create or replace view manifests as select stage, key, code, digest, created_at, seconds, tables, "
+                f"config, inputs, stats from read_json({_file_list(manifests, base)}, maximum_depth=2, "
+                "format='auto', union_by_name=true)"
+            )
+        registry = ModelRegistry(self.store.root)
+        events = [p for name in registry.names() for p in sorted((registry.folder / name).glob("*.json"))]
+        if events:
+            statements.append(
+                "create or replace view model_events as select "
+                r"regexp_extract(filename, '([^/]+)/[^/]+\.json$', 1) as model, * exclude (filename) "
+                f"from read_json({_file_list(events, base)}, maximum_depth=2, format='auto', "
+                "union_by_name=true, filename=true)"
+            )
+        return statements
+
+    # -- the DuckDB file -------------------------------------------------------------------------
+
+    def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+        """The catalog file, with relative paths resolving under the store root."""
+        con = duckdb.connect(str(self.path), read_only=read_only)
+        con.execute(f"set file_search_path = {_quote(str(self.store.root))}")
+        return con
+
+    def refresh(self, attempts: int = 5) -> bool:
+        """Rebuild the views in the catalog file; retried while another process holds its lock.
+
+        Returns False (and logs) when it could not: the artifacts are unaffected, and the next
+        refresh rebuilds every view from the store anyway.
+        """
+        root = self.store.root
+        statements = self.statements(lambda p: str(p.relative_to(root)))
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                with _lock, self.connect(read_only=False) as con:
+                    existing = [r[0] for r in con.execute(
+                        "select view_name from duckdb_views() where not internal and schema_name = 'main'"
+                    ).fetchall()]
+                    con.execute("begin")
+                    for view in existing:
+                        con.execute(f'drop view if exists "{view}"')
                     for statement in statements:
                         con.execute(statement)
+                    con.execute("commit")
+                return True
             except duckdb.IOException as exc:  # the file is locked by another process
-                log.warning("DuckDB catalog %s not updated (%s); artifacts are unaffected", self.path, exc)
+                last = exc
+                time.sleep(0.2 * 2**attempt)
+            except duckdb.Error as exc:
+                last = exc
+                break
+        log.warning("DuckDB catalog %s not updated (%s); artifacts are unaffected, the next refresh rebuilds it",
+                    self.path, last)
+        return False
+
+    # -- read-only queries -------------------------------------------------------------------------
+
+    def query_connection(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory database with the catalog's views that can read only under the store root."""
+        con = duckdb.connect()
+        for statement in self.statements(lambda p: str(p)):
+            con.execute(statement)
+        con.execute(f"set allowed_directories = [{_quote(str(self.store.root) + '/')}]")
+        con.execute("set enable_external_access = false")
+        con.execute("set lock_configuration = true")
+        return con
+
+    @staticmethod
+    def check_read_only(sql: str) -> None:
+        """Refuse anything but SELECT/EXPLAIN, judged by DuckDB's own parser (not by string matching)."""
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise QueryRefused(f"cannot parse the query: {exc}") from None
+        for statement in statements:
+            if statement.type not in READ_ONLY_STATEMENTS:
+                raise QueryRefused(
+                    f"kgmel query runs SELECT/EXPLAIN only; refused a {statement.type.name} statement: "
+                    f"{statement.query.strip()[:80]}"
+                )
 
     def query(self, sql: str) -> pl.DataFrame:
-        with _lock, self.connect(read_only=True) as con:
+        self.check_read_only(sql)
+        with self.query_connection() as con:
             return con.sql(sql).pl()

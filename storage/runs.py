@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -14,6 +14,7 @@ RUN_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
         ("flow", pa.string()),
+        ("model", pa.string()),  # the model name the run trains or serves (the catalog's KB views follow it)
         ("stage", pa.string()),
         ("key", pa.string()),
         ("cache_hit", pa.bool_()),
@@ -21,6 +22,7 @@ RUN_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("note", pa.string()),  # why it was (re)built: forced, damaged copy, failed LLM calls re-attempted
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -35,20 +37,21 @@ class StageRecord:
     seconds: float
     status: str = "ok"
     error: str | None = None
+    note: str | None = None
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class RunLog:
     """Appends stage records for one flow run and rewrites `_runs/<run_id>.parquet` atomically."""
 
-    def __init__(self, store: ArtifactStore, run_id: str, flow: str):
-        self.store, self.run_id, self.flow = store, run_id, flow
+    def __init__(self, store: ArtifactStore, run_id: str, flow: str, model: str | None = None):
+        self.store, self.run_id, self.flow, self.model = store, run_id, flow, model
         self.records: list[StageRecord] = []
         self._lock = threading.Lock()
 
     def add(self, record: StageRecord) -> None:
         with self._lock:
             self.records.append(record)
-            now = datetime.now(UTC)
-            rows = [{**asdict(r), "run_id": self.run_id, "flow": self.flow, "finished_at": now} for r in self.records]
+            rows = [{**asdict(r), "run_id": self.run_id, "flow": self.flow, "model": self.model} for r in self.records]
             table = pa.Table.from_pylist(rows, schema=RUN_SCHEMA)
             write_parquet_atomic(table, self.store.root / "_runs" / f"{self.run_id}.parquet")

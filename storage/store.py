@@ -1,16 +1,25 @@
-"""Content-addressed artifact store: one folder per stage output, Parquet tables, a manifest.
+"""Content-addressed artifact store: one folder per stage output, Parquet tables, a verified manifest.
 
-The pipeline, not Prefect's result cache, decides what can be skipped: an artifact's key is a hash
-of (stage, stage version, stage config, input artifact keys), so the same inputs always map to the
-same folder and a changed input or config can never be served a stale table. Folders are built
-under a temporary name and renamed into place only after every file and the manifest are written;
-a folder without a complete manifest is never trusted.
+The pipeline, not Prefect's result cache, decides what can be skipped. An artifact's key hashes
+everything that could change its content: the stage, the identity of the code that builds it,
+its config, and the content digests of its inputs (source files or other artifacts). Its manifest
+records the size and sha256 of every file it holds, and the store trusts an artifact only after
+checking them, so "cached" means "provably the same bytes as when it was written", never "a folder
+exists". Folders are built under a temporary name and renamed into place after every file and the
+manifest are written; temporary folders are invisible to every reader.
+
+Verification is cheap by default: a file whose (size, mtime) matches the last time its sha256 was
+checked is trusted (the stat cache under `_verified/`, like git's index); any other file is hashed
+again. Anything written through the file system changes the mtime, so truncation, a bit flip or an
+overwrite is caught; silent corruption below the file system needs `verify(full=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,13 +35,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-CODE_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
-_TMP_PREFIX = ".tmp-"
+MANIFEST_FORMAT = 2  # format 1 manifests recorded no digests: such artifacts are rebuilt, never trusted
+TMP_PREFIX = ".tmp-"
+VERIFIED_DIR = "_verified"
+QUARANTINE_DIR = "_quarantine"
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
-    """An artifact is missing, incomplete or does not hold what a stage expects."""
+    """An artifact is missing, incomplete, damaged or does not hold what a stage expects."""
+
+
+class ArtifactDamaged(ArtifactError):
+    """A file of an artifact does not match its manifest (or cannot be read); the message names it."""
 
 
 def canonical_json(value: Any) -> str:
@@ -40,9 +57,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def artifact_key(stage: str, version: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
-    """Key of a stage output; inputs maps input names to their artifact keys or content hashes."""
-    payload = canonical_json({"stage": stage, "version": version, "config": config, "inputs": inputs})
+def artifact_key(
+    stage: str, code: str, config: Mapping[str, Any], inputs: Mapping[str, str], sources: Mapping[str, str]
+) -> str:
+    """Key of a stage output: stage, code identity, config, input artifacts' content digests, source hashes."""
+    payload = canonical_json(
+        {"stage": stage, "code": code, "config": config, "inputs": inputs, "sources": sources}
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -54,31 +75,61 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def content_digest(content: Mapping[str, Mapping[str, Any]]) -> str:
+    """One digest for everything an artifact holds (its files' relative paths and sha256s)."""
+    return hashlib.sha256(canonical_json({p: c["sha256"] for p, c in content.items()}).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Artifact:
-    """A complete stage output on disk."""
+    """A complete, verified stage output on disk."""
 
     stage: str
     key: str
     path: Path
     manifest: dict[str, Any]
 
-    def table_path(self, table: str) -> Path:
-        return self.path / table
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+    @property
+    def tables(self) -> dict[str, int]:
+        """Table name -> row count."""
+        return self.manifest["tables"]
+
+    @property
+    def rows(self) -> int:
+        return int(sum(self.tables.values()))
+
+    def parts(self, table: str) -> list[Path]:
+        """The Parquet files of a table, exactly as the manifest lists them (no globbing)."""
+        if table not in self.tables:
+            raise ArtifactError(f"artifact {self.id} has no table {table!r}; it has {sorted(self.tables)}")
+        prefix = f"{table}/"
+        return [self.path / rel for rel in sorted(self.manifest["content"]) if rel.startswith(prefix)]
 
     def read(self, table: str) -> pl.DataFrame:
-        if table not in self.manifest["tables"]:
-            raise ArtifactError(
-                f"artifact {self.stage}/{self.key} has no table {table!r}; it has {sorted(self.manifest['tables'])}"
-            )
-        return pl.read_parquet(self.table_path(table) / "*.parquet")
+        parts = self.parts(table)
+        try:
+            return pl.read_parquet(parts, glob=False)
+        except Exception as exc:  # a damaged file must name itself, not fail as a bare codec error
+            raise ArtifactDamaged(f"artifact {self.id}: cannot read table {table!r} ({parts}): {exc}") from exc
 
     def read_arrow(self, table: str) -> pa.Table:
-        return pq.read_table(self.table_path(table))
+        parts = self.parts(table)
+        try:
+            return pa.concat_tables([pq.read_table(p) for p in parts])
+        except Exception as exc:
+            raise ArtifactDamaged(f"artifact {self.id}: cannot read table {table!r} ({parts}): {exc}") from exc
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.get("files", {}):
-            raise ArtifactError(f"artifact {self.stage}/{self.key} has no file {name!r}")
+            raise ArtifactError(f"artifact {self.id} has no file {name!r}")
         return self.path / "files" / name
 
 
@@ -92,15 +143,19 @@ class ArtifactWriter:
     tables: dict[str, int] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    _parts: dict[str, int] = field(default_factory=dict)
 
     def write_table(self, name: str, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
+        """Write a table, or one more part of it when called again with the same name."""
         arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
         if schema is not None:
             arrow = conform(arrow, schema, f"{self.stage}.{name}")
         folder = self.tmp_path / name
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(arrow, folder / "part-0.parquet", compression="zstd")
-        self.tables[name] = arrow.num_rows
+        part = self._parts.get(name, 0)
+        pq.write_table(arrow, folder / f"part-{part}.parquet", compression="zstd")
+        self._parts[name] = part + 1
+        self.tables[name] = self.tables.get(name, 0) + arrow.num_rows
 
     def file_path(self, name: str) -> Path:
         """A path to write a non-tabular file (checkpoint, index) into; registered on commit."""
@@ -121,6 +176,19 @@ def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
         raise ArtifactError(f"{where}: does not fit its schema: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class InputRef:
+    """How an artifact names one of its inputs: where it lives and the content it had when used."""
+
+    stage: str
+    key: str
+    digest: str
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> InputRef:
+        return cls(artifact.stage, artifact.key, artifact.digest)
+
+
 class ArtifactStore:
     """Artifacts under `root/<stage>/<key>/`; see the module docstring for the guarantees."""
 
@@ -131,39 +199,132 @@ class ArtifactStore:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def get(self, stage: str, key: str) -> Artifact | None:
-        """The complete artifact for (stage, key), or None when it is absent or was never finished."""
+    # -- reading and verifying -------------------------------------------------------------------
+
+    def get(self, stage: str, key: str, full: bool = False) -> Artifact | None:
+        """The verified artifact for (stage, key), or None when it is absent, unfinished or damaged.
+
+        A damaged artifact is logged with its path and the reason, and treated as absent, so the
+        stage that owns it rebuilds it (the writer moves the damaged folder to `_quarantine/`).
+        """
+        try:
+            return self.check(stage, key, full=full)
+        except FileNotFoundError:
+            return None
+        except ArtifactError as exc:
+            log.warning("%s: not trusted, will be rebuilt: %s", self.path(stage, key), exc)
+            return None
+
+    def check(self, stage: str, key: str, full: bool = False) -> Artifact:
+        """The artifact, verified; raises FileNotFoundError (absent) or ArtifactDamaged (why, naming the file)."""
         folder = self.path(stage, key)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
-            return None
-        manifest = json.loads(manifest_path.read_text())
+            raise FileNotFoundError(manifest_path)
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactDamaged(f"{manifest_path}: unreadable manifest ({exc})") from None
         if manifest.get("status") != "complete":
-            return None
-        for table in manifest["tables"]:
-            if not any((folder / table).glob("*.parquet")):
-                return None  # a table file was deleted by hand: treat the artifact as absent
-        for name in manifest.get("files", {}):
-            if not (folder / "files" / name).exists():
-                return None
+            raise ArtifactDamaged(f"{manifest_path}: status is {manifest.get('status')!r}, not 'complete'")
+        if manifest.get("format") != MANIFEST_FORMAT or (manifest.get("stage"), manifest.get("key")) != (stage, key):
+            raise ArtifactDamaged(f"{manifest_path}: not a format-{MANIFEST_FORMAT} manifest of {stage}/{key}")
+        content = manifest.get("content") or {}
+        if content_digest(content) != manifest.get("digest"):
+            raise ArtifactDamaged(f"{manifest_path}: digest does not match the files it lists")
+        stat_cache = self._stat_cache_path(stage, key)
+        known = {} if full else _read_json(stat_cache)
+        checked = {}
+        for rel, expected in content.items():
+            path = folder / rel
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise ArtifactDamaged(f"{path}: missing") from None
+            if stat.st_size != expected["bytes"]:
+                raise ArtifactDamaged(f"{path}: {stat.st_size} bytes, the manifest says {expected['bytes']}")
+            signature = [stat.st_size, stat.st_mtime_ns]
+            if known.get(rel) != signature and file_sha256(path) != expected["sha256"]:
+                raise ArtifactDamaged(f"{path}: sha256 differs from the manifest (modified after it was written)")
+            checked[rel] = signature
+        if checked != known:
+            with contextlib.suppress(OSError):  # a read-only store is verified again next time
+                _write_text_atomic(stat_cache, json.dumps(checked))
         return Artifact(stage, key, folder, manifest)
 
     def require(self, stage: str, key: str) -> Artifact:
-        artifact = self.get(stage, key)
-        if artifact is None:
-            raise ArtifactError(f"no complete artifact {stage}/{key} under {self.root}")
-        return artifact
+        try:
+            return self.check(stage, key)
+        except FileNotFoundError:
+            raise ArtifactError(f"no complete artifact {stage}/{key} under {self.root}") from None
 
-    def latest(self, stage: str) -> Artifact | None:
-        """The most recently created complete artifact of a stage (for flows that reuse a trained model)."""
-        best: Artifact | None = None
-        for folder in (self.root / stage).glob("*") if (self.root / stage).is_dir() else []:
-            if folder.name.startswith(_TMP_PREFIX):
-                continue
-            artifact = self.get(stage, folder.name)
-            if artifact and (best is None or artifact.manifest["created_at"] > best.manifest["created_at"]):
-                best = artifact
-        return best
+    def input(self, artifact: Artifact, name: str) -> Artifact:
+        """The input `name` an artifact was built from, checked to still hold the same content."""
+        ref = artifact.manifest.get("inputs", {}).get(name)
+        if ref is None:
+            known = sorted(artifact.manifest["inputs"])
+            raise ArtifactError(f"artifact {artifact.id} has no input {name!r}; it has {known}")
+        found = self.require(ref["stage"], ref["key"])
+        if found.digest != ref["digest"]:
+            raise ArtifactError(
+                f"lineage broken: {artifact.id} was built from {found.id} with digest {ref['digest'][:12]}, "
+                f"which now holds {found.digest[:12]} (rebuilt since); rebuild {artifact.stage}"
+            )
+        return found
+
+    def keys(self, stage: str) -> list[str]:
+        """Keys of the finished folders of a stage (temporary folders are never listed)."""
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+
+    def stages(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+    def artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
+        """Every trusted artifact (of one stage, or all); damaged ones are logged and skipped."""
+        for name in [stage] if stage else self.stages():
+            for key in self.keys(name):
+                artifact = self.get(name, key)
+                if artifact is not None:
+                    yield artifact
+
+    def verify(self, full: bool = True) -> list[tuple[str, str]]:
+        """(artifact path, problem) for every artifact folder that fails verification."""
+        problems = []
+        for stage in self.stages():
+            for key in self.keys(stage):
+                try:
+                    self.check(stage, key, full=full)
+                except FileNotFoundError as exc:
+                    problems.append((str(self.path(stage, key)), f"no manifest ({exc})"))
+                except ArtifactError as exc:
+                    problems.append((str(self.path(stage, key)), str(exc)))
+        return problems
+
+    def quarantine(self, stage: str, key: str, reason: str) -> Path | None:
+        """Move an untrusted artifact folder aside (kept for inspection, invisible to every reader)."""
+        source = self.path(stage, key)
+        if not source.exists():
+            return None
+        target = self.root / QUARANTINE_DIR / stage / f"{key}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:  # another process moved it first
+            return None
+        (target / "QUARANTINED.txt").write_text(reason + "\n")
+        self._stat_cache_path(stage, key).unlink(missing_ok=True)
+        log.warning("moved untrusted artifact %s to %s: %s", source, target, reason)
+        return target
+
+    def _stat_cache_path(self, stage: str, key: str) -> Path:
+        return self.root / VERIFIED_DIR / stage / f"{key}.json"
+
+    # -- writing ---------------------------------------------------------------------------------
 
     @contextmanager
     def writer(
@@ -171,19 +332,21 @@ class ArtifactStore:
         stage: str,
         key: str,
         *,
+        code: str,
         config: Mapping[str, Any],
-        inputs: Mapping[str, str],
-        version: str,
+        inputs: Mapping[str, InputRef],
+        sources: Mapping[str, str] | None = None,
         replace: bool = False,
     ) -> Iterator[ArtifactWriter]:
         """Write an artifact atomically: everything lands in a temp folder renamed into place at the end.
 
         If the body raises, the temp folder is removed and no artifact exists for the key. With
-        `replace`, a complete artifact already at the key is swapped for the new one (forced rebuild).
+        `replace`, a trusted artifact already at the key is swapped for the new one (forced rebuild);
+        an untrusted one is always replaced, after being moved to quarantine.
         """
         stage_dir = self.root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stage_dir / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+        tmp = stage_dir / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         started = time.perf_counter()
         writer = ArtifactWriter(stage, key, tmp)
@@ -194,15 +357,23 @@ class ArtifactStore:
                 if not path.exists():
                     raise ArtifactError(f"{stage}/{key}: file {name!r} was registered but never written")
                 writer.files[name] = path.stat().st_size
+            content = {
+                str(path.relative_to(tmp)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+                for path in sorted(tmp.rglob("*"))
+                if path.is_file()
+            }
             manifest = {
+                "format": MANIFEST_FORMAT,
                 "stage": stage,
                 "key": key,
-                "version": version,
-                "code_version": CODE_VERSION,
-                "inputs": dict(inputs),
+                "code": code,
+                "inputs": {name: {"stage": r.stage, "key": r.key, "digest": r.digest} for name, r in inputs.items()},
+                "sources": dict(sources or {}),
                 "config": dict(config),
                 "tables": writer.tables,
                 "files": writer.files,
+                "content": content,
+                "digest": content_digest(content),
                 "stats": writer.stats,
                 "seconds": round(time.perf_counter() - started, 3),
                 "created_at": datetime.now(UTC).isoformat(),
@@ -212,13 +383,20 @@ class ArtifactStore:
             _fsync_dir(tmp)
             final = self.path(stage, key)
             if final.exists():
-                # Kept unless forced; a folder without a complete manifest is always replaced.
-                if self.get(stage, key) is not None and not replace:
+                try:
+                    self.check(stage, key)
+                    trusted = True
+                except (FileNotFoundError, ArtifactError) as exc:
+                    trusted = False
+                    self.quarantine(stage, key, f"replaced by a rebuild: {exc}")
+                if trusted and not replace:  # another run finished it first: keep theirs
                     shutil.rmtree(tmp)
                     return
-                shutil.rmtree(final)
+                if trusted:
+                    shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(stage_dir)
+            self._stat_cache_path(stage, key).unlink(missing_ok=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -230,15 +408,24 @@ class ArtifactStore:
         """
         removed = 0
         cutoff = time.time() - older_than_s
-        for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
             if tmp.stat().st_mtime < cutoff:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed += 1
         return removed
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
@@ -258,7 +445,7 @@ def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: Path) -> None:
     """Write one Parquet file via temp + rename (used for run logs and the embedding cache)."""
     arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")  # not matched by *.parquet globs while incomplete
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not matched by *.parquet while incomplete
     pq.write_table(arrow, tmp, compression="zstd")
     os.replace(tmp, path)
 

@@ -1,7 +1,8 @@
 """What every stage task shares: look up its artifact by key, build it only when missing, log it.
 
 Prefect's own result cache is off for every task (`NO_CACHE`): skipping is decided here, by the
-artifact store's content keys, which stay correct when inputs change and change back.
+artifact store's content keys (stage, code identity, config, input digests), which stay correct
+when inputs change and change back, and by verifying the artifact's files before trusting it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from storage import Artifact, ArtifactStore, Catalog, RunLog, StageRecord, artifact_key
+from storage import Artifact, ArtifactStore, Catalog, InputRef, RunLog, StageRecord, artifact_key, code_digest
 from storage.store import ArtifactWriter
 
 
@@ -23,7 +25,14 @@ class StageFailed(RuntimeError):
     """A stage could not build its artifact; the message names stage, key and cause."""
 
 
+# Errors that may pass if tried again. A missing or unreadable file is not one of them: retrying a
+# wrong path only delays the message that names it.
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError, MemoryError)
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, PERMANENT_OS_ERRORS)
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -31,11 +40,9 @@ def retry_if_transient(task, task_run, state) -> bool:
     try:
         state.result()
     except StageFailed as exc:
-        return isinstance(exc.__cause__, TRANSIENT_ERRORS)
-    except TRANSIENT_ERRORS:
-        return True
-    except Exception:
-        return False
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 
@@ -54,7 +61,7 @@ class PipelineContext:
     run_log: RunLog
     force_stages: set[str] = field(default_factory=set)
 
-    @property
+    @cached_property
     def catalog(self) -> Catalog:
         return Catalog(self.store)
 
@@ -68,45 +75,77 @@ def logger():
         return logging.getLogger("kgmel")
 
 
-def input_keys(**artifacts: Artifact | None) -> dict[str, str]:
-    """The `inputs` of a stage key: each given artifact's key by name; absent (None) ones are left out."""
-    return {name: artifact.key for name, artifact in artifacts.items() if artifact is not None}
+def _reattempt(existing: Artifact, max_attempts: int | None) -> int | None:
+    """The attempt number to build an artifact with failed LLM calls again (None: it stands)."""
+    stats = existing.manifest.get("stats", {})
+    failed, attempt = int(stats.get("calls_failed", 0) or 0), int(stats.get("attempt", 1) or 1)
+    return attempt + 1 if failed and max_attempts and attempt < max_attempts else None
 
 
 def run_stage(
     ctx: PipelineContext,
     stage: str,
-    version: str,
     config: Mapping[str, Any],
-    inputs: Mapping[str, str],
+    inputs: Mapping[str, Artifact | None],
     build: Callable[[ArtifactWriter], None],
+    *,
+    sources: Mapping[str, str] | None = None,
+    max_attempts: int | None = None,
 ) -> Artifact:
-    """Return the stage's artifact, building it with `build(writer)` unless it already exists."""
-    key = artifact_key(stage, version, config, inputs)
+    """Return the stage's artifact, building it with `build(writer)` unless a trusted one exists.
+
+    `inputs` are the artifacts the stage reads (None: not used); `sources` the content hashes of
+    files it reads directly. The key also covers the code that builds the stage: the module where
+    `build` is defined and the project modules it imports. `max_attempts`: an artifact that
+    recorded failed LLM calls is built again (the answer cache serves every earlier success) until
+    it has no failures or has been attempted that many times.
+    """
+    used = {name: artifact for name, artifact in inputs.items() if artifact is not None}
+    code = code_digest(build.__module__)
+    key = artifact_key(stage, code, config, {n: a.digest for n, a in used.items()}, sources or {})
     log = logger()
     started = time.perf_counter()
     existing = ctx.store.get(stage, key)
-    if existing is not None and stage not in ctx.force_stages:
-        log.info("stage %s: artifact %s exists, skipped (cache hit)", stage, key)
-        ctx.run_log.add(StageRecord(stage, key, True, _rows(existing), 0.0))
-        ctx.catalog.publish(existing)
-        return existing
-    log.info("stage %s: building artifact %s", stage, key)
+    note, attempt = None, 1
+    if existing is not None:
+        retry = _reattempt(existing, max_attempts)
+        if stage in ctx.force_stages:
+            note = "forced rebuild"
+        elif retry is not None:
+            attempt = retry
+            failed = existing.manifest["stats"]["calls_failed"]
+            note = f"{failed} failed LLM calls re-attempted ({attempt}/{max_attempts})"
+        else:
+            log.info("stage %s: artifact %s verified, skipped (cache hit)", stage, key)
+            ctx.run_log.add(StageRecord(stage, key, True, existing.rows, 0.0))
+            ctx.catalog.refresh()
+            return existing
+    elif ctx.store.path(stage, key).exists():
+        note = "rebuilt: the stored copy failed verification"
+    log.info("stage %s: building artifact %s%s", stage, key, f" ({note})" if note else "")
     try:
-        forced = existing is not None
-        with ctx.store.writer(stage, key, config=config, inputs=inputs, version=version, replace=forced) as writer:
+        with ctx.store.writer(
+            stage,
+            key,
+            code=code,
+            config=config,
+            inputs={n: InputRef.of(a) for n, a in used.items()},
+            sources=sources,
+            replace=existing is not None,
+        ) as writer:
+            writer.stats["attempt"] = attempt
             build(writer)
     except Exception as exc:
         seconds = time.perf_counter() - started
-        ctx.run_log.add(StageRecord(stage, key, False, 0, seconds, "failed", f"{type(exc).__name__}: {exc}"))
+        ctx.run_log.add(StageRecord(stage, key, False, 0, seconds, "failed", f"{type(exc).__name__}: {exc}", note))
         raise StageFailed(f"stage {stage!r} (artifact key {key}) failed: {type(exc).__name__}: {exc}") from exc
     artifact = ctx.store.require(stage, key)
     seconds = time.perf_counter() - started
-    log.info("stage %s: wrote %s in %.1fs (%s)", stage, key, seconds, artifact.manifest["tables"])
-    ctx.run_log.add(StageRecord(stage, key, False, _rows(artifact), seconds))
-    ctx.catalog.publish(artifact)
+    failed = int(artifact.manifest["stats"].get("calls_failed", 0) or 0)
+    if failed:
+        log.warning("stage %s: %d LLM calls failed (attempt %d%s); their mentions fell back and are counted",
+                    stage, failed, attempt, f" of {max_attempts}" if max_attempts else "")
+    log.info("stage %s: wrote %s in %.1fs (%s)", stage, key, seconds, artifact.tables)
+    ctx.run_log.add(StageRecord(stage, key, False, artifact.rows, seconds, note=note))
+    ctx.catalog.refresh()
     return artifact
-
-
-def _rows(artifact: Artifact) -> int:
-    return int(sum(artifact.manifest["tables"].values()))

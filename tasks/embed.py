@@ -1,4 +1,4 @@
-"""Stages `clip_bootstrap` (tiny offline CLIP) and `embed` (text and image embedding tables)."""
+"""Stage `embed`: text and image embedding tables (every unique string and image once, cached per encoder)."""
 
 from __future__ import annotations
 
@@ -13,47 +13,12 @@ from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import text_sha
 from kgmel_core.retrieval.encoders import load_encoder
 from kgmel_core.retrieval.features import entity_heads, mention_heads, triple_texts
-from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
+from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
-from tasks.common import STAGE_TASK, PipelineContext, input_keys, logger, run_stage
+from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 TRAIN_ON_DATASET = "train-on-dataset"
-EMBED_VERSION = "1"
-BOOTSTRAP_VERSION = "1"
-
-
-@task(name="clip_bootstrap", **STAGE_TASK)
-def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, seed: int = 0) -> Artifact:
-    """Train the tiny stand-in CLIP on the KB's (text, image) pairs and the train mentions' pairs."""
-
-    def build(writer):
-        entities = ingest.read("entities").filter(pl.col("image_path").is_not_null())
-        triples = ingest.read("kb_triples")
-        facts = triples.group_by("head_qid", maintain_order=True).agg(
-            pl.concat_str(pl.col("relation"), pl.lit(" "), pl.col("tail")).str.join("; ").alias("facts")
-        )
-        entities = entities.join(facts, left_on="qid", right_on="head_qid", how="left")
-        texts = [
-            f"{h}. {f}" if f else h
-            for h, f in zip(entity_heads(entities), entities["facts"].fill_null("").to_list(), strict=True)
-        ]
-        images = entities["image_path"].to_list()
-        mentions = ingest.read("mentions").filter((pl.col("split") == "train") & pl.col("image_path").is_not_null())
-        texts += mentions["sentence"].to_list()
-        images += mentions["image_path"].to_list()
-        stats = train_tiny_clip(texts, images, writer.file_path("tiny_clip.pt"), epochs=epochs, seed=seed)
-        writer.stats.update(stats)
-        writer.stats["note"] = "tiny open_clip stand-in trained on this dataset, not a pretrained CLIP"
-
-    return run_stage(
-        ctx,
-        "clip_bootstrap",
-        BOOTSTRAP_VERSION,
-        {"epochs": epochs, "seed": seed, "model": TINY_CLIP_MODEL},
-        input_keys(ingest=ingest),
-        build,
-    )
 
 
 def resolve_encoder_config(config: EncoderConfig, bootstrap: Artifact | None) -> EncoderConfig:
@@ -77,9 +42,10 @@ def embed(
     """Embed every unique head text, relation, tail and image once (cached per encoder)."""
     resolved = resolve_encoder_config(config, bootstrap)
     uses_bootstrap = config.clip_pretrained == TRAIN_ON_DATASET
-    inputs = input_keys(ingest=ingest, generation=generation, clip_bootstrap=bootstrap if uses_bootstrap else None)
-    if config.clip_pretrained != TRAIN_ON_DATASET and Path(config.clip_pretrained).is_file():
-        inputs["clip_weights"] = file_sha256(Path(config.clip_pretrained))
+    inputs = {"ingest": ingest, "generation": generation, "clip_bootstrap": bootstrap if uses_bootstrap else None}
+    sources = {}
+    if not uses_bootstrap and Path(config.clip_pretrained).is_file():
+        sources["clip_weights"] = file_sha256(Path(config.clip_pretrained))
     stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
 
     def build(writer):
@@ -102,7 +68,9 @@ def embed(
         unique = list(dict.fromkeys(texts))
         shas = [text_sha(t) for t in unique]
         cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
-        vectors, fresh = cache.get_or_compute(shas, lambda rows: encoder.encode_texts([unique[i] for i in rows]))
+        vectors, fresh = cache.get_or_compute(
+            shas, lambda rows: encoder.encode_texts([unique[i] for i in rows], progress=False), desc="embed texts"
+        )
         writer.write_table(
             "text_embeddings",
             pa.table({"text_sha": shas, "text": unique, "vector": schemas.vector_column(vectors)}),
@@ -134,7 +102,9 @@ def embed(
             paths = images["image_path"].to_list()
             image_cache = EmbeddingCache(ctx.store, encoder.image.identity, "image")
             image_vectors, fresh_images = image_cache.get_or_compute(
-                images["image_sha256"].to_list(), lambda rows: encoder.encode_images([paths[i] for i in rows])
+                images["image_sha256"].to_list(),
+                lambda rows: encoder.encode_images([paths[i] for i in rows], progress=False),
+                desc="embed images",
             )
             writer.write_table(
                 "image_embeddings",
@@ -151,4 +121,4 @@ def embed(
             )
         log.info("embed: %s", writer.stats)
 
-    return run_stage(ctx, "embed", EMBED_VERSION, stage_config, inputs, build)
+    return run_stage(ctx, "embed", stage_config, inputs, build, sources=sources)

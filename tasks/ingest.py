@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import polars as pl
@@ -10,11 +11,9 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
 from kgmel_core.data.datasets import DatasetLayout, read_dataset, read_mentions
-from storage import Artifact, artifact_key, file_sha256
-from storage.store import folder_fingerprint
+from storage import Artifact, file_sha256
+from storage.store import canonical_json, folder_fingerprint
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-
-VERSION = "1"
 
 
 def layout_for(config: DatasetConfig) -> DatasetLayout:
@@ -32,9 +31,9 @@ def layout_for(config: DatasetConfig) -> DatasetLayout:
 @task(name="ingest", **STAGE_TASK)
 def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
     layout = layout_for(config)
-    inputs = {str(path.relative_to(layout.root)): file_sha256(path) for path in layout.input_files()}
-    inputs["mention_images"] = folder_fingerprint(layout.root / layout.mention_image_dir)
-    inputs["kb_images"] = folder_fingerprint(layout.root / layout.kb_image_dir)
+    sources = {str(path.relative_to(layout.root)): file_sha256(path) for path in layout.input_files()}
+    sources["mention_images"] = folder_fingerprint(layout.root / layout.mention_image_dir)
+    sources["kb_images"] = folder_fingerprint(layout.root / layout.kb_image_dir)
 
     def build(writer):
         dataset = read_dataset(layout)
@@ -45,7 +44,8 @@ def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
         logger().info("ingest %s: %s", config.name, dataset.stats)
 
     # The resolved path is part of the key because the tables hold absolute image paths.
-    return run_stage(ctx, "ingest", VERSION, {**config.model_dump(), "path": str(layout.root)}, inputs, build)
+    config_key = {**config.model_dump(), "path": str(layout.root)}
+    return run_stage(ctx, "ingest", config_key, {}, build, sources=sources)
 
 
 @task(name="ingest_link_mentions", **STAGE_TASK)
@@ -68,10 +68,10 @@ def ingest_link_mentions(
         path = Path(mentions_file).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"mentions file {path} not found")
-        inputs = {"mentions": file_sha256(path), "images": images}
+        sources = {"mentions": file_sha256(path), "images": images}
     else:
         path = None
-        inputs = {"records": artifact_key("records", "1", {"records": records}, {}), "images": images}
+        sources = {"records": hashlib.sha256(canonical_json(records).encode()).hexdigest(), "images": images}
 
     def build(writer):
         mentions, stats = read_mentions(path, None, folder, records=records, require_gold=False)
@@ -80,4 +80,5 @@ def ingest_link_mentions(
         writer.write_table("kb_triples", pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES)), schemas.KB_TRIPLES)
         writer.stats.update(stats)
 
-    return run_stage(ctx, "ingest_link", VERSION, {"image_dir": str(folder) if folder else None}, inputs, build)
+    config = {"image_dir": str(folder) if folder else None}
+    return run_stage(ctx, "ingest_link", config, {}, build, sources=sources)

@@ -47,9 +47,16 @@ class FakeLLM(CustomLLM):
         self.garbage_rate, self.latency_s = garbage_rate, latency_s
         self.rng = random.Random(seed)
         self.calls = 0
+        self.prompts: list[str] = []  # every prompt that reached the provider
+
+    @property
+    def generation_calls(self) -> int:
+        return sum(p.rstrip().endswith("Type:") for p in self.prompts)
 
     async def acompletion(self, *args, **kwargs) -> litellm.ModelResponse:
         self.calls += 1
+        prompt = _prompt(kwargs["messages"])
+        self.prompts.append(prompt)
         roll = self.rng.random()
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -57,7 +64,6 @@ class FakeLLM(CustomLLM):
             raise litellm.InternalServerError(message="injected 503", llm_provider="fake", model=kwargs["model"])
         if roll < self.failure_rate + self.timeout_rate:
             await asyncio.sleep(3600)
-        prompt = _prompt(kwargs["messages"])
         text = (
             "@@## lorem ipsum ##@@"
             if roll < self.failure_rate + self.timeout_rate + self.garbage_rate

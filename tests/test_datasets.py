@@ -152,3 +152,29 @@ def test_demo_data_reads_back_with_ambiguous_labels(small_demo):
     labels = ds.entities.group_by("label").len()
     assert labels.filter(labels["len"] == 3).height == SMALL_DEMO.groups  # every group shares one label
     assert 0 < ds.stats["mentions_without_image"] < ds.mentions.height
+
+
+def test_unusable_images_count_as_no_image_and_are_named(tmp_path, small_demo):
+    images = tmp_path / "mention_images"
+    images.mkdir()
+    good = next((small_demo / "mention_images").glob("*.png"))
+    (images / "good.png").write_bytes(good.read_bytes())
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image at all")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(images / "full.jpg", quality=90)
+    (images / "truncated.jpg").write_bytes((images / "full.jpg").read_bytes()[:300])
+    records = [{**GOOD, "id": i, "imgPath": name} for i, name in enumerate(
+        ["good.png", "empty.jpg", "text.jpg", "truncated.jpg", "absent.jpg"]
+    )]
+    ds = read_dataset(_dataset(tmp_path, records))
+    with_image = ds.mentions.filter(ds.mentions["image_path"].is_not_null())["image_path"].to_list()
+    assert [Path(p).name for p in with_image] == ["good.png"]
+    assert ds.stats["mentions_without_image"] == 4 and ds.stats["bad_mention_images"] == 3
+    named = {Path(e["file"]).name: e["record"] for e in ds.stats["bad_mention_image_examples"]}
+    assert named == {
+        "empty.jpg": "Mini.json: record 1 (id=1)",
+        "text.jpg": "Mini.json: record 2 (id=2)",
+        "truncated.jpg": "Mini.json: record 3 (id=3)",
+    }

@@ -1,13 +1,12 @@
 """The real flows, end to end, on the small demo dataset (Prefect's test harness, no server)."""
 
-import duckdb
 import polars as pl
 import pytest
 from conftest import small_config
 
 from flows.pipeline import full_pipeline, kgmel
-from storage import ArtifactStore
-from tasks import retrieval
+from storage import ArtifactStore, Catalog
+from tasks import train as train_task
 from tasks.common import StageFailed
 
 pytestmark = pytest.mark.slow
@@ -35,13 +34,13 @@ def first_run(prefect_harness, small_demo, tmp_path_factory):
 def test_full_pipeline_writes_every_stage_and_catalog(first_run):
     config, result = first_run
     assert list(result["artifacts"]) == STAGES
-    with duckdb.connect(f"{config.artifacts}/kgmel.duckdb", read_only=True) as con:
+    with Catalog(ArtifactStore(config.artifacts)).connect() as con:
         n_mentions = con.execute("select count(*) from mentions").fetchone()[0]
         per_mention = con.execute("select count(distinct mention_id), max(rank) from candidates").fetchone()
         methods = {r[0] for r in con.execute("select distinct method from metrics").fetchall()}
         built = con.execute("select count(*) from runs where not cache_hit").fetchone()[0]
     assert per_mention == (n_mentions, config.index.top_k)
-    assert methods == {"kgmel", "zero-shot text", "zero-shot image"}
+    assert methods == {"kgmel", "kgmel (exact search, diagnostic)", "zero-shot text", "zero-shot image"}
     assert built == len(STAGES)
     assert "| train |" in result["summary"]
 
@@ -60,17 +59,17 @@ def test_crash_in_middle_stage_then_restart_matches_uninterrupted_run(
 ):
     _, reference = first_run
     config = small_config(small_demo, tmp_path / "crashy")
-    real_train = retrieval.train_retriever
+    real_train = train_task.train_retriever
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(retrieval, "train_retriever", crash)
+    monkeypatch.setattr(train_task, "train_retriever", crash)
     with pytest.raises(StageFailed, match=r"stage 'train' \(artifact key [0-9a-f]+\) failed: RuntimeError: killed"):
         full_pipeline(config)
     store = ArtifactStore(config.artifacts)
-    assert store.latest("train") is None and store.latest("embed") is not None
-    monkeypatch.setattr(retrieval, "train_retriever", real_train)
+    assert store.keys("train") == [] and len(store.keys("embed")) == 1
+    monkeypatch.setattr(train_task, "train_retriever", real_train)
     resumed = full_pipeline(config)
     runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet").sort("finished_at")
     last_run = runs.filter(pl.col("run_id") == runs["run_id"][-1])
@@ -128,7 +127,7 @@ def test_link_new_mentions_against_existing_index(first_run, prefect_harness, tm
 
 def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harness, small_demo, tmp_path, monkeypatch):
     config = small_config(small_demo, tmp_path / "retry")
-    real_train = retrieval.train_retriever
+    real_train = train_task.train_retriever
     calls = []
 
     def flaky(*args, **kwargs):
@@ -137,7 +136,7 @@ def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harnes
             raise OSError("disk hiccup")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(retrieval, "train_retriever", flaky)
+    monkeypatch.setattr(train_task, "train_retriever", flaky)
     full_pipeline(config)
     assert len(calls) == 2  # failed once, retried, succeeded
     runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet")

@@ -91,3 +91,34 @@ def test_packaged_local_model_answers_through_litellm(tmp_path):
         )
     assert result.ok, result.call["error"]
     assert result.call["tokens_in"] > 50 and result.call["tokens_out"] > 0
+
+
+def test_api_base_is_part_of_the_cache_key(tmp_path):
+    fake = FakeLLM()
+    install(fake)
+    _client(tmp_path, api_base="http://a.invalid/v1").run(_requests(2), progress=False)
+    _client(tmp_path, api_base="http://b.invalid/v1").run(_requests(2), progress=False)
+    assert fake.calls == 4  # another server is another model: no answer is reused across them
+
+
+def test_a_call_waiting_to_retry_gives_its_concurrency_slot_to_others(tmp_path):
+    class FirstCallFails(FakeLLM):
+        async def acompletion(self, *args, **kwargs):
+            if self.calls == 0:
+                self.calls += 1
+                self.prompts.append("failed: " + kwargs["messages"][-1]["content"])
+                raise litellm.InternalServerError(message="503", llm_provider="fake", model=kwargs["model"])
+            return await super().acompletion(*args, **kwargs)
+
+    fake = FirstCallFails()
+    install(fake)
+    results = _client(tmp_path, concurrency=1, retries=1, backoff_s=0.3).run(_requests(2), progress=False)
+    assert all(r.ok for r in results) and results[0].call["attempts"] == 2
+    # request 1 ran while request 0 slept before its retry
+    assert [p.split("\n")[0] for p in fake.prompts] == ["failed: Sentence: s0", "Sentence: s1", "Sentence: s0"]
+
+
+def test_a_hang_is_recorded_as_a_timeout_with_a_message(tmp_path):
+    install(FakeLLM(timeout_rate=1.0))
+    result = _client(tmp_path, retries=0, timeout_s=0.1).run(_requests(1), progress=False)[0]
+    assert result.call["status"] == "timeout" and "no answer within timeout_s=0.1 s" in result.call["error"]

@@ -1,10 +1,11 @@
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
-from kgmel_core.metrics import gold_ranks, rank_in_candidates, ranking_metrics
+from kgmel_core.metrics import candidate_ranks, gold_ranks, ranking_metrics
 from kgmel_core.retrieval.losses import info_nce, kgmel_loss, self_info_nce
 
 
@@ -49,6 +50,15 @@ def test_ranking_metrics_count_missing_gold_as_misses():
     assert metrics["n"] == 4
 
 
-def test_rank_in_candidates():
-    assert rank_in_candidates(["Q1", "Q2"], "Q2") == 2.0
-    assert rank_in_candidates(["Q1"], "Q9") == math.inf
+def test_candidate_ranks_are_positions_in_the_served_list_inf_when_absent():
+    candidates = pl.DataFrame(
+        {"mention_id": ["a", "a", "b", "b", "c"], "rank": [1, 2, 1, 2, 1], "qid": ["Q1", "Q2", "Q3", "Q4", "Q5"]}
+    )
+    ranks = candidate_ranks(candidates, ["b", "a", "c", "d"], ["Q4", "Q1", "Q9", None])
+    assert ranks.tolist() == [2.0, 1.0, math.inf, math.inf]
+
+
+def test_ranking_metrics_from_a_served_depth_leave_deeper_hits_unknown():
+    metrics = ranking_metrics(np.array([1.0, 3.0, math.inf]), hits_at=(1, 3, 16), depth=8)
+    assert metrics["hits@1"] == pytest.approx(100 / 3) and metrics["hits@3"] == pytest.approx(200 / 3)
+    assert math.isnan(metrics["hits@16"]) and metrics["mrr"] == pytest.approx((1 + 1 / 3) / 3)

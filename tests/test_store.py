@@ -10,7 +10,7 @@ from storage.store import conform
 
 
 def _write(store, key="k1", rows=3, fail=False):
-    with store.writer("stage", key, config={"a": 1}, inputs={"x": "1"}, version="1") as writer:
+    with store.writer("stage", key, code="c1", config={"a": 1}, inputs={}, sources={"x": "1"}) as writer:
         writer.write_table("numbers", pl.DataFrame({"n": list(range(rows))}))
         if fail:
             raise RuntimeError("boom")
@@ -23,7 +23,8 @@ def test_written_artifact_round_trips(tmp_path):
     assert artifact.read("numbers")["n"].to_list() == [0, 1, 2]
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     assert manifest["tables"] == {"numbers": 3} and manifest["status"] == "complete"
-    assert manifest["inputs"] == {"x": "1"} and manifest["config"] == {"a": 1}
+    assert manifest["sources"] == {"x": "1"} and manifest["config"] == {"a": 1} and manifest["code"] == "c1"
+    assert set(manifest["content"]) == {"numbers/part-0.parquet"} and artifact.digest == manifest["digest"]
 
 
 def test_exception_in_body_leaves_no_artifact_and_no_temp(tmp_path):
@@ -72,25 +73,26 @@ def test_existing_artifact_is_kept_unless_replaced(tmp_path):
     store = ArtifactStore(tmp_path)
     _write(store, rows=3)
     assert _write(store, rows=5).read("numbers").height == 3
-    with store.writer("stage", "k1", config={}, inputs={}, version="1", replace=True) as writer:
+    with store.writer("stage", "k1", code="c1", config={}, inputs={}, replace=True) as writer:
         writer.write_table("numbers", pl.DataFrame({"n": [9]}))
     assert store.require("stage", "k1").read("numbers")["n"].to_list() == [9]
 
 
-def test_key_changes_with_config_inputs_version_and_stage():
-    base = artifact_key("s", "1", {"a": 1, "b": [1, 2]}, {"in": "k"})
-    assert base == artifact_key("s", "1", {"b": [1, 2], "a": 1}, {"in": "k"})  # order does not matter
-    assert base != artifact_key("s", "1", {"a": 2, "b": [1, 2]}, {"in": "k"})
-    assert base != artifact_key("s", "1", {"a": 1, "b": [1, 2]}, {"in": "k2"})
-    assert base != artifact_key("s", "2", {"a": 1, "b": [1, 2]}, {"in": "k"})
-    assert base != artifact_key("t", "1", {"a": 1, "b": [1, 2]}, {"in": "k"})
+def test_key_changes_with_config_inputs_sources_code_and_stage():
+    base = artifact_key("s", "c", {"a": 1, "b": [1, 2]}, {"in": "d"}, {"f": "h"})
+    assert base == artifact_key("s", "c", {"b": [1, 2], "a": 1}, {"in": "d"}, {"f": "h"})  # order does not matter
+    assert base != artifact_key("s", "c", {"a": 2, "b": [1, 2]}, {"in": "d"}, {"f": "h"})
+    assert base != artifact_key("s", "c", {"a": 1, "b": [1, 2]}, {"in": "d2"}, {"f": "h"})
+    assert base != artifact_key("s", "c", {"a": 1, "b": [1, 2]}, {"in": "d"}, {"f": "h2"})
+    assert base != artifact_key("s", "c2", {"a": 1, "b": [1, 2]}, {"in": "d"}, {"f": "h"})
+    assert base != artifact_key("t", "c", {"a": 1, "b": [1, 2]}, {"in": "d"}, {"f": "h"})
 
 
 def test_registered_file_must_be_written(tmp_path):
     store = ArtifactStore(tmp_path)
     with (
         pytest.raises(ArtifactError, match="never written"),
-        store.writer("stage", "k", config={}, inputs={}, version="1") as writer,
+        store.writer("stage", "k", code="c1", config={}, inputs={}) as writer,
     ):
         writer.file_path("model.pt")
     assert store.get("stage", "k") is None
@@ -101,3 +103,12 @@ def test_conform_names_missing_column():
     with pytest.raises(ArtifactError, match=r"t: missing columns \['b'\]"):
         conform(pa.table({"a": ["x"]}), schema, "t")
     assert conform(pa.table({"b": [1], "a": ["x"]}), schema, "t").schema == schema
+
+
+def test_a_wrong_path_is_not_a_transient_error_but_a_disk_hiccup_is():
+    from tasks.common import is_transient
+
+    assert not is_transient(FileNotFoundError("no such file: /data/x.json"))
+    assert not is_transient(PermissionError("denied"))
+    assert is_transient(OSError("disk hiccup")) and is_transient(TimeoutError())
+    assert not is_transient(ValueError("bad input"))

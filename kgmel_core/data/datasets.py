@@ -17,19 +17,23 @@ Bad input raises `DatasetError` naming file, record and field. Things that are a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from PIL import Image
 
 from kgmel_core import schemas
 
 SPLITS = ("train", "val", "test")
 # When an id is listed in several splits, the evaluation split wins so training never sees it.
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
+log = logging.getLogger(__name__)
 _QID = re.compile(r"^Q\d+$")
 _PID = re.compile(r"^P\d+$")
 
@@ -97,14 +101,44 @@ def image_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _image(folder: Path | None, name: Any) -> tuple[str | None, str | None]:
-    """(path, sha256) of an image, or (None, None) when the name is empty or the file is absent."""
+@dataclass
+class ImageCheck:
+    """What ingest found of the images a dataset names: unusable files are counted and named."""
+
+    bad: list[dict[str, str]] = field(default_factory=list)
+
+    def stats(self, side: str, examples: int = 20) -> dict[str, Any]:
+        return {f"bad_{side}_images": len(self.bad), f"bad_{side}_image_examples": self.bad[:examples]}
+
+
+def _image(
+    folder: Path | None, name: Any, where: str, field_name: str, check: ImageCheck
+) -> tuple[str | None, str | None]:
+    """(path, sha256) of an image, or (None, None) when the name is empty or the file is absent or
+    unusable (0 bytes, not an image, truncated: recorded in `check`, named, counted as no image).
+
+    A name that resolves outside `folder` (`../`, an absolute path, a symlink out) stops ingest:
+    its bytes could otherwise be sent to a remote model as an "image".
+    """
     if not name or folder is None:
         return None, None
-    path = folder / str(name)
+    if not isinstance(name, str):
+        raise DatasetError(f"{where}: field {field_name!r} must be a file name, got {name!r}")
+    root = folder.resolve()
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root):
+        raise DatasetError(f"{where}: field {field_name!r} = {name!r} resolves outside the image folder {root}")
     if not path.is_file():
         return None, None
-    return str(path.resolve()), image_sha256(path)
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: a truncated file fails here, not later in `embed`
+    except Exception as exc:  # PIL raises many types for bad files; every one means "no usable image"
+        check.bad.append({"file": str(path), "record": where, "reason": f"{type(exc).__name__}: {exc}"[:200]})
+        log.warning("%s: image %s is not usable (%s); counted as no image", where, path, exc)
+        return None, None
+    return str(path), hashlib.sha256(data).hexdigest()
 
 
 def read_splits(path: Path) -> tuple[dict[str, str], dict[str, int]]:
@@ -157,7 +191,8 @@ def read_mentions(
     if not isinstance(records, list):
         raise DatasetError(f"{path}: expected a JSON list of sentence records")
     rows = []
-    stats = {"sentences": len(records), "sentences_without_split": 0, "mentions_without_image": 0}
+    stats: dict[str, Any] = {"sentences": len(records), "sentences_without_split": 0, "mentions_without_image": 0}
+    images = ImageCheck()
     seen_ids: set[str] = set()
     for index, record in enumerate(records):
         where = f"{path.name}: record {index}"
@@ -188,7 +223,7 @@ def read_mentions(
         if split is None:
             stats["sentences_without_split"] += 1
             continue
-        image_path, image_hash = _image(image_dir, record.get("imgPath"))
+        image_path, image_hash = _image(image_dir, record.get("imgPath"), where, "imgPath", images)
         for i, (mention, label, qid) in enumerate(zip(lists["mention"], lists["entity"], lists["answer"], strict=True)):
             _require_str(mention, where, f"mention[{i}]")
             qid = None if qid is None else str(qid)
@@ -210,6 +245,7 @@ def read_mentions(
                 }
             )
     stats["mentions"] = len(rows)
+    stats.update(images.stats("mention"))
     return pl.from_dicts(rows, schema=pl.Schema(schemas.MENTIONS)) if rows else pl.DataFrame(
         schema=pl.Schema(schemas.MENTIONS)
     ), stats
@@ -224,7 +260,8 @@ def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, 
     else:
         raise DatasetError(f"{path}: expected an object qid -> entity or a list of entities")
     rows, seen = [], set()
-    stats = {"entities_without_image": 0}
+    stats: dict[str, Any] = {"entities_without_image": 0}
+    images = ImageCheck()
     for index, item in enumerate(items):
         where = f"{path.name}: entity {index}"
         if not isinstance(item, dict):
@@ -239,7 +276,7 @@ def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, 
         label = _require_str(item.get("label"), where, "label")
         description = item.get("description") or ""
         _require_str(description, where, "description", allow_empty=True)
-        image_path, image_hash = _image(image_dir, item.get("image"))
+        image_path, image_hash = _image(image_dir, item.get("image"), where, "image", images)
         stats["entities_without_image"] += image_path is None
         rows.append(
             {
@@ -250,6 +287,7 @@ def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, 
                 "image_sha256": image_hash,
             }
         )
+    stats.update(images.stats("entity"))
     return pl.from_dicts(rows, schema=pl.Schema(schemas.ENTITIES)), stats
 
 

@@ -1,8 +1,9 @@
 """One LiteLLM client for every LLM/VLM call of the pipeline.
 
 Bounded concurrency, a per-call time limit (`asyncio.wait_for`: LiteLLM's own `timeout=` is not
-enforced for every provider), retries with exponential back-off on transient errors only, and a
-disk cache keyed by (model, messages, params) so a re-run makes no call. Every call, cached or
+enforced for every provider), retries with exponential back-off on transient errors only (tenacity;
+a call waiting to retry gives its concurrency slot to others), and a disk cache keyed by
+(model, api_base, messages, params) so a re-run makes no call. Every call, cached or
 failed, yields one `llm_calls` row. A failed call is a recorded result, never an exception: the
 stages decide what a failure means (a recorded parse failure, a retrieval fallback).
 """
@@ -24,6 +25,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list d
 
 import diskcache  # noqa: E402
 import litellm  # noqa: E402
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from kgmel_core.config import LLMConfig  # noqa: E402
@@ -39,7 +41,7 @@ TRANSIENT = (
     litellm.exceptions.RateLimitError,
     litellm.exceptions.ServiceUnavailableError,
     litellm.exceptions.InternalServerError,
-    asyncio.TimeoutError,
+    TimeoutError,
 )
 
 
@@ -119,8 +121,30 @@ class LLMClient:
             kwargs["api_key"] = "not-needed"  # local OpenAI-compatible servers ignore it, the client wants one
         return kwargs
 
+    async def _call(self, request: LLMRequest, limiter: asyncio.Semaphore, call: dict[str, Any]) -> str:
+        """One attempt. Only the request itself holds a concurrency slot; back-off waits outside it."""
+        async with limiter:
+            call["attempts"] += 1
+            started = time.perf_counter()
+            call_api = litellm.atext_completion if self.text_mode else litellm.acompletion
+            try:
+                response = await asyncio.wait_for(call_api(**self._kwargs(request.messages)), self.config.timeout_s)
+            except TimeoutError:  # asyncio's carries no message: say what timed out
+                raise TimeoutError(f"no answer within timeout_s={self.config.timeout_s} s") from None
+            finally:
+                call["latency_s"] += time.perf_counter() - started
+        choice = response.choices[0]
+        usage = getattr(response, "usage", None)
+        call.update(
+            tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
+            tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+        return (choice.text if self.text_mode else choice.message.content) or ""
+
     async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
-        digest = prompt_hash(self.model, request.messages, {**self.params, "text_mode": self.text_mode})
+        digest = prompt_hash(
+            self.model, request.messages, {**self.params, "text_mode": self.text_mode, "api_base": self.api_base}
+        )
         call = {
             "call_id": f"{self.stage}-{digest[:16]}",
             "stage": self.stage,
@@ -137,42 +161,21 @@ class LLMClient:
         if self.cache is not None and (hit := self.cache.get(digest)) is not None:
             call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"])
             return LLMResult(request.key, hit["text"], call)
-        async with limiter:
-            started = time.perf_counter()  # latency of the call itself, not the wait for a slot
-            for attempt in range(self.config.retries + 1):
-                call["attempts"] = attempt + 1
-                try:
-                    call_api = litellm.atext_completion if self.text_mode else litellm.acompletion
-                    response = await asyncio.wait_for(
-                        call_api(**self._kwargs(request.messages)), timeout=self.config.timeout_s
-                    )
-                    choice = response.choices[0]
-                    text = (choice.text if self.text_mode else choice.message.content) or ""
-                    usage = getattr(response, "usage", None)
-                    call.update(
-                        tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
-                        tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
-                        latency_s=time.perf_counter() - started,
-                        status="ok",
-                        error=None,
-                    )
-                    if self.cache is not None:
-                        self.cache.set(
-                            digest, {"text": text, "tokens_in": call["tokens_in"], "tokens_out": call["tokens_out"]}
-                        )
-                    return LLMResult(request.key, text, call)
-                except TRANSIENT as exc:
-                    status = (
-                        "timeout" if isinstance(exc, asyncio.TimeoutError | litellm.exceptions.Timeout) else "error"
-                    )
-                    call.update(status=status, error=f"{type(exc).__name__}: {exc}"[:500])
-                    if attempt < self.config.retries:
-                        await asyncio.sleep(self.config.backoff_s * 2**attempt)
-                except Exception as exc:  # not transient: no retry, recorded
-                    call.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
-                    break
-        call["latency_s"] = time.perf_counter() - started
-        return LLMResult(request.key, None, call)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.retries + 1),
+            wait=wait_exponential(multiplier=self.config.backoff_s, min=self.config.backoff_s),
+            retry=retry_if_exception_type(TRANSIENT),
+            reraise=True,
+        )
+        try:
+            text = await retrying(self._call, request, limiter, call)
+        except Exception as exc:  # recorded, never raised: the stage decides what a failure means
+            timeout = isinstance(exc, TimeoutError | litellm.exceptions.Timeout)
+            call.update(status="timeout" if timeout else "error", error=f"{type(exc).__name__}: {exc}"[:500])
+            return LLMResult(request.key, None, call)
+        if self.cache is not None:
+            self.cache.set(digest, {"text": text, "tokens_in": call["tokens_in"], "tokens_out": call["tokens_out"]})
+        return LLMResult(request.key, text, call)
 
     async def _all(self, requests: list[LLMRequest], progress: bool) -> list[LLMResult]:
         limiter = asyncio.Semaphore(self.config.concurrency)

@@ -17,15 +17,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from kgmel_core.retrieval.device import resolve_device
 from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class Encoder(Protocol):

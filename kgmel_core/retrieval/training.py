@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kgmel_core.config import TrainingConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
-from kgmel_core.retrieval.encoders import resolve_device
+from kgmel_core.retrieval.device import resolve_device
 from kgmel_core.retrieval.features import Banks, SideFeatures, subset_side
 from kgmel_core.retrieval.losses import kgmel_loss
 from kgmel_core.retrieval.model import KGMELRetriever
