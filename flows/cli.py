@@ -1,111 +1,304 @@
-"""`kgmel` command line: run flows locally (no server needed), make demo data, query and verify artifacts,
-list and promote the models the store serves."""
+"""`kgmel`: run the pipeline's jobs, link new mentions, and inspect, query and verify the artifact store.
+
+Every command validates its arguments and config before Prefect starts (a temporary local server
+in the default, server-less mode), so a typo fails in a second, not after the server came up.
+"""
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
-from typing import Any
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
 
-from kgmel_core.config import deep_merge, load_config, parse_override
+import typer
+from rich.console import Console
+
+from kgmel_core.config import PipelineConfig, deep_merge, load_config, parse_override
+
+app = typer.Typer(
+    name="kgmel",
+    help="Run KGMEL's jobs, link new mentions, inspect, query and verify the artifact store. Arguments and config "
+    "are checked before Prefect starts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Named models: list versions, promote the one reindex-kb and link serve.")
+app.add_typer(models_app, name="models")
+console = Console()
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
+class Job(StrEnum):
+    full_pipeline = "full-pipeline"
+    reindex_kb = "reindex-kb"
+    ablations = "ablations"
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML config file (configs/*.yaml)."),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."),
+]
+ArtifactsOption = Annotated[
+    Path | None,
+    typer.Option("--artifacts", "-a", help="Artifact store root (default: the config's, else ./artifacts)."),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model name to serve (default: the config's model_name, else dataset.name)."),
+]
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, no traceback."""
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> tuple[PipelineConfig, dict[str, Any]]:
     merged: dict[str, Any] = {}
-    for pair in pairs:
+    for pair in overrides or []:
         merged = deep_merge(merged, parse_override(pair))
-    return merged
+    try:
+        return load_config(config, merged), merged
+    except ValueError as exc:
+        raise UserError(f"invalid config: {exc}") from None
 
 
-def _models(args: argparse.Namespace) -> int:
-    from storage import ArtifactStore, ModelRegistry
+def _store_root(artifacts: Path | None, config: Path | None) -> Path:
+    if artifacts is not None:
+        return artifacts
+    if config is not None:
+        return Path(_config(config, None)[0].artifacts)
+    return Path("artifacts")
 
-    registry = ModelRegistry(ArtifactStore(args.artifacts).root)
-    if args.action == "promote":
-        version = registry.promote(args.name, args.version)
-        print(f"model {args.name!r}: now serving v{version.number} (train {version.train}, index {version.index})")
-        return 0
-    for name in [args.name] if args.name else registry.names():
-        state = registry.require(name)
-        print(f"{name}:")
+
+def ensure_prefect_api() -> None:
+    """When a Prefect API URL is configured (e.g. by `make serve`'s prefect.toml), make sure it answers,
+    instead of failing later inside Prefect with a bare connection error."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=3).raise_for_status()
+    except httpx.HTTPError as exc:
+        where = " (set by ./prefect.toml, written by `make serve`)" if Path("prefect.toml").is_file() else ""
+        raise UserError(
+            f"the Prefect API at {url}{where} does not answer ({exc}). Start it with `make serve`, or run "
+            "`make stop` to run flows without a server."
+        ) from None
+
+
+def _run_flow(**params: Any) -> dict:
+    ensure_prefect_api()
+    from flows.pipeline import kgmel
+
+    result = kgmel(**params)
+    result["report"].render(console)
+    return result
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    job: Annotated[Job, typer.Option("--job", "-j", help="Which job to run.")] = Job.full_pipeline,
+    model: ModelOption = None,
+    promote: Annotated[bool, typer.Option(help="Serve the model this run trains (full-pipeline).")] = False,
+) -> None:
+    """Run a job locally: the same flow the deployments run."""
+    _, overrides = _config(config, set_)
+    _run_flow(job=job.value, config_path=str(config) if config else None, overrides=overrides, model=model,
+              promote=promote)
+
+
+@app.command()
+def link(
+    mentions_file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="MIMIC-format JSON list of sentences to link.")
+    ],
+    image_dir: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False, help="Folder the records' imgPath names live in.")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    model: ModelOption = None,
+    config_scope: Annotated[
+        bool, typer.Option(help="Apply the config's LLM scope instead of running the LLM on every given mention.")
+    ] = False,
+) -> None:
+    """Link new mentions against the served model's index (no retraining) and print the predictions."""
+    _, overrides = _config(config, set_)
+    try:
+        records = json.loads(mentions_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{mentions_file}: not valid JSON ({exc})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{mentions_file}: expected a JSON list of sentence records")
+    result = _run_flow(
+        job="link",
+        config_path=str(config) if config else None,
+        overrides=overrides,
+        mentions_file=str(mentions_file.resolve()),
+        image_dir=str(image_dir.resolve()) if image_dir else None,
+        model=model,
+        llm_scope="config" if config_scope else "given",
+    )
+    from storage import ArtifactStore, Catalog
+
+    catalog = Catalog(ArtifactStore(result["root"]))
+    console.print(catalog.query("select mention_id, mention, predicted_qid, predicted_label, source, score "
+                                "from predictions_labeled order by mention_id"))
+
+
+@app.command()
+def reindex(config: ConfigOption = None, set_: SetOption = None, model: ModelOption = None) -> None:
+    """Re-read the KB and rebuild the served model's index (what the nightly deployment runs)."""
+    _, overrides = _config(config, set_)
+    _run_flow(job="reindex-kb", config_path=str(config) if config else None, overrides=overrides, model=model)
+
+
+@app.command()
+def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Train and evaluate the retriever and its ablations (no triples / image / gate); nothing is served."""
+    _, overrides = _config(config, set_)
+    _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SELECT or EXPLAIN; views as in the README.")],
+    artifacts: ArtifactsOption = None,
+    config: ConfigOption = None,
+    output: Annotated[str, typer.Option(help="table | csv | json")] = "table",
+) -> None:
+    """Run a read-only SQL query over the artifact catalog (DuckDB)."""
+    from storage import ArtifactStore, Catalog, QueryRefused
+
+    root = _store_root(artifacts, config)
+    if not root.is_dir():
+        raise UserError(f"no artifact store at {root}: run a job first, or pass --artifacts")
+    try:
+        frame = Catalog(ArtifactStore(root)).query(sql)
+    except QueryRefused as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:  # DuckDB's own message (unknown view or column) is what the user needs
+        raise UserError(f"query failed: {exc}") from None
+    if output == "csv":
+        sys.stdout.write(frame.write_csv())
+    elif output == "json":
+        sys.stdout.write(frame.write_json())
+    else:
+        import polars as pl
+
+        with pl.Config(tbl_rows=100, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            print(frame)
+
+
+@app.command()
+def status(artifacts: ArtifactsOption = None, config: ConfigOption = None) -> None:
+    """What the store holds: datasets, models and what they serve, recent runs, LLM calls."""
+    from flows.status import store_status
+
+    root = _store_root(artifacts, config)
+    if not root.is_dir():
+        raise UserError(f"no artifact store at {root}: run a job first, or pass --artifacts")
+    store_status(root, console)
+
+
+@app.command()
+def verify(
+    artifacts: ArtifactsOption = None,
+    config: ConfigOption = None,
+    quarantine: Annotated[bool, typer.Option(help="Move damaged artifacts aside; the next run rebuilds them.")] = False,
+) -> None:
+    """Check every artifact's files against the sha256 digests in its manifest."""
+    from storage import ArtifactStore
+
+    store = ArtifactStore(_store_root(artifacts, config))
+    problems = store.verify(full=True)
+    for path, problem in problems:
+        console.print(f"[red]DAMAGED[/red] {path}: {problem}", highlight=False)
+        if quarantine:
+            stage, key = Path(path).parts[-2:]
+            store.quarantine(stage, key, problem)
+    console.print(f"{len(problems)} damaged artifact(s) under {store.root}")
+    if problems:
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(name: Annotated[str | None, typer.Argument()] = None, artifacts: ArtifactsOption = None) -> None:
+    """Versions of each model name; * marks the served one."""
+    from storage import ModelRegistry
+
+    registry = ModelRegistry(_store_root(artifacts, None).resolve())
+    names = [name] if name else registry.names()
+    if not names:
+        console.print("no models registered yet: run `kgmel run` (full-pipeline) first")
+    for each in names:
+        state = registry.require(each)
+        console.print(f"[bold]{each}[/bold]")
         for v in state.versions:
             mark = "*" if v.number == state.served else " "
-            print(f" {mark} v{v.number}  train {v.train}  index {v.index}  registered {v.registered_at[:19]}  {v.info}")
-    return 0
+            console.print(f" {mark} v{v.number}  train {v.train}  index {v.index}  {v.registered_at[:19]}  {v.info}",
+                          highlight=False)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version number (2, v2) or a prefix of its train key.")],
+    artifacts: ArtifactsOption = None,
+) -> None:
+    """Serve a version: reindex-kb and link use it from now on."""
+    from storage import ModelRegistry
+
+    chosen = ModelRegistry(_store_root(artifacts, None).resolve()).promote(name, version)
+    console.print(f"model {name!r}: now serving v{chosen.number} (train {chosen.train}, index {chosen.index})")
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("demo_data"),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write the seeded synthetic demo dataset (MIMIC layout)."""
+    from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
+
+    console.print(generate_demo_dataset(out, DemoSpec(seed=seed)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kgmel", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo-data", help="write the seeded synthetic demo dataset")
-    demo.add_argument("--out", default="demo_data")
-    demo.add_argument("--seed", type=int, default=0)
-    for name, help_text in (
-        ("run", "run a flow locally (same flow the deployments run)"),
-        ("ablations", "train + evaluate the retriever and its ablations, print a table"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="YAML config file")
-        p.add_argument(
-            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
-        )
-        if name == "run":
-            p.add_argument("--job", default="full-pipeline")
-            p.add_argument("--model", help="model name reindex-kb / link serve (default: the config's)")
-            p.add_argument("--promote", action="store_true", help="serve the model this run trains")
-    query = sub.add_parser("query", help="run a read-only SQL query against the artifact catalog")
-    query.add_argument("sql")
-    query.add_argument("--artifacts", default="artifacts")
-    verify = sub.add_parser("verify", help="check every artifact's files against their manifest digests")
-    verify.add_argument("--artifacts", default="artifacts")
-    verify.add_argument("--quarantine", action="store_true", help="move damaged artifacts aside (rebuilt next run)")
-    models = sub.add_parser("models", help="list the named models, or promote a version to be served")
-    models.add_argument("action", choices=["list", "promote"])
-    models.add_argument("name", nargs="?")
-    models.add_argument("version", nargs="?")
-    models.add_argument("--artifacts", default="artifacts")
-    args = parser.parse_args(argv)
+    """Entry point. Usage errors (unknown option or choice, missing file) are typer's: exit 2 with its
+    message. Known user errors print one line: exit 2 for arguments, 1 for what a run found."""
+    from kgmel_core.data.datasets import DatasetError
+    from storage import ArtifactError, RegistryError
 
-    if args.command == "demo-data":
-        from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
+    try:
+        app(args=argv)
+    except SystemExit as exc:  # typer's standalone mode: --help, usage errors, typer.Exit
+        return exc.code if isinstance(exc.code, int) else 0
+    except UserError as exc:
+        console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+        return 2
+    except (RegistryError, ArtifactError, DatasetError, ValueError) as exc:
+        # ValueError covers a config the served model contradicts (ServedModelMismatch)
+        console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+        return 1
+    except Exception as exc:
+        from tasks.common import StageFailed
 
-        print(generate_demo_dataset(args.out, DemoSpec(seed=args.seed)))
-        return 0
-    if args.command == "query":
-        from storage import ArtifactStore, Catalog, QueryRefused
-
-        try:
-            print(Catalog(ArtifactStore(args.artifacts)).query(args.sql))
-        except QueryRefused as exc:
-            print(f"kgmel query: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "verify":
-        from storage import ArtifactStore
-
-        store = ArtifactStore(args.artifacts)
-        problems = store.verify(full=True)
-        for path, problem in problems:
-            print(f"DAMAGED {path}: {problem}")
-            if args.quarantine:
-                stage, key = path.rsplit("/", 2)[-2:]
-                store.quarantine(stage, key, problem)
-        print(f"{len(problems)} damaged artifact(s) under {store.root}")
-        return 1 if problems else 0
-    if args.command == "models":
-        if args.action == "promote" and not (args.name and args.version):
-            parser.error("models promote NAME VERSION")
-        return _models(args)
-    overrides = _overrides(args.set)
-    load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
-    from flows.pipeline import kgmel
-
-    if args.command == "run":
-        result = kgmel(job=args.job, config_path=args.config, overrides=overrides, model=args.model,
-                       promote=args.promote)
-    else:
-        result = kgmel(job="ablations", config_path=args.config, overrides=overrides)
-    print(result.get("summary") or result.get("table"))
+        if isinstance(exc, StageFailed):  # the flow logged the traceback; one line here
+            console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+            return 1
+        raise
     return 0
 
 

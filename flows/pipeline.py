@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import polars as pl
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
-from prefect.exceptions import MissingContextError
 
 from flows.context import open_context
-from kgmel_core.config import EncoderConfig, PipelineConfig, explicit_differences, load_config
+from flows.summary import RunSummary, skip_warnings
+from kgmel_core.config import EncoderConfig, LLMScope, PipelineConfig, explicit_differences, load_config
 from storage import Artifact, ModelRegistry
 from storage.registry import ModelVersion
 from tasks import clip_bootstrap as bootstrap_tasks
@@ -51,21 +49,18 @@ def artifact_ids(stages: dict[str, Artifact]) -> dict[str, str]:
     return {label: artifact.id for label, artifact in stages.items()}
 
 
-def publish_summary(ctx: PipelineContext, title: str, metrics: Artifact | None, notes: list[str] = ()) -> str:
-    """A markdown summary (metrics, per-stage rows/time/cache hits, catalog path) as a Prefect artifact."""
-    lines = [f"# {title}", "", *[f"- {note}" for note in notes], "", f"DuckDB catalog: `{ctx.catalog.path}`", ""]
-    lines += ["| stage | key | cache hit | rows | seconds | note |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r.stage} | `{r.key}` | {'yes' if r.cache_hit else 'no'} | {r.rows} | {r.seconds:.1f} | {r.note or ''} |"
-        for r in ctx.run_log.records
-    ]
-    if metrics is not None:
-        table = evaluate_tasks.format_metrics(metrics.read("metrics"))
-        lines += ["", "## Metrics", "", "```", table, "```"]
-    markdown = "\n".join(lines)
-    with contextlib.suppress(MissingContextError):
-        create_markdown_artifact(markdown, key="kgmel-run-summary", description=title)
-    return markdown
+def finish(ctx: PipelineContext, title: str, metrics: Artifact | None, notes: list[str] = ()) -> RunSummary:
+    """The run's summary: published as the flow run's Prefect artifact, returned for the terminal."""
+    records = ctx.run_log.records
+    report = RunSummary(
+        title,
+        str(ctx.catalog.path),
+        list(records),
+        [*notes, *skip_warnings(ctx.store, records)],
+        metrics.read("metrics") if metrics is not None else None,
+    )
+    report.publish()
+    return report
 
 
 def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact], promote: bool) -> str:
@@ -112,8 +107,8 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
         )
     metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
     registered = register_model(ctx, config, chain, promote)
-    summary = publish_summary(ctx, "kgmel full-pipeline", metrics, [registered])
-    return {"artifacts": artifact_ids(stages), "summary": summary, "root": str(ctx.store.root), "model": registered}
+    report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
+    return {"artifacts": artifact_ids(stages), "report": report, "root": str(ctx.store.root), "model": registered}
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -137,9 +132,9 @@ def ablations(config: PipelineConfig) -> dict[str, Any]:
         chain = retrieval_chain(ctx, variant, ingested, None)
         results[label] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], label=label)
     combined = pl.concat([a.read("metrics") for a in results.values()]).unique(maintain_order=True)
-    table = evaluate_tasks.format_metrics(combined)
-    publish_summary(ctx, "kgmel ablations", None)
-    return {"table": table, "metrics": combined}
+    report = finish(ctx, "kgmel ablations", None)
+    report.metrics = combined
+    return {"report": report, "metrics": combined}
 
 
 class ServedModelMismatch(ValueError):
@@ -192,10 +187,10 @@ def reindex_kb(config: PipelineConfig, model: str | None = None) -> dict[str, An
     ModelRegistry(ctx.store.root).record_reindex(name, trained.key, indexed.key)
     ctx.catalog.refresh()
     note = f"model {name!r} v{version.number}: serves index {indexed.key} (was {version.index})"
-    summary = publish_summary(ctx, "kgmel reindex-kb", None, [note])
+    report = finish(ctx, "kgmel reindex-kb", None, [note])
     return {
         "artifacts": artifact_ids({"train": trained, "ingest": ingested, "embed": embedded, "index": indexed}),
-        "summary": summary,
+        "report": report,
         "root": str(ctx.store.root),
     }
 
@@ -207,9 +202,21 @@ def link(
     mentions: list[dict] | None = None,
     image_dir: str | None = None,
     model: str | None = None,
+    llm_scope: Literal["given", "config"] = "given",
 ) -> dict[str, Any]:
     """Link new mentions against the served model's index, without retraining:
-    ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> predictions."""
+    ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> predictions.
+
+    The LLM stages run on every mention given (`llm_scope="given"`): the configured scope names
+    benchmark splits, which new mentions are not in. `"config"` keeps the configured scope."""
+    if llm_scope == "given":
+        everything = LLMScope()
+        config = config.model_copy(
+            update={
+                "generation": config.generation.model_copy(update={"scope": everything}),
+                "rerank": config.rerank.model_copy(update={"scope": everything}),
+            }
+        )
     ctx = open_context(config, "link")
     version, trained = served_model(ctx, config, model)
     indexed = ctx.store.require("index", version.index)
@@ -237,12 +244,12 @@ def link(
         )
         predictions = reranked.read("predictions")
     note = f"model {model or config.model!r} v{version.number} (train {trained.key}, index {indexed.key})"
-    summary = publish_summary(ctx, "kgmel link", None, [note])
+    report = finish(ctx, "kgmel link", None, [note])
     return {
         "artifacts": artifact_ids(stages),
         "candidates": candidates.read("candidates"),
         "predictions": predictions,
-        "summary": summary,
+        "report": report,
         "root": str(ctx.store.root),
     }
 
@@ -256,6 +263,7 @@ def kgmel(
     image_dir: str | None = None,
     model: str | None = None,
     promote: bool = False,
+    llm_scope: Literal["given", "config"] = "given",
 ) -> dict:
     """The deployable entry flow. Deployments `kgmel/full-pipeline`, `kgmel/reindex-kb`, `kgmel/link`
     are this flow with `job` preset, so `prefect deployment run kgmel/<job>` is what users type.
@@ -268,11 +276,11 @@ def kgmel(
     elif job == "link":
         if not mentions_file:
             raise ValueError("job 'link' needs mentions_file")
-        result = link(config, mentions_file=mentions_file, image_dir=image_dir, model=model)
+        result = link(config, mentions_file=mentions_file, image_dir=image_dir, model=model, llm_scope=llm_scope)
         result.pop("candidates")
         result.pop("predictions")
     else:
         result = ablations(config)
         result.pop("metrics")
-    logger().info("%s", result.get("summary") or result.get("table"))
+    logger().info("%s", result["report"].markdown())
     return result

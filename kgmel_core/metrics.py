@@ -75,3 +75,30 @@ def candidate_ranks(
     served = candidates.select("mention_id", "qid", pl.col("rank").cast(pl.Float64))
     found = gold.with_row_index("position").join(served, on=["mention_id", "qid"], how="left").sort("position")
     return found["rank"].fill_null(np.inf).to_numpy()
+
+
+METRICS_SHOWN = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr", "n", "fallbacks", "sent_to_llm")
+
+
+def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> pl.DataFrame:
+    """A `metrics` table (method, split, metric, value) as one row per (method, split), rounded."""
+    wide = (
+        metrics.filter(pl.col("metric").is_in(list(shown)))
+        .with_columns(pl.col("value").round(2))
+        .pivot(on="metric", index=["method", "split"], values="value")
+        .sort("split", "method")
+    )
+    return wide.select(["method", "split", *[m for m in shown if m in wide.columns]])
+
+
+def metrics_markdown(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> str:
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=-1,
+        tbl_cols=-1,
+        fmt_str_lengths=80,
+        tbl_width_chars=250,
+    ):
+        return str(wide_metrics(metrics, shown))

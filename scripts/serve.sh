@@ -3,6 +3,10 @@
 #   scripts/serve.sh start   -> prints the UI URL; then: prefect deployment run kgmel/full-pipeline
 #   scripts/serve.sh stop
 # Env: KGMEL_PREFECT_PORT (4200), PREFECT_HOME (~/.prefect), KGMEL_BIN (.venv/bin).
+#
+# The server's URL goes into ./prefect.toml, Prefect's project-level settings file: prefect and kgmel
+# commands run from this folder reach the server, nothing else does, and the user's Prefect profile is
+# never touched. `stop` removes the file, so later runs go back to Prefect's server-less mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KGMEL_PROJECT_DIR="$PWD"
@@ -12,7 +16,13 @@ STATE="${PREFECT_HOME:-$HOME/.prefect}/kgmel-serve"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 TOKENIZERS_PARALLELISM=false
+SETTINGS="$PWD/prefect.toml"
+MARK="# written by scripts/serve.sh (make serve); removed by make stop"
 mkdir -p "$STATE"
+
+remove_settings() {
+  if [[ -f "$SETTINGS" ]] && [[ "$(head -n 1 "$SETTINGS")" == "$MARK" ]]; then rm -f "$SETTINGS"; fi
+}
 
 stop() {
   for name in worker server; do
@@ -28,12 +38,16 @@ stop() {
 }
 
 case "${1:-start}" in
-  stop) stop; echo "stopped"; exit 0 ;;
+  stop) stop; remove_settings; echo "stopped"; exit 0 ;;
   start) ;;
   *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac
 
+if [[ -f "$SETTINGS" ]] && [[ "$(head -n 1 "$SETTINGS")" != "$MARK" ]]; then
+  echo "$SETTINGS exists and was not written by this script; move it away first" >&2; exit 1
+fi
 stop
+remove_settings
 setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 &
 echo $! >"$STATE/server.pid"
 for _ in $(seq 120); do
@@ -41,7 +55,7 @@ for _ in $(seq 120); do
   sleep 1
 done
 curl -sf "http://127.0.0.1:${PORT}/api/health" >/dev/null || { echo "server did not start; see $STATE/server.log" >&2; exit 1; }
-"$BIN/prefect" config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
+printf '%s\n[api]\nurl = "%s"\n' "$MARK" "$PREFECT_API_URL" >"$SETTINGS"
 "$BIN/prefect" work-pool inspect kgmel-local >/dev/null 2>&1 || "$BIN/prefect" work-pool create kgmel-local --type process >/dev/null
 "$BIN/prefect" --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
 PATH="$BIN:$PATH" setsid "$BIN/prefect" worker start --pool kgmel-local --type process >"$STATE/worker.log" 2>&1 &
@@ -50,5 +64,6 @@ cat <<MSG
 Prefect UI:   http://127.0.0.1:${PORT}
 Deployments:  kgmel/full-pipeline, kgmel/reindex-kb (nightly 02:00 UTC), kgmel/link
 Run:          prefect deployment run kgmel/full-pipeline --watch
+Settings:     $SETTINGS (this folder's prefect/kgmel commands use the server; your profile is untouched)
 Logs:         $STATE/{server,worker,deploy}.log      Stop: make stop
 MSG

@@ -34,6 +34,9 @@ from storage.store import MANIFEST, Artifact, ArtifactStore
 log = logging.getLogger(__name__)
 CATALOG_FILE = "kgmel.duckdb"
 KB_TABLES = ("entities", "kb_triples", "fused_entities")
+# Runs whose outputs are "current": what the pipeline served. Experiments (ablations, benchmarks)
+# appear in the history views only.
+CURRENT_FLOWS = ("full-pipeline", "link", "reindex-kb")
 HISTORY_TABLES = (
     "mentions",
     "candidates",
@@ -86,6 +89,8 @@ class Catalog:
         chosen: dict[str, list[Artifact]] = {}
         if runs is None or runs.height == 0:
             return chosen
+        if runs["flow"].is_in(CURRENT_FLOWS).any():
+            runs = runs.filter(pl.col("flow").is_in(CURRENT_FLOWS))
         order = (
             runs.group_by("run_id").agg(pl.col("finished_at").max()).sort("finished_at", descending=True)["run_id"]
         )
@@ -140,6 +145,7 @@ class Catalog:
                 f"create or replace view {table} as select * from "
                 f"read_parquet({_file_list(parts, base)}, union_by_name=true)"
             )
+        statements += self._labeled_views({s.split()[4] for s in statements})
         for table in HISTORY_TABLES:
             holders = [a for a in artifacts.values() if table in a.tables]
             parts = [p for a in holders for p in a.parts(table)]
@@ -174,6 +180,29 @@ class Catalog:
                 "union_by_name=true, filename=true)"
             )
         return statements
+
+    @staticmethod
+    def _labeled_views(views: set[str]) -> list[str]:
+        """Join views a user would otherwise write by hand: labels of predictions and candidates."""
+        if not {"candidates", "mentions", "entities"} <= views:
+            return []
+        reranked = "predictions" in views
+        predicted = "coalesce(p.qid, c.qid)" if reranked else "c.qid"
+        source = "coalesce(p.source, 'retrieval')" if reranked else "'retrieval'"
+        reason = "p.reason" if reranked else "null"
+        join_predictions = "left join predictions p using (mention_id) " if reranked else ""
+        return [
+            "create or replace view candidates_labeled as select c.mention_id, m.mention, c.rank, c.qid, e.label, "
+            "e.description, c.score, m.gold_qid, c.qid = m.gold_qid as is_gold from candidates c "
+            "join mentions m using (mention_id) left join entities e on e.qid = c.qid",
+            "create or replace view predictions_labeled as select c.mention_id, m.mention, m.sentence, m.split, "
+            f"{predicted} as predicted_qid, e.label as predicted_label, e.description as predicted_description, "
+            f"{source} as source, {reason} as reason, cp.rank as candidate_rank, cp.score as score, "
+            f"m.gold_qid, m.gold_label, {predicted} = m.gold_qid as correct "
+            f"from candidates c join mentions m using (mention_id) {join_predictions}"
+            f"left join candidates cp on cp.mention_id = c.mention_id and cp.qid = {predicted} "
+            f"left join entities e on e.qid = {predicted} where c.rank = 1",
+        ]
 
     # -- the DuckDB file -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.metrics import candidate_ranks, gold_ranks, ranking_metrics
+from kgmel_core.metrics import candidate_ranks, gold_ranks, metrics_markdown, ranking_metrics
 from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_text
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
@@ -69,7 +69,7 @@ def evaluate(
             rows += _rerank_rows(label, ingest, retrieve, rerank, dict(zip(features.mentions.ids, splits, strict=True)))
         table = pl.DataFrame(rows, schema=pl.Schema(schemas.METRICS))
         writer.write_table("metrics", table, schemas.METRICS)
-        logger().info("metrics:\n%s", format_metrics(table))
+        logger().info("metrics:\n%s", metrics_markdown(table))
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
     return run_stage(ctx, "evaluate", {"label": label}, inputs, build)
@@ -129,26 +129,3 @@ def _entity_vectors(ctx: PipelineContext, retrieve: Artifact, qids: list[str]) -
     row = {q: i for i, q in enumerate(fused["qid"].to_list())}
     matrix = schemas.vector_matrix(fused["vector"])
     return matrix[[row[q] for q in qids]]
-
-
-def format_metrics(
-    metrics: pl.DataFrame, metrics_shown: tuple[str, ...] = ("hits@1", "hits@5", "hits@16", "mrr", "n", "fallbacks")
-) -> str:
-    """A markdown table, one row per (method, split), one column per metric (rounded)."""
-    wide = (
-        metrics.filter(pl.col("metric").is_in(metrics_shown))
-        .with_columns(pl.col("value").round(2))
-        .pivot(on="metric", index=["method", "split"], values="value")
-        .sort("split", "method")
-    )
-    wide = wide.select(["method", "split", *[m for m in metrics_shown if m in wide.columns]])
-    with pl.Config(
-        tbl_formatting="MARKDOWN",
-        tbl_hide_column_data_types=True,
-        tbl_hide_dataframe_shape=True,
-        tbl_rows=-1,
-        tbl_cols=-1,
-        fmt_str_lengths=80,
-        tbl_width_chars=250,
-    ):
-        return str(wide)

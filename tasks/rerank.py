@@ -170,7 +170,9 @@ def rerank(
         )
         calls = calls_table(results)
         writer.write_table("llm_calls", calls, schemas.LLM_CALLS)
-        writer.stats.update(call_stats(calls), outcomes=reasons, model=client.model)
+        writer.stats.update(
+            call_stats(calls), outcomes=reasons, model=client.model, mentions=mentions.height, in_scope=asked.height
+        )
         logger().info("rerank: %s", writer.stats)
 
     return run_stage(ctx, "rerank", stage_config, inputs, build, max_attempts=config.llm.max_stage_attempts)

@@ -65,7 +65,7 @@ def train(
             subset_side(features.mentions, val_rows),
             gold[val_rows],
             training,
-            on_epoch=lambda row: logger().info("epoch %s", row),
+            on_epoch=lambda row: logger().debug("epoch %s", row),  # the progress bar shows it; history keeps it
         )
         torch.save(
             {
@@ -78,6 +78,10 @@ def train(
         )
         history = pl.DataFrame(result.history).drop("seconds")  # wall-clock goes to stats: tables stay deterministic
         writer.write_table("training_history", history, schemas.TRAINING_HISTORY)
+        logger().info(
+            "train: best epoch %d of %d, val HITS@1 %.2f, MRR %.3f",
+            result.best_epoch, len(result.history), result.best_val_hits1, result.best_val_mrr,
+        )
         writer.stats.update(
             best_epoch=result.best_epoch,
             best_val_hits1=result.best_val_hits1,

@@ -42,7 +42,7 @@ def test_full_pipeline_writes_every_stage_and_catalog(first_run):
     assert per_mention == (n_mentions, config.index.top_k)
     assert methods == {"kgmel", "kgmel (exact search, diagnostic)", "zero-shot text", "zero-shot image"}
     assert built == len(STAGES)
-    assert "| train |" in result["summary"]
+    assert "| train |" in result["report"].markdown()
 
 
 def test_rerun_skips_every_stage_by_key(first_run, prefect_harness):

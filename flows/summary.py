@@ -1,0 +1,87 @@
+"""The end-of-run summary: per-stage outcome, loud warnings, metrics. One object, two renderings:
+markdown for the run's Prefect artifact (what `--watch` and UI users read), a rich table for the terminal."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import polars as pl
+from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
+
+from kgmel_core.metrics import metrics_markdown, wide_metrics
+from storage import ArtifactStore
+from storage.runs import StageRecord
+
+SUMMARY_ARTIFACT_KEY = "kgmel-run-summary"
+
+
+def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]:
+    """Loud notes for LLM stages of this run that asked the LLM nothing, or whose calls failed."""
+    warnings = []
+    for record in records:
+        if record.stage not in ("generate", "rerank") or record.status != "ok":
+            continue
+        stats = store.require(record.stage, record.key).manifest["stats"]
+        asked, total = stats.get("in_scope"), stats.get("mentions")
+        if asked == 0 and total:
+            warnings.append(
+                f"WARNING {record.stage}: none of the {total} mentions is in the configured LLM scope "
+                f"({record.stage} scope); no LLM call was made"
+            )
+        if stats.get("calls_failed"):
+            warnings.append(
+                f"WARNING {record.stage}: {stats['calls_failed']} of {stats.get('calls', '?')} LLM calls failed "
+                f"(attempt {stats.get('attempt', 1)}); a re-run calls only those again"
+            )
+    return warnings
+
+
+@dataclass
+class RunSummary:
+    title: str
+    catalog: str
+    records: list[StageRecord]
+    notes: list[str] = field(default_factory=list)
+    metrics: pl.DataFrame | None = None
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", "", *[f"- {note}" for note in self.notes], ""]
+        lines += [f"Query the artifacts: `kgmel query \"...\"` (catalog `{self.catalog}`)", ""]
+        lines += ["| stage | key | cache hit | rows | seconds | note |", "|---|---|---|---|---|---|"]
+        for r in self.records:
+            hit = "yes" if r.cache_hit else "no"
+            lines.append(f"| {r.stage} | `{r.key}` | {hit} | {r.rows} | {r.seconds:.1f} | {r.note or ''} |")
+        if self.metrics is not None:
+            lines += ["", "## Metrics", "", metrics_markdown(self.metrics)]
+        return "\n".join(lines)
+
+    def publish(self) -> None:
+        """Attach the summary to the current Prefect flow run (no-op outside one)."""
+        with contextlib.suppress(MissingContextError):
+            create_markdown_artifact(self.markdown(), key=SUMMARY_ARTIFACT_KEY, description=self.title)
+
+    def render(self, console) -> None:
+        """Print to a rich console: notes, a stage table, the metrics table."""
+        from rich.table import Table
+
+        console.rule(self.title)
+        for note in self.notes:
+            console.print(note, style="bold red" if note.startswith("WARNING") else None, highlight=False)
+        stages = Table(title="stages", title_justify="left")
+        for column in ("stage", "key", "cache hit", "rows", "seconds", "note"):
+            stages.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
+        for r in self.records:
+            hit = "yes" if r.cache_hit else "no"
+            stages.add_row(r.stage, r.key, hit, str(r.rows), f"{r.seconds:.1f}", r.note or "")
+        console.print(stages)
+        if self.metrics is not None and self.metrics.height:
+            wide = wide_metrics(self.metrics)
+            table = Table(title="metrics", title_justify="left")
+            for column in wide.columns:
+                table.add_column(column, justify="left" if column in ("method", "split") else "right")
+            for row in wide.iter_rows():
+                table.add_row(*["" if v is None else str(v) for v in row])
+            console.print(table)
+        console.print(f"catalog: {self.catalog}   (kgmel query \"from predictions_labeled limit 5\")", highlight=False)

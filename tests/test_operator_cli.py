@@ -1,0 +1,119 @@
+"""The operator's view (issue "Operator experience"): the `kgmel` CLI validates before Prefect starts,
+`link` runs the LLM on the mentions it was given, views stay joinable after a link run, and the README's
+query examples run as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_llm import FakeLLM, install
+
+from flows.cli import main
+from storage import ArtifactStore, Catalog
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+KGMEL = [sys.executable, "-m", "flows.cli"]
+LLM = {"model": "fake/model", "timeout_s": 2, "retries": 0, "backoff_s": 0.0, "concurrency": 4}
+
+
+@pytest.fixture(scope="module")
+def linked(prefect_harness, small_demo, tmp_path_factory):
+    """A demo-like store: full-pipeline with LLM stages scoped to 5 test mentions, then `kgmel link`."""
+    folder = tmp_path_factory.mktemp("operator")
+    config = {
+        "dataset": {"path": str(small_demo), "name": "small"},
+        "artifacts": str(folder / "artifacts"),
+        "encoder": {"text_encoder": "minilm", "clip_model": "kgmel-tiny-clip", "clip_pretrained": "train-on-dataset",
+                    "bootstrap_epochs": 2, "batch_size": 64},
+        "retriever": {"hidden_dim": 32, "top_p": 3, "use_mention_triples": False},
+        "training": {"epochs": 3, "batch_size": 32},
+        "index": {"top_k": 8},
+        "generation": {"llm": LLM, "scope": {"splits": ["test"], "max_mentions": 5}},
+        "rerank": {"llm": LLM, "candidates": 4, "filter_n": 2, "scope": {"splits": ["test"], "max_mentions": 5}},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    new = [{"id": "new1", "sentence": "A photo taken in Peru last year.", "mention": ["Peru"]},
+           {"id": "new2", "sentence": "The river flooded the valley.", "mention": ["river"]}]
+    (folder / "new.json").write_text(json.dumps(new))
+    fake = FakeLLM()
+    install(fake)
+    assert main(["run", "--config", str(folder / "config.yaml")]) == 0
+    before = fake.calls
+    assert main(["link", str(folder / "new.json"), "--config", str(folder / "config.yaml")]) == 0
+    return folder, fake.calls - before
+
+
+def test_bad_arguments_fail_before_any_server_starts():
+    for argv, message in (
+        (["run", "--job", "nope"], "is not one of"),
+        (["link", "/no/such/file.json"], "does not exist"),
+        (["run", "--config", "/no/such.yaml"], "does not exist"),
+        (["run", "--set", "index.top_k=0"], "top_k"),
+    ):
+        started = time.perf_counter()
+        out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 2, (argv, out.stdout, out.stderr)
+        assert message in out.stdout + out.stderr, argv
+        assert "temporary server" not in out.stdout + out.stderr
+        assert time.perf_counter() - started < 15  # no Prefect server was started (that takes ~10-20 s)
+
+
+def test_help_lists_choices_and_defaults():
+    out = subprocess.run([*KGMEL, "run", "--help"], capture_output=True, text=True, cwd=ROOT, env={
+        **__import__("os").environ, "COLUMNS": "200"})
+    assert "full-pipeline|reindex-kb|ablations" in out.stdout and "default: full-pipeline" in out.stdout
+    top = subprocess.run([*KGMEL, "--help"], capture_output=True, text=True, cwd=ROOT)
+    for command in ("run", "link", "reindex", "status", "query", "verify", "models"):
+        assert re.search(rf"│ {command}\b", top.stdout), command
+
+
+def test_link_runs_the_llm_on_the_mentions_it_was_given(linked):
+    folder, calls = linked
+    assert calls == 4  # generate + rerank for each of the 2 new mentions, although the config scope is [test]
+    catalog = Catalog(ArtifactStore(folder / "artifacts"))
+    sources = catalog.query("select mention_id, source from predictions order by mention_id")
+    assert sources["source"].to_list() == ["llm", "llm"]
+
+
+def test_a_link_run_keeps_kb_views_and_joins_labels(linked):
+    folder, _ = linked
+    catalog = Catalog(ArtifactStore(folder / "artifacts"))
+    assert catalog.query("select count(*) as n from entities")["n"][0] > 0
+    assert catalog.query("select count(*) as n from kb_triples")["n"][0] > 0
+    labeled = catalog.query("select mention_id, predicted_label from predictions_labeled order by mention_id")
+    assert labeled["mention_id"].to_list() == ["new1-0", "new2-0"] and labeled["predicted_label"].null_count() == 0
+    stages = set(catalog.query("select distinct stage from llm_calls")["stage"])
+    assert stages == {"generate", "rerank"}  # every LLM stage of the run, not only the last
+    history = catalog.query("select count(distinct artifact_key) as n from predictions_all")["n"][0]
+    assert history == 2  # the full-pipeline run's predictions stay queryable
+
+
+def test_a_stage_that_skips_every_mention_says_so(linked, capsys):
+    folder, _ = linked
+    install(FakeLLM())
+    argv = ["link", str(folder / "new.json"), "--config", str(folder / "config.yaml"), "--config-scope"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "WARNING generate: none of the 2 mentions is in the configured LLM scope" in out
+
+
+def _readme_queries() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [m.group(1) for m in re.finditer(r'kgmel query "((?:[^"\\]|\\.)*)"', text, re.S)]
+
+
+def test_every_query_in_the_readme_runs_as_written(linked):
+    folder, _ = linked
+    queries = _readme_queries()
+    assert len(queries) >= 4
+    catalog = Catalog(ArtifactStore(folder / "artifacts"))
+    for sql in queries:
+        catalog.query(sql.replace('\\"', '"'))  # raises on an unknown view or column
