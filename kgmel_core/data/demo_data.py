@@ -329,4 +329,21 @@ def generate_demo_dataset(root: str | Path, spec: DemoSpec = DemoSpec()) -> dict
         for head, pid, relation, tail in triples:
             handle.write(f"{head}\t{pid or relation}\t{tail}\n")
     (root / "PID2Label.tsv").write_text("P31\tinstance of\tthat class of which this subject is a particular example\n")
+    _write_new_mentions(root / "new", groups, entities, visuals, random.Random(spec.seed + 1))
     return {"entities": len(entities), "mentions": len(sentences), "kb_triples": len(triples)}
+
+
+def _write_new_mentions(
+    folder: Path, groups: list[list[str]], entities: dict, visuals: dict, rng: random.Random
+) -> None:
+    """`new/mentions.json` (+ `new/images/`): unseen sentences about KB entities, without answers, for
+    trying `kgmel link new/mentions.json --image-dir new/images` on the demo."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, qid in enumerate(rng.sample([q for group in groups for q in group], min(6, 3 * len(groups)))):
+        entity = entities[qid]
+        fact = TYPES[entity["type"]]["fact"].format(m=entity["label"], **entity["facts"])
+        _draw(folder / "images" / f"new{i}.png", *visuals[qid], rng)
+        records.append({"id": f"new{i}", "sentence": f"Yesterday {fact} was in the news again.",
+                        "mention": [entity["label"]], "imgPath": f"new{i}.png"})
+    (folder / "mentions.json").write_text(json.dumps(records, indent=1))
