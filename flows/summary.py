@@ -21,9 +21,14 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
     """Loud notes for LLM stages of this run that asked the LLM nothing, or whose calls failed."""
     warnings = []
     for record in records:
-        if record.stage not in ("generate", "rerank") or record.status != "ok":
+        if record.status != "ok" or record.stage not in ("ingest", "generate", "rerank"):
             continue
         stats = store.require(record.stage, record.key).manifest["stats"]
+        if stats.get("rejected_records"):
+            warnings.append(
+                f"WARNING {record.stage}: {stats['rejected_records']} bad records skipped "
+                "(dataset.bad_records=skip); each is in the `rejected` table with file, record, field and reason"
+            )
         asked, total = stats.get("in_scope"), stats.get("mentions")
         if asked == 0 and total:
             warnings.append(

@@ -26,6 +26,8 @@ class DatasetConfig(_Section):
     kb_image_dir: str = "kb/images"
     kb_triples_file: str = "kb/triples.tsv"
     property_labels_file: str = "PID2Label.tsv"
+    # A malformed record stops ingest (fail), or is filed in the `rejected` table and counted (skip).
+    bad_records: Literal["fail", "skip"] = "fail"
 
 
 class EncoderConfig(_Section):
@@ -42,6 +44,7 @@ class EncoderConfig(_Section):
     batch_size: int = Field(256, ge=1)
     device: str = "auto"
     mention_text: Literal["mention_sentence", "mention_only"] = "mention_sentence"
+    entity_text: Literal["label_description", "label"] = "label_description"
     # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP.
     bootstrap_epochs: int = Field(40, ge=1)
 

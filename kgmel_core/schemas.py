@@ -40,6 +40,17 @@ KB_TRIPLES = pa.schema(
     ]
 )
 
+# Records `dataset.bad_records: skip` dropped: which file, record (index or line), id, field, and why.
+REJECTED = pa.schema(
+    [
+        ("file", pa.string()),
+        ("record", pa.string()),
+        ("record_id", pa.string()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
 MENTION_TRIPLES = pa.schema(
     [
         ("mention_id", pa.string()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import polars as pl
 from prefect import task
 
+from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import entity_heads
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import Artifact
@@ -24,7 +25,7 @@ def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, see
         entities = entities.join(facts, left_on="qid", right_on="head_qid", how="left")
         texts = [
             f"{h}. {f}" if f else h
-            for h, f in zip(entity_heads(entities), entities["facts"].fill_null("").to_list(), strict=True)
+            for h, f in zip(entity_heads(entities, HeadTexts()), entities["facts"].fill_null("").to_list(), strict=True)
         ]
         images = entities["image_path"].to_list()
         mentions = ingest.read("mentions").filter((pl.col("split") == "train") & pl.col("image_path").is_not_null())

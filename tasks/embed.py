@@ -10,7 +10,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
-from kgmel_core.data.texts import text_sha
+from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.retrieval.encoders import load_encoder
 from kgmel_core.retrieval.features import entity_heads, mention_heads, triple_texts
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
@@ -60,7 +60,8 @@ def embed(
         )
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
         kb = triple_texts(ingest.read("kb_triples"))
-        texts = mention_heads(mentions, config.mention_text) + entity_heads(entities)
+        heads = HeadTexts.of(config.model_dump())
+        texts = mention_heads(mentions, heads) + entity_heads(entities, heads)
         texts += kb["relation_text"].to_list() + kb["tail_text"].to_list()
         if generation is not None:
             generated = triple_texts(generation.read("mention_triples"))

@@ -7,6 +7,7 @@ import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
+from kgmel_core.data.texts import HeadTexts
 from kgmel_core.metrics import candidate_ranks, gold_ranks, metrics_markdown, ranking_metrics
 from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_text
 from storage import Artifact
@@ -43,7 +44,7 @@ def evaluate(
     separately labelled diagnostic; the zero-shot baselines are exact searches of frozen embeddings."""
 
     def build(writer):
-        features = load_features(ingest, embed, None, embed.manifest["config"]["mention_text"], max_triples=1)
+        features = load_features(ingest, embed, None, HeadTexts.of(embed.manifest["config"]), max_triples=1)
         splits = features.mention_split
         gold = features.mention_gold_rows
         missing = (gold < 0).numpy()

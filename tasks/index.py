@@ -13,6 +13,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
+from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.index import build_index, load_index, save_index, search, to_search_device
 from kgmel_core.retrieval.training import encode_side
 from storage import Artifact
@@ -22,8 +23,8 @@ from tasks.inputs import load_features, load_model
 INDEX_SETTINGS = {"kind", "nlist", "nprobe", "hnsw_m", "hnsw_ef_search"}
 
 
-def trained_mention_text(train: Artifact) -> str:
-    return train.manifest["config"]["encoder"]["mention_text"]
+def trained_heads(train: Artifact) -> HeadTexts:
+    return HeadTexts.of(train.manifest["config"]["encoder"])
 
 
 @task(name="index", **STAGE_TASK)
@@ -32,7 +33,7 @@ def index(ctx: PipelineContext, config: IndexConfig, train: Artifact, ingest: Ar
 
     def build(writer):
         model = load_model(train)
-        features = load_features(ingest, embed, None, trained_mention_text(train), model.config.max_triples)
+        features = load_features(ingest, embed, None, trained_heads(train), model.config.max_triples)
         vectors = encode_side(model, features.entities, features.banks).numpy()
         writer.write_table(
             "fused_entities",
@@ -60,7 +61,7 @@ def retrieve(
 
     def build(writer):
         model = load_model(train)
-        features = load_features(ingest, embed, generation, trained_mention_text(train), model.config.max_triples)
+        features = load_features(ingest, embed, generation, trained_heads(train), model.config.max_triples)
         vectors = encode_side(model, features.mentions, features.banks).numpy()
         writer.write_table(
             "fused_mentions",

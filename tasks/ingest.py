@@ -36,8 +36,9 @@ def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
     sources["kb_images"] = folder_fingerprint(layout.root / layout.kb_image_dir)
 
     def build(writer):
-        dataset = read_dataset(layout)
+        dataset = read_dataset(layout, config.bad_records)
         writer.write_table("mentions", dataset.mentions, schemas.MENTIONS)
+        writer.write_table("rejected", dataset.rejected, schemas.REJECTED)
         writer.write_table("entities", dataset.entities, schemas.ENTITIES)
         writer.write_table("kb_triples", dataset.kb_triples, schemas.KB_TRIPLES)
         writer.stats.update(dataset.stats)

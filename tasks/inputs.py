@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from kgmel_core.config import RetrieverConfig
+from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import Features, assemble
 from kgmel_core.retrieval.model import KGMELRetriever
 from storage import Artifact
 
 
 def load_features(
-    ingest: Artifact, embed: Artifact, generation: Artifact | None, mention_text: str, max_triples: int
+    ingest: Artifact, embed: Artifact, generation: Artifact | None, heads: HeadTexts, max_triples: int
 ) -> Features:
     return assemble(
         ingest.read("mentions"),
@@ -20,7 +21,7 @@ def load_features(
         generation.read("mention_triples") if generation is not None else None,
         embed.read("text_embeddings"),
         embed.read("image_embeddings"),
-        mention_text,
+        heads,
         max_triples,
     )
 

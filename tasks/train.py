@@ -8,6 +8,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig, RetrieverConfig, TrainingConfig
+from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import Features, subset_side
 from kgmel_core.retrieval.model import KGMELRetriever
 from kgmel_core.retrieval.training import seed_everything, train_retriever
@@ -44,7 +45,8 @@ def train(
     }
 
     def build(writer):
-        features = load_features(ingest, embed, generation, encoder.mention_text, retriever.max_triples)
+        heads = HeadTexts.of(encoder.model_dump())
+        features = load_features(ingest, embed, generation, heads, retriever.max_triples)
         train_rows, val_rows = split_rows(features, "train"), split_rows(features, "val")
         gold = features.mention_gold_rows
         train_rows_in_kb = train_rows[gold[train_rows] >= 0]

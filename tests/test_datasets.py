@@ -178,3 +178,22 @@ def test_unusable_images_count_as_no_image_and_are_named(tmp_path, small_demo):
         "text.jpg": "Mini.json: record 2 (id=2)",
         "truncated.jpg": "Mini.json: record 3 (id=3)",
     }
+
+
+def test_bad_records_fail_by_default_and_skip_files_each_one_in_rejected(tmp_path):
+    records = [GOOD, {**GOOD, "id": 8, "mention": ["\n\n"]}, {**GOOD, "id": 9, "answer": ["nil"]}]
+    entities = [{"qid": "Q76", "label": "Barack Obama"}, {"qid": "Q77", "label": ""}]
+    layout = _dataset(tmp_path, records, entities=entities, triples="Q76\toccupation\tlawyer\nQ76\t\tx\n")
+    with pytest.raises(DatasetError, match=r"record 1 \(id=8\): field 'mention\[0\]'"):
+        read_dataset(layout)
+    ds = read_dataset(layout, bad_records="skip")
+    assert ds.mentions["mention_id"].to_list() == ["7-0"] and ds.kb_triples.height == 1
+    assert ds.stats["rejected_records"] == 4
+    rejected = ds.rejected.select("file", "record", "record_id", "field").rows()
+    assert rejected == [
+        ("Mini.json", "1", "8", "mention[0]"),
+        ("Mini.json", "2", "9", "answer[0]"),
+        ("entities.json", "1", "Q77", "label"),
+        ("triples.tsv", "2", "Q76", "relation"),
+    ]
+    assert ds.rejected["reason"].str.contains("must be a non-empty string").sum() == 2

@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from PIL import Image
@@ -39,7 +39,34 @@ _PID = re.compile(r"^P\d+$")
 
 
 class DatasetError(ValueError):
-    """Malformed dataset input; the message names the file, the record and the field."""
+    """Malformed dataset input; the message names the file, the record and the field (also kept as
+    attributes, so `bad_records: skip` can file the record in the `rejected` table)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+BadRecordPolicy = Literal["fail", "skip"]
+
+
+@dataclass
+class Rejects:
+    """Where `bad_records: skip` puts what it drops: one row per bad record, never a silent skip."""
+
+    policy: BadRecordPolicy = "fail"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def handle(self, error: DatasetError, file: str, record: int | str, record_id: str | None) -> None:
+        if self.policy == "fail":
+            raise error
+        self.rows.append(
+            {"file": file, "record": str(record), "record_id": record_id, "field": error.field, "reason": str(error)}
+        )
+        log.warning("skipped bad record (dataset.bad_records=skip): %s", error)
+
+    def table(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema=pl.Schema(schemas.REJECTED))
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,7 @@ class Dataset:
     entities: pl.DataFrame
     kb_triples: pl.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
+    rejected: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=pl.Schema(schemas.REJECTED)))
 
 
 def _load_json(path: Path) -> Any:
@@ -93,7 +121,7 @@ def _load_json(path: Path) -> Any:
 
 def _require_str(value: Any, where: str, field_name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string, got {value!r}")
+        raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string, got {value!r}", field_name)
     return value
 
 
@@ -123,11 +151,13 @@ def _image(
     if not name or folder is None:
         return None, None
     if not isinstance(name, str):
-        raise DatasetError(f"{where}: field {field_name!r} must be a file name, got {name!r}")
+        raise DatasetError(f"{where}: field {field_name!r} must be a file name, got {name!r}", field_name)
     root = folder.resolve()
     path = (folder / name).resolve()
     if Path(name).is_absolute() or not path.is_relative_to(root):
-        raise DatasetError(f"{where}: field {field_name!r} = {name!r} resolves outside the image folder {root}")
+        raise DatasetError(
+            f"{where}: field {field_name!r} = {name!r} resolves outside the image folder {root}", field_name
+        )
     if not path.is_file():
         return None, None
     data = path.read_bytes()
@@ -173,18 +203,89 @@ def read_property_labels(path: Path) -> dict[str, tuple[str, str]]:
     return {row[0]: (row[1], row[2] or "") for row in table.iter_rows()}
 
 
+def _mention_rows(
+    record: Any,
+    index: int,
+    file: str,
+    splits: dict[str, str] | None,
+    image_dir: Path | None,
+    images: ImageCheck,
+    seen_ids: set[str],
+    stats: dict[str, Any],
+    require_gold: bool,
+) -> list[dict[str, Any]]:
+    """The mention rows of one sentence record; raises DatasetError naming record and field."""
+    where = f"{file}: record {index}"
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
+    if "id" not in record:
+        raise DatasetError(f"{where}: missing field 'id'", "id")
+    sid = str(record["id"])
+    where = f"{file}: record {index} (id={sid})"
+    if sid in seen_ids:
+        raise DatasetError(f"{where}: duplicate field 'id'", "id")
+    seen_ids.add(sid)
+    sentence = _require_str(record.get("sentence"), where, "sentence")
+    lists = {}
+    for name in ("mention", "entity", "answer"):
+        if not require_gold and name != "mention" and record.get(name) is None:
+            record = {**record, name: [None] * len(record.get("mention") or [])}
+        value = record.get(name)
+        if not isinstance(value, list):
+            raise DatasetError(f"{where}: field {name!r} must be a list, got {value!r}", name)
+        lists[name] = value
+    if not len(lists["mention"]) == len(lists["entity"]) == len(lists["answer"]):
+        raise DatasetError(
+            f"{where}: fields 'mention', 'entity', 'answer' must have equal lengths, got "
+            f"{len(lists['mention'])}, {len(lists['entity'])}, {len(lists['answer'])}",
+            "mention",
+        )
+    split = splits.get(sid) if splits is not None else "link"
+    if split is None:
+        stats["sentences_without_split"] += 1
+        return []
+    for i, (mention, qid) in enumerate(zip(lists["mention"], lists["answer"], strict=True)):
+        _require_str(mention, where, f"mention[{i}]")
+        qid = None if qid is None else str(qid)
+        if qid is None and require_gold or qid is not None and not _QID.match(qid):
+            message = f"{where}: field 'answer[{i}]' must be a Wikidata QID like Q42, got {qid!r}"
+            raise DatasetError(message, f"answer[{i}]")
+    image_path, image_hash = _image(image_dir, record.get("imgPath"), where, "imgPath", images)
+    rows = []
+    for i, (mention, label, qid) in enumerate(zip(lists["mention"], lists["entity"], lists["answer"], strict=True)):
+        if image_path is None:
+            stats["mentions_without_image"] += 1
+        rows.append(
+            {
+                "mention_id": f"{sid}-{i}",
+                "sentence_id": sid,
+                "sentence": sentence,
+                "mention": mention,
+                "split": split,
+                "gold_qid": None if qid is None else str(qid),
+                "gold_label": label if isinstance(label, str) else None,
+                "image_path": image_path,
+                "image_sha256": image_hash,
+            }
+        )
+    return rows
+
+
 def read_mentions(
     path: Path | None,
     splits: dict[str, str] | None,
     image_dir: Path | None,
     records: list | None = None,
     require_gold: bool = True,
+    rejects: Rejects | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Mentions from a MIMIC JSON file (or the same records given directly).
 
     `splits=None` puts every sentence in split "link"; `require_gold=False` allows records
-    without `entity`/`answer` (mentions to link, not to evaluate).
+    without `entity`/`answer` (mentions to link, not to evaluate). A bad record stops reading
+    (DatasetError), unless `rejects` has policy `skip`: then it is filed there and counted.
     """
+    rejects = rejects or Rejects()
     if records is None:
         records = _load_json(path)
     path = path or Path("<records>")
@@ -195,55 +296,11 @@ def read_mentions(
     images = ImageCheck()
     seen_ids: set[str] = set()
     for index, record in enumerate(records):
-        where = f"{path.name}: record {index}"
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
-        if "id" not in record:
-            raise DatasetError(f"{where}: missing field 'id'")
-        sid = str(record["id"])
-        where = f"{path.name}: record {index} (id={sid})"
-        if sid in seen_ids:
-            raise DatasetError(f"{where}: duplicate field 'id'")
-        seen_ids.add(sid)
-        sentence = _require_str(record.get("sentence"), where, "sentence")
-        lists = {}
-        for name in ("mention", "entity", "answer"):
-            if not require_gold and name != "mention" and record.get(name) is None:
-                record = {**record, name: [None] * len(record.get("mention") or [])}
-            value = record.get(name)
-            if not isinstance(value, list):
-                raise DatasetError(f"{where}: field {name!r} must be a list, got {value!r}")
-            lists[name] = value
-        if not len(lists["mention"]) == len(lists["entity"]) == len(lists["answer"]):
-            raise DatasetError(
-                f"{where}: fields 'mention', 'entity', 'answer' must have equal lengths, got "
-                f"{len(lists['mention'])}, {len(lists['entity'])}, {len(lists['answer'])}"
-            )
-        split = splits.get(sid) if splits is not None else "link"
-        if split is None:
-            stats["sentences_without_split"] += 1
-            continue
-        image_path, image_hash = _image(image_dir, record.get("imgPath"), where, "imgPath", images)
-        for i, (mention, label, qid) in enumerate(zip(lists["mention"], lists["entity"], lists["answer"], strict=True)):
-            _require_str(mention, where, f"mention[{i}]")
-            qid = None if qid is None else str(qid)
-            if qid is None and require_gold or qid is not None and not _QID.match(qid):
-                raise DatasetError(f"{where}: field 'answer[{i}]' must be a Wikidata QID like Q42, got {qid!r}")
-            if image_path is None:
-                stats["mentions_without_image"] += 1
-            rows.append(
-                {
-                    "mention_id": f"{sid}-{i}",
-                    "sentence_id": sid,
-                    "sentence": sentence,
-                    "mention": mention,
-                    "split": split,
-                    "gold_qid": qid,
-                    "gold_label": label if isinstance(label, str) else None,
-                    "image_path": image_path,
-                    "image_sha256": image_hash,
-                }
-            )
+        record_id = str(record["id"]) if isinstance(record, dict) and "id" in record else None
+        try:
+            rows += _mention_rows(record, index, path.name, splits, image_dir, images, seen_ids, stats, require_gold)
+        except DatasetError as exc:
+            rejects.handle(exc, path.name, index, record_id)
     stats["mentions"] = len(rows)
     stats.update(images.stats("mention"))
     return pl.from_dicts(rows, schema=pl.Schema(schemas.MENTIONS)) if rows else pl.DataFrame(
@@ -251,7 +308,31 @@ def read_mentions(
     ), stats
 
 
-def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
+def _entity_row(item: Any, index: int, file: str, image_dir: Path, images: ImageCheck, seen: set[str]) -> dict:
+    where = f"{file}: entity {index}"
+    if not isinstance(item, dict):
+        raise DatasetError(f"{where}: expected an object")
+    qid = str(item.get("qid", ""))
+    if not _QID.match(qid):
+        raise DatasetError(f"{where}: field 'qid' must be a Wikidata QID like Q42, got {item.get('qid')!r}", "qid")
+    where = f"{file}: entity {index} (qid={qid})"
+    if qid in seen:
+        raise DatasetError(f"{where}: duplicate field 'qid'", "qid")
+    seen.add(qid)
+    label = _require_str(item.get("label"), where, "label")
+    description = item.get("description") or ""
+    _require_str(description, where, "description", allow_empty=True)
+    image_path, image_hash = _image(image_dir, item.get("image"), where, "image", images)
+    return {
+        "qid": qid,
+        "label": label,
+        "description": description,
+        "image_path": image_path,
+        "image_sha256": image_hash,
+    }
+
+
+def read_entities(path: Path, image_dir: Path, rejects: Rejects | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
     raw = _load_json(path)
     if isinstance(raw, dict):
         items = [{"qid": qid, **(value if isinstance(value, dict) else {"label": value})} for qid, value in raw.items()]
@@ -259,40 +340,23 @@ def read_entities(path: Path, image_dir: Path) -> tuple[pl.DataFrame, dict[str, 
         items = raw
     else:
         raise DatasetError(f"{path}: expected an object qid -> entity or a list of entities")
+    rejects = rejects or Rejects()
     rows, seen = [], set()
     stats: dict[str, Any] = {"entities_without_image": 0}
     images = ImageCheck()
     for index, item in enumerate(items):
-        where = f"{path.name}: entity {index}"
-        if not isinstance(item, dict):
-            raise DatasetError(f"{where}: expected an object")
-        qid = str(item.get("qid", ""))
-        if not _QID.match(qid):
-            raise DatasetError(f"{where}: field 'qid' must be a Wikidata QID like Q42, got {item.get('qid')!r}")
-        where = f"{path.name}: entity {index} (qid={qid})"
-        if qid in seen:
-            raise DatasetError(f"{where}: duplicate field 'qid'")
-        seen.add(qid)
-        label = _require_str(item.get("label"), where, "label")
-        description = item.get("description") or ""
-        _require_str(description, where, "description", allow_empty=True)
-        image_path, image_hash = _image(image_dir, item.get("image"), where, "image", images)
-        stats["entities_without_image"] += image_path is None
-        rows.append(
-            {
-                "qid": qid,
-                "label": label,
-                "description": description,
-                "image_path": image_path,
-                "image_sha256": image_hash,
-            }
-        )
+        try:
+            rows.append(_entity_row(item, index, path.name, image_dir, images, seen))
+        except DatasetError as exc:
+            rejects.handle(exc, path.name, index, str(item.get("qid")) if isinstance(item, dict) else None)
+            continue
+        stats["entities_without_image"] += rows[-1]["image_path"] is None
     stats.update(images.stats("entity"))
     return pl.from_dicts(rows, schema=pl.Schema(schemas.ENTITIES)), stats
 
 
 def read_kb_triples(
-    path: Path, known_qids: set[str], properties: dict[str, tuple[str, str]]
+    path: Path, known_qids: set[str], properties: dict[str, tuple[str, str]], rejects: Rejects | None = None
 ) -> tuple[pl.DataFrame, dict]:
     empty = pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES))
     if not path.is_file():
@@ -310,9 +374,14 @@ def read_kb_triples(
         | pl.col("tail").is_null()
         | ~pl.col("head_qid").str.contains(r"^Q\d+$")
     )
-    if bad.height:
-        first = bad.row(0, named=True)
-        raise DatasetError(f"{path}: line {first['line']}: bad triple {first} (head must be a QID; no empty fields)")
+    rejects = rejects or Rejects()
+    for row in bad.iter_rows(named=True):
+        problem = next((c for c in ("head_qid", "relation", "tail") if row[c] is None), "head_qid")
+        error = DatasetError(
+            f"{path}: line {row['line']}: bad triple {row} (head must be a QID; no empty fields)", problem
+        )
+        rejects.handle(error, path.name, row["line"], row["head_qid"])
+    raw = with_row.join(bad.select("line"), on="line", how="anti").drop("line")
     unknown_head = raw.filter(~pl.col("head_qid").is_in(list(known_qids)))
     raw = raw.filter(pl.col("head_qid").is_in(list(known_qids)))
     labels = pl.DataFrame(
@@ -335,17 +404,23 @@ def read_kb_triples(
     return table, {"kb_triples": table.height, "kb_triples_unknown_head": unknown_head.height}
 
 
-def read_dataset(layout: DatasetLayout) -> Dataset:
-    """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats)."""
+def read_dataset(layout: DatasetLayout, bad_records: BadRecordPolicy = "fail") -> Dataset:
+    """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats).
+
+    `bad_records="skip"` files each malformed record (mention record, KB entity, triple line) in
+    `Dataset.rejected` with file, record, field and reason, and counts it, instead of stopping."""
     root = layout.root
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
+    rejects = Rejects(bad_records)
     splits, split_stats = read_splits(root / layout.splits_file)
-    mentions, mention_stats = read_mentions(layout.resolve_mentions_file(), splits, root / layout.mention_image_dir)
+    mentions, mention_stats = read_mentions(
+        layout.resolve_mentions_file(), splits, root / layout.mention_image_dir, rejects=rejects
+    )
     stats: dict[str, Any] = {**split_stats, **mention_stats}
     entities_path = root / layout.kb_entities_file
     if entities_path.is_file():
-        entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir)
+        entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir, rejects)
         stats["kb_source"] = "kb_file"
     else:
         # WikiDiverse as shipped in shared/ has no KB: the entity side is the gold QIDs with their labels.
@@ -366,7 +441,8 @@ def read_dataset(layout: DatasetLayout) -> Dataset:
     stats.update(entity_stats)
     stats["entities"] = entities.height
     properties = read_property_labels(root / layout.property_labels_file)
-    triples, triple_stats = read_kb_triples(root / layout.kb_triples_file, set(entities["qid"]), properties)
+    triples, triple_stats = read_kb_triples(root / layout.kb_triples_file, set(entities["qid"]), properties, rejects)
     stats.update(triple_stats)
     stats["gold_missing_from_kb"] = mentions.filter(~pl.col("gold_qid").is_in(entities["qid"].to_list())).height
-    return Dataset(mentions=mentions, entities=entities, kb_triples=triples, stats=stats)
+    stats["rejected_records"] = len(rejects.rows)
+    return Dataset(mentions=mentions, entities=entities, kb_triples=triples, stats=stats, rejected=rejects.table())

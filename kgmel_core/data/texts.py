@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
 def text_sha(text: str) -> str:
@@ -14,13 +17,26 @@ def with_description(name: str, description: str | None) -> str:
     return f"{name}: {description}" if description else name
 
 
-def mention_head_text(mention: str, sentence: str, mode: str = "mention_sentence") -> str:
-    """The mention's head text. The reference encodes `mention: <VLM description>`; we encode the
-    sentence by default because it is always there, while a description needs the LLM stage."""
-    if mode == "mention_only":
-        return mention
-    return f"{mention}: {sentence}"
+@dataclass(frozen=True)
+class HeadTexts:
+    """How each side's head text is written; part of a model's identity (its train manifest).
 
+    mention: `mention_sentence` ("mention: sentence"; the default, always available),
+             `mention_only`.
+    entity:  `label_description` ("label: description", what the reference encodes), `label`.
+    The reference encodes the mention as `mention: <VLM description>`.
+    """
 
-def entity_head_text(label: str, description: str | None) -> str:
-    return with_description(label, description)
+    mention: str = "mention_sentence"
+    entity: str = "label_description"
+
+    @classmethod
+    def of(cls, encoder: Mapping[str, Any]) -> HeadTexts:
+        """From an encoder config (a manifest's `config.encoder` or `EncoderConfig.model_dump()`)."""
+        return cls(encoder.get("mention_text", cls.mention), encoder.get("entity_text", cls.entity))
+
+    def mention_text(self, mention: str, sentence: str) -> str:
+        return mention if self.mention == "mention_only" else f"{mention}: {sentence}"
+
+    def entity_text(self, label: str, description: str | None) -> str:
+        return label if self.entity == "label" else with_description(label, description)

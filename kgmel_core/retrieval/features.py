@@ -14,7 +14,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from kgmel_core.data.texts import entity_head_text, mention_head_text, text_sha, with_description
+from kgmel_core.data.texts import HeadTexts, text_sha, with_description
 from kgmel_core.retrieval.model import SideBatch
 from kgmel_core.schemas import vector_matrix
 
@@ -139,12 +139,12 @@ def build_side(
     return SideFeatures(list(ids), head, image, relation, tail, mask)
 
 
-def mention_heads(mentions: pl.DataFrame, mode: str) -> list[str]:
-    return [mention_head_text(m, s, mode) for m, s in zip(mentions["mention"], mentions["sentence"], strict=True)]
+def mention_heads(mentions: pl.DataFrame, heads: HeadTexts) -> list[str]:
+    return [heads.mention_text(m, s) for m, s in zip(mentions["mention"], mentions["sentence"], strict=True)]
 
 
-def entity_heads(entities: pl.DataFrame) -> list[str]:
-    return [entity_head_text(lbl, d) for lbl, d in zip(entities["label"], entities["description"], strict=True)]
+def entity_heads(entities: pl.DataFrame, heads: HeadTexts) -> list[str]:
+    return [heads.entity_text(lbl, d) for lbl, d in zip(entities["label"], entities["description"], strict=True)]
 
 
 @dataclass
@@ -163,7 +163,7 @@ def assemble(
     mention_triples: pl.DataFrame | None,
     text_embeddings: pl.DataFrame,
     image_embeddings: pl.DataFrame | None,
-    mention_text_mode: str,
+    heads: HeadTexts,
     max_triples: int,
 ) -> Features:
     """Everything the retriever needs, from the ingest/generate/embed tables."""
@@ -171,7 +171,7 @@ def assemble(
     kb = triple_texts(kb_triples)
     entity_side = build_side(
         entities["qid"].to_list(),
-        entity_heads(entities),
+        entity_heads(entities, heads),
         entities["image_sha256"].to_list(),
         kb,
         "head_qid",
@@ -182,7 +182,7 @@ def assemble(
         mention_triples = pl.DataFrame(schema={"mention_id": pl.String, "relation": pl.String, "tail": pl.String})
     mention_side = build_side(
         mentions["mention_id"].to_list(),
-        mention_heads(mentions, mention_text_mode),
+        mention_heads(mentions, heads),
         mentions["image_sha256"].to_list(),
         triple_texts(mention_triples),
         "mention_id",
