@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
 EXTRAS ?= cpu,dev,llm-local
 
-.PHONY: install demo ablations test lint serve stop bench clean
+.PHONY: install demo ablations benchmark test lint serve stop bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: install  ## generate the demo data and run the full pipeline on it
 ablations: install  ## the retriever vs. baselines and ablations table on the demo data
 	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data
 	$(BIN)/kgmel ablations --config configs/demo.yaml
+
+benchmark: install  ## WikiMEL, RichpediaMEL, WikiDiverse from ../shared/data: val table + plots per dataset
+	$(BIN)/kgmel benchmark --config configs/wikimel.yaml
+	$(BIN)/kgmel benchmark --config configs/richpediamel.yaml
+	$(BIN)/kgmel benchmark --config configs/wikidiverse.yaml
 
 test: install  ## lint + the whole test suite
 	$(BIN)/ruff check .

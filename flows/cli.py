@@ -171,6 +171,13 @@ def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
     _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
 
 
+@app.command("benchmark")
+def benchmark_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Zero-shot text, the KGMEL retriever and its ablations on one dataset: a val table and plots."""
+    _, overrides = _config(config, set_)
+    _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides)
+
+
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="SELECT or EXPLAIN; views as in the README.")],

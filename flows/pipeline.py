@@ -256,7 +256,7 @@ def link(
 
 @flow(name="kgmel", log_prints=True)
 def kgmel(
-    job: Literal["full-pipeline", "reindex-kb", "link", "ablations"] = "full-pipeline",
+    job: Literal["full-pipeline", "reindex-kb", "link", "ablations", "benchmark"] = "full-pipeline",
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     mentions_file: str | None = None,
@@ -279,6 +279,10 @@ def kgmel(
         result = link(config, mentions_file=mentions_file, image_dir=image_dir, model=model, llm_scope=llm_scope)
         result.pop("candidates")
         result.pop("predictions")
+    elif job == "benchmark":
+        from flows.benchmark import benchmark
+
+        result = benchmark(config)
     else:
         result = ablations(config)
         result.pop("metrics")

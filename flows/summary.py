@@ -10,7 +10,7 @@ import polars as pl
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
-from kgmel_core.metrics import metrics_markdown, wide_metrics
+from kgmel_core.metrics import METRICS_SHOWN, metrics_markdown, wide_metrics
 from storage import ArtifactStore
 from storage.runs import StageRecord
 
@@ -50,6 +50,7 @@ class RunSummary:
     records: list[StageRecord]
     notes: list[str] = field(default_factory=list)
     metrics: pl.DataFrame | None = None
+    shown: tuple[str, ...] = METRICS_SHOWN
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", "", *[f"- {note}" for note in self.notes], ""]
@@ -59,7 +60,7 @@ class RunSummary:
             hit = "yes" if r.cache_hit else "no"
             lines.append(f"| {r.stage} | `{r.key}` | {hit} | {r.rows} | {r.seconds:.1f} | {r.note or ''} |")
         if self.metrics is not None:
-            lines += ["", "## Metrics", "", metrics_markdown(self.metrics)]
+            lines += ["", "## Metrics", "", metrics_markdown(self.metrics, self.shown)]
         return "\n".join(lines)
 
     def publish(self) -> None:
@@ -82,7 +83,7 @@ class RunSummary:
             stages.add_row(r.stage, r.key, hit, str(r.rows), f"{r.seconds:.1f}", r.note or "")
         console.print(stages)
         if self.metrics is not None and self.metrics.height:
-            wide = wide_metrics(self.metrics)
+            wide = wide_metrics(self.metrics, self.shown)
             table = Table(title="metrics", title_justify="left")
             for column in wide.columns:
                 table.add_column(column, justify="left" if column in ("method", "split") else "right")

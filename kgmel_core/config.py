@@ -61,7 +61,14 @@ class RetrieverConfig(_Section):
     use_mention_triples: bool = True
     use_image: bool = True
     use_gate: bool = True
+    # The name view: mention surface and entity label embedded alone, fused beside the head texts.
+    use_name: bool = True
     max_triples: int = Field(50, ge=1)
+    # residual: start at the frozen encoder (identity head path, zero-initialised triple/image outputs),
+    # so training adds to the zero-shot cosine; paper: the reference's random initialisation.
+    init: Literal["residual", "paper"] = "residual"
+    # Softmax over the top-p triples (True), or the reference's full softmax with the rest zeroed (False).
+    top_p_renormalize: bool = True
 
 
 class TrainingConfig(_Section):
@@ -72,7 +79,12 @@ class TrainingConfig(_Section):
     tau_cl: float = Field(0.1, gt=0)
     lambda_mm: float = Field(0.1, ge=0)
     lambda_ee: float = Field(0.1, ge=0)
-    patience: int = Field(5, ge=1)
+    patience: int = Field(5, ge=1)  # validations without improvement before stopping
+    validate_every: int = Field(1, ge=1)  # epochs between validations (each encodes the whole KB)
+    # Extra negatives per mention, drawn each batch from its `hard_negative_pool` nearest entities by the
+    # frozen head-text cosine (gold excluded); 0 = in-batch negatives only, as the reference.
+    hard_negatives: int = Field(0, ge=0)
+    hard_negative_pool: int = Field(16, ge=1)
     seed: int = 0
     device: str = "auto"
 

@@ -140,6 +140,17 @@ TRAINING_HISTORY = pa.schema(
     ]
 )
 
+# One dataset's benchmark: every variant's val metrics and training cost, long format.
+BENCHMARK = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("method", pa.string()),
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
 METRICS = pa.schema(
     [
         ("method", pa.string()),

@@ -62,14 +62,23 @@ class EmbeddingCache:
         return dict(zip(frame["sha"].to_list(), vectors, strict=True))
 
     def get_or_compute(
-        self, shas: Sequence[str], compute: Callable[[list[int]], np.ndarray], desc: str = "embed"
+        self,
+        shas: Sequence[str],
+        compute: Callable[[list[int]], np.ndarray],
+        desc: str = "embed",
+        sizes: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, int]:
         """Vectors for `shas` (unique); `compute(positions)` encodes the missing ones, a chunk at a time.
 
+        `sizes` (e.g. text lengths): the missing items are encoded in that order, so each chunk holds
+        items of similar length and a transformer pads little (a chunk of long sentences beside
+        one-word tails otherwise pads every tail to the longest sentence).
         Returns (matrix aligned with shas, number of vectors computed now).
         """
         cached = self._load(set(shas))
         missing = [i for i, sha in enumerate(shas) if sha not in cached]
+        if sizes is not None:
+            missing.sort(key=lambda i: sizes[i])
         bar = tqdm(total=len(missing), desc=desc, unit="item", disable=len(missing) <= self.chunk)
         for start in range(0, len(missing), self.chunk):
             positions = missing[start : start + self.chunk]

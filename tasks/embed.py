@@ -12,7 +12,7 @@ from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.retrieval.encoders import load_encoder
-from kgmel_core.retrieval.features import entity_heads, mention_heads, triple_texts
+from kgmel_core.retrieval.features import entity_heads, mention_heads, name_texts, triple_texts
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
@@ -61,7 +61,7 @@ def embed(
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
         kb = triple_texts(ingest.read("kb_triples"))
         heads = HeadTexts.of(config.model_dump())
-        texts = mention_heads(mentions, heads) + entity_heads(entities, heads)
+        texts = mention_heads(mentions, heads) + entity_heads(entities, heads) + name_texts(mentions, entities)
         texts += kb["relation_text"].to_list() + kb["tail_text"].to_list()
         if generation is not None:
             generated = triple_texts(generation.read("mention_triples"))
@@ -70,7 +70,10 @@ def embed(
         shas = [text_sha(t) for t in unique]
         cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
         vectors, fresh = cache.get_or_compute(
-            shas, lambda rows: encoder.encode_texts([unique[i] for i in rows], progress=False), desc="embed texts"
+            shas,
+            lambda rows: encoder.encode_texts([unique[i] for i in rows], progress=False),
+            desc="embed texts",
+            sizes=[len(text) for text in unique],
         )
         writer.write_table(
             "text_embeddings",

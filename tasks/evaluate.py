@@ -9,7 +9,7 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.data.texts import HeadTexts
 from kgmel_core.metrics import candidate_ranks, gold_ranks, metrics_markdown, ranking_metrics
-from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_text
+from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_names, zero_shot_text, zero_shot_text_and_names
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.inputs import load_features
@@ -49,8 +49,13 @@ def evaluate(
         gold = features.mention_gold_rows
         missing = (gold < 0).numpy()
         rows: list[dict] = []
-        ranks, _ = gold_ranks(*zero_shot_text(features), gold.tolist())
-        rows += _metric_rows("zero-shot text", splits, ranks, {"gold_missing_from_kb": missing})
+        for method, baseline in (
+            ("zero-shot text", zero_shot_text),
+            ("zero-shot names", zero_shot_names),
+            ("zero-shot text + names", zero_shot_text_and_names),
+        ):
+            ranks, _ = gold_ranks(*baseline(features), gold.tolist())
+            rows += _metric_rows(method, splits, ranks, {"gold_missing_from_kb": missing})
         if features.banks.image_dim is not None:
             ranks, _ = gold_ranks(*zero_shot_image(features), gold.tolist())
             no_image = (features.mentions.image < 0).numpy()

@@ -40,7 +40,8 @@ def test_full_pipeline_writes_every_stage_and_catalog(first_run):
         methods = {r[0] for r in con.execute("select distinct method from metrics").fetchall()}
         built = con.execute("select count(*) from runs where not cache_hit").fetchone()[0]
     assert per_mention == (n_mentions, config.index.top_k)
-    assert methods == {"kgmel", "kgmel (exact search, diagnostic)", "zero-shot text", "zero-shot image"}
+    assert methods == {"kgmel", "kgmel (exact search, diagnostic)", "zero-shot text", "zero-shot names",
+                       "zero-shot text + names", "zero-shot image"}
     assert built == len(STAGES)
     assert "| train |" in result["report"].markdown()
 
@@ -107,9 +108,9 @@ def test_reindex_embeds_only_changed_kb_rows_and_keeps_the_retriever(first_run, 
     store = ArtifactStore(config.artifacts)
     assert out["artifacts"]["train"] == result["artifacts"]["train"]  # no retraining
     embed_stats = store.require(*out["artifacts"]["embed"].split("/")).manifest["stats"]
-    # new: the entity head text and the tail "Atlantis" (plus the absolute image paths moved: images are
-    # keyed by content, so none of them is re-encoded)
-    assert embed_stats["texts_encoded_now"] == 2 and embed_stats["images_encoded_now"] == 0
+    # new: the entity head text, its label (the name view) and the tail "Atlantis" (plus the absolute image
+    # paths moved: images are keyed by content, so none of them is re-encoded)
+    assert embed_stats["texts_encoded_now"] == 3 and embed_stats["images_encoded_now"] == 0
     fused = store.require(*out["artifacts"]["index"].split("/")).read("fused_entities")
     assert "Q99999" in fused["qid"].to_list()
 

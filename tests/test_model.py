@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -8,6 +10,7 @@ from kgmel_core.retrieval.model import (
     SideBatch,
     TripleAttention,
     TripleEncoder,
+    optimizer_groups,
     sparse_top_p_softmax,
 )
 
@@ -55,14 +58,15 @@ def test_attention_scores_mix_image_and_head_queries_by_beta():
         _identity(layer)
     head, image = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     triples = torch.tensor([[[1.0, 1.0], [2.0, 0.0]]])
-    s = att.scores(head, image, torch.tensor([True]), triples)
+    pair = torch.arange(2).reshape(1, 2)
+    s = att.scores(head, image, torch.tensor([True]), att.k(triples[0]), pair)
     scale = 2**0.5
     # triple 0: img.k = 2, head.k = 1 ; triple 1: img.k = 0, head.k = 2
     expected = torch.tensor([[0.25 * 2 / scale + 0.75 * 1 / scale, 0.75 * 2 / scale]]) / 0.5
     assert torch.allclose(s, expected)
-    no_image = att.scores(head, image, torch.tensor([False]), triples)
+    no_image = att.scores(head, image, torch.tensor([False]), att.k(triples[0]), pair)
     assert torch.allclose(no_image, torch.tensor([[1 / scale, 2 / scale]]) / 0.5)  # beta falls to 0
-    out = att(head, image, torch.tensor([True]), triples, torch.tensor([[True, True]]))
+    out = att(head, image, torch.tensor([True]), triples[0], pair, torch.tensor([[True, True]]))
     w = torch.softmax(expected[0], 0)
     assert torch.allclose(out, (w[0] * triples[0, 0] + w[1] * triples[0, 1]).unsqueeze(0))
 
@@ -74,8 +78,8 @@ def test_padded_triples_do_not_change_attention_output():
     real = torch.randn(1, 2, 4)
     padded = torch.cat([real, torch.randn(1, 3, 4) * 100], dim=1)
     mask = torch.tensor([[True, True, False, False, False]])
-    a = att(head, image, torch.tensor([True]), real, torch.tensor([[True, True]]))
-    b = att(head, image, torch.tensor([True]), padded, mask)
+    a = att(head, image, torch.tensor([True]), real[0], torch.arange(2).reshape(1, 2), torch.tensor([[True, True]]))
+    b = att(head, image, torch.tensor([True]), padded[0], torch.arange(5).reshape(1, 5), mask)
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -100,7 +104,7 @@ def _batch(b=3, t=4, d=6, triples=True):
     mask = torch.zeros(b, t, dtype=torch.bool)
     if triples:
         mask[0, :2] = True
-    return SideBatch(
+    return SideBatch.dense(
         torch.randn(b, d),
         torch.randn(b, 5),
         torch.tensor([True, False, True]),
@@ -111,24 +115,74 @@ def _batch(b=3, t=4, d=6, triples=True):
 
 
 def test_retriever_outputs_unit_vectors_without_nan_for_entities_without_triples():
-    model = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8)).eval()
+    model = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, init="paper")).eval()
     z = model(_batch())
-    assert z.shape == (3, 8) and not torch.isnan(z).any()
+    assert z.shape == (3, 16) and not torch.isnan(z).any()  # fused half + name half
     assert torch.allclose(z.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_ablation_switches_remove_their_modality():
     batch = _batch()
-    no_triples = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, use_triples=False)).eval()
-    changed = SideBatch(
-        batch.head, batch.image, batch.image_mask, batch.relation * 3, batch.tail * 3, batch.triple_mask
-    )
+    no_triples = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, use_triples=False, init="paper")).eval()
+    changed = replace(batch, pair_relation=batch.pair_relation * 3, pair_tail=batch.pair_tail * 3)
     assert torch.allclose(no_triples(batch), no_triples(changed))
-    no_image = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, use_image=False)).eval()
-    other_image = SideBatch(
-        batch.head, batch.image * -2, batch.image_mask, batch.relation, batch.tail, batch.triple_mask
-    )
+    no_image = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, use_image=False, init="paper")).eval()
+    other_image = replace(batch, image=batch.image * -2)
     assert torch.allclose(no_image(batch), no_image(other_image))
-    full = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8)).eval()
+    full = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, init="paper")).eval()
     assert not torch.allclose(full(batch)[0], full(other_image)[0])
     assert torch.allclose(full(batch)[1], full(other_image)[1])  # row 1 has no image: unaffected
+
+
+def test_residual_init_starts_at_the_zero_shot_head_text():
+    batch = _batch(d=8)
+    model = KGMELRetriever(8, 5, RetrieverConfig(hidden_dim=8, use_name=False)).eval()
+    assert torch.allclose(model(batch), torch.nn.functional.normalize(batch.head, dim=-1), atol=1e-6)
+
+
+def test_reference_top_p_zeroes_the_rest_of_a_full_softmax_without_renormalising():
+    scores = torch.tensor([[5.0, 1.0, 4.0, 3.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    weights = sparse_top_p_softmax(scores, mask, p=2, renormalize=False)
+    full = torch.softmax(scores[0], 0)
+    assert torch.allclose(weights[0], torch.tensor([full[0], 0.0, full[2], 0.0]))
+    assert weights.sum() < 1
+
+
+def test_packed_pairs_give_the_same_vectors_as_one_pair_per_slot():
+    torch.manual_seed(3)
+    model = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, init="paper")).eval()
+    pair_relation, pair_tail = torch.randn(3, 6), torch.randn(3, 6)
+    triple_pair = torch.tensor([[0, 1, 2], [2, 2, 0]])  # row 1 repeats pair 2
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    head, image, image_mask = torch.randn(2, 6), torch.randn(2, 5), torch.tensor([True, False])
+    packed = SideBatch(head, head, image, image_mask, pair_relation, pair_tail, triple_pair, mask)
+    dense = SideBatch.dense(head, image, image_mask, pair_relation[triple_pair], pair_tail[triple_pair], mask)
+    assert torch.allclose(model(packed), model(dense), atol=1e-6)
+
+
+def test_no_weight_decay_on_biases_and_gates():
+    model = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8))
+    decay, no_decay = optimizer_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and ".g_" not in names[id(p)] for p in decay["params"])
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert undecayed >= {"fusion.g_head.weight", "fusion.g_head.bias", "proj_head.bias"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_name_view_switch():
+    batch = _batch()
+    batch = replace(batch, name=torch.randn(3, 6))
+    other_name = replace(batch, name=batch.name * -3)
+    without = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, use_name=False, init="paper")).eval()
+    assert torch.allclose(without(batch), without(other_name))
+    with_name = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, init="paper")).eval()
+    assert not torch.allclose(with_name(batch), with_name(other_name))
+    unit = torch.nn.functional.normalize
+    wide = _batch(d=8)
+    wide = replace(wide, head=unit(wide.head, dim=-1), name=unit(torch.randn(3, 8), dim=-1))  # encoders emit units
+    residual = KGMELRetriever(8, 5, RetrieverConfig(hidden_dim=8)).eval()  # starts at [head; name]
+    expected = torch.cat([wide.head, wide.name], -1) / 2**0.5
+    assert torch.allclose(residual(wide), expected, atol=1e-6)
+    assert residual.output_dim == 16 and without.output_dim == 8

@@ -61,25 +61,37 @@ class SideFeatures:
 
     ids: list[str]
     head: Tensor  # [N] rows into banks.texts
+    name: Tensor  # [N] rows into banks.texts: the mention's surface string / the entity's label
     image: Tensor  # [N] rows into banks.images, -1 = no image
-    relation: Tensor  # [N, T] rows into banks.texts
-    tail: Tensor  # [N, T]
+    pairs: Tensor  # [P, 2] distinct (relation, tail) pairs of this side, as rows into banks.texts
+    pair: Tensor  # [N, T] each slot's row in `pairs`, left-aligned
     triple_mask: Tensor  # [N, T] bool
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, rows: Tensor, banks: Banks, device: str | torch.device = "cpu") -> SideBatch:
+        """The batch's rows, with each distinct triple pair gathered once and the slots cut to the
+        longest triple list in the batch."""
         image_rows = self.image[rows]
         has_image = image_rows >= 0
         image = banks.images[image_rows.clamp_min(0)] * has_image.unsqueeze(-1)
+        mask = self.triple_mask[rows]
+        width = int(mask.sum(1).max()) if mask.numel() else 0
+        mask = mask[:, :width]
+        slots = self.pair[rows][:, :width]
+        used, inverse = torch.unique(slots[mask], return_inverse=True)
+        triple_pair = torch.zeros_like(slots)
+        triple_pair[mask] = inverse
         return SideBatch(
             head=banks.texts[self.head[rows]].to(device),
+            name=banks.texts[self.name[rows]].to(device),
             image=image.to(device),
             image_mask=has_image.to(device),
-            relation=banks.texts[self.relation[rows]].to(device),
-            tail=banks.texts[self.tail[rows]].to(device),
-            triple_mask=self.triple_mask[rows].to(device),
+            pair_relation=banks.texts[self.pairs[used, 0]].to(device),
+            pair_tail=banks.texts[self.pairs[used, 1]].to(device),
+            triple_pair=triple_pair.to(device),
+            triple_mask=mask.to(device),
         )
 
 
@@ -109,6 +121,7 @@ def triple_texts(triples: pl.DataFrame) -> pl.DataFrame:
 def build_side(
     ids: list[str],
     heads: list[str],
+    names: list[str],
     image_shas: list[str | None],
     triples: pl.DataFrame,
     id_column: str,
@@ -125,18 +138,27 @@ def build_side(
         .filter(pl.col("slot") < max_triples)
     )
     width = int(kept["slot"].max() + 1) if kept.height else 0
-    relation = torch.zeros((n, width), dtype=torch.long)
-    tail = torch.zeros((n, width), dtype=torch.long)
+    pair = torch.zeros((n, width), dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.bool)
+    pairs = torch.zeros((0, 2), dtype=torch.long)
     if kept.height:
         rows = torch.tensor([position[x] for x in kept[id_column].to_list()])
         slots = torch.from_numpy(kept["slot"].to_numpy().astype(np.int64))
-        relation[rows, slots] = torch.from_numpy(banks.text_rows(kept["relation_text"].to_list(), "relation"))
-        tail[rows, slots] = torch.from_numpy(banks.text_rows(kept["tail_text"].to_list(), "tail"))
+        relation = torch.from_numpy(banks.text_rows(kept["relation_text"].to_list(), "relation"))
+        tail = torch.from_numpy(banks.text_rows(kept["tail_text"].to_list(), "tail"))
+        pairs, inverse = torch.unique(torch.stack([relation, tail], dim=1), dim=0, return_inverse=True)
+        pair[rows, slots] = inverse
         mask[rows, slots] = True
     image = torch.tensor([banks.image_index.get(s, -1) if s else -1 for s in image_shas], dtype=torch.long)
     head = torch.from_numpy(banks.text_rows(heads, "head"))
-    return SideFeatures(list(ids), head, image, relation, tail, mask)
+    name = torch.from_numpy(banks.text_rows(names, "name"))
+    return SideFeatures(list(ids), head, name, image, pairs, pair, mask)
+
+
+def name_texts(mentions: pl.DataFrame, entities: pl.DataFrame) -> list[str]:
+    """The name view of both sides: mention surface strings and entity labels (embedded alone, they
+    match surnames and aliases that a whole sentence or description drowns)."""
+    return mentions["mention"].to_list() + entities["label"].to_list()
 
 
 def mention_heads(mentions: pl.DataFrame, heads: HeadTexts) -> list[str]:
@@ -172,6 +194,7 @@ def assemble(
     entity_side = build_side(
         entities["qid"].to_list(),
         entity_heads(entities, heads),
+        entities["label"].to_list(),
         entities["image_sha256"].to_list(),
         kb,
         "head_qid",
@@ -183,6 +206,7 @@ def assemble(
     mention_side = build_side(
         mentions["mention_id"].to_list(),
         mention_heads(mentions, heads),
+        mentions["mention"].to_list(),
         mentions["image_sha256"].to_list(),
         triple_texts(mention_triples),
         "mention_id",
@@ -198,8 +222,9 @@ def subset_side(side: SideFeatures, rows: Tensor) -> SideFeatures:
     return SideFeatures(
         [side.ids[i] for i in rows.tolist()],
         side.head[rows],
+        side.name[rows],
         side.image[rows],
-        side.relation[rows],
-        side.tail[rows],
+        side.pairs,
+        side.pair[rows],
         side.triple_mask[rows],
     )

@@ -1,0 +1,46 @@
+"""Benchmark plots (matplotlib, PNG): training curves per variant and HITS@k curves per method.
+
+Pure presentation: data in, a PNG file out; the benchmark stage decides where the file goes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (and no display on servers)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def training_curves(history: pl.DataFrame, path: Path, title: str) -> None:
+    """`history`: variant, epoch, train_loss, val_hits1 -> two panels (loss, val HITS@1 per epoch)."""
+    fig, (loss_ax, hits_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for (variant,), rows in history.sort("epoch").group_by("variant", maintain_order=True):
+        loss_ax.plot(rows["epoch"], rows["train_loss"], label=variant)
+        validated = rows.filter(pl.col("val_hits1").is_not_nan())
+        hits_ax.plot(validated["epoch"], validated["val_hits1"], marker=".", label=variant)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    hits_ax.set(xlabel="epoch", ylabel="val HITS@1 (%)", title="validation HITS@1 (whole KB)")
+    hits_ax.legend(fontsize=7, loc="lower right")
+    for ax in (loss_ax, hits_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hits_at_k(metrics: pl.DataFrame, path: Path, title: str) -> None:
+    """`metrics`: method, k, hits -> one line per method over k."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for (method,), rows in metrics.sort("k").group_by("method", maintain_order=True):
+        ax.plot(rows["k"], rows["hits"], marker="o", label=method)
+    ax.set(xlabel="k", ylabel="val HITS@k (%)", title=title, xscale="log")
+    ks = sorted(set(metrics["k"].to_list()))
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,45 @@
+"""The benchmark flow on the small demo dataset: variants share ingest/embed, the table comes from the
+served candidates, and the plots are real PNG files inside the artifact."""
+
+import polars as pl
+import pytest
+from conftest import small_config
+
+from flows.benchmark import VARIANTS, applicable, benchmark
+from storage import ArtifactStore
+
+pytestmark = pytest.mark.slow
+CHOSEN = ["kgmel", "kgmel w/o triples", "kgmel, label-only entities"]
+
+
+def test_benchmark_writes_a_table_and_plots_and_reuses_shared_stages(prefect_harness, small_demo, tmp_path):
+    config = small_config(small_demo, tmp_path / "artifacts")
+    result = benchmark(config, variants=CHOSEN)
+    store = ArtifactStore(result["root"])
+    artifact = store.require(*result["benchmark"].split("/"))
+    table = artifact.read("benchmark")
+    methods = set(table["method"])
+    zero_shot = {"zero-shot text", "zero-shot names", "zero-shot text + names", "zero-shot text (label-only entities)",
+                 "zero-shot text + names (label-only entities)"}
+    assert methods == zero_shot | set(CHOSEN)
+    assert set(table["split"]) == {"val"}
+    hits1 = dict(table.filter(pl.col("metric") == "hits@1").select("method", "value").iter_rows())
+    evaluated = {a.manifest["config"]["label"]: a for a in store.artifacts("evaluate")}
+    served = evaluated["kgmel"].read("metrics").filter(
+        (pl.col("method") == "kgmel") & (pl.col("split") == "val") & (pl.col("metric") == "hits@1")
+    )["value"][0]
+    assert hits1["kgmel"] == served  # the benchmark repeats what evaluate measured on served candidates
+    assert table.filter(pl.col("metric") == "train_s")["value"].min() > 0
+    for name in ("training_curves.png", "hits_at_k.png"):
+        data = artifact.file(name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    assert len(store.keys("ingest")) == 1 and len(store.keys("embed")) == 2  # label-only embeds its own heads
+    assert "hits@1" in result["report"].markdown() and "training_curves.png" in result["report"].markdown()
+
+
+def test_variants_that_would_repeat_another_are_skipped_with_a_reason():
+    no_triples = VARIANTS["kgmel w/o triples"]
+    assert "no triples" in applicable("kgmel w/o triples", no_triples, has_triples=False, has_descriptions=True)
+    assert applicable("kgmel w/o triples", no_triples, has_triples=True, has_descriptions=True) is None
+    label_only = VARIANTS["kgmel, label-only entities"]
+    assert "no descriptions" in applicable("x", label_only, has_triples=True, has_descriptions=False)
