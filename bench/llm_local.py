@@ -1,111 +1,102 @@
-"""LLM stages against the packaged local model server (llama.cpp, 127.0.0.1).
+"""Cost of the LLM stages on the packaged local model (Qwen2.5-Coder-1.5B-Instruct, llama.cpp on 127.0.0.1).
 
-1. Rerank prompt tokens per mention with and without triple filtering, for the mentions of the
-   latest `filter` artifact of an artifact store (run `make demo` first). Tokens are counted by
-   the model server itself (a 1-token completion's `prompt_tokens`).
-2. Calls/s for short generation calls at concurrency 1, 4 and 8 (cache off).
+For mentions a finished `rerank` artifact sent to the LLM, rebuilds the very prompts the stages send
+(rerank: the artifact's own settings; generation: the default `generation` settings) and asks the
+model again with the answer cache off, at each concurrency level (server slots = concurrency). Reports
+prompt tokens/mention, s/mention, prompt and generated tokens/s, and calls/s. Token counts are the
+server's own (`usage`).
 
-    python -m bench.llm_local [--artifacts artifacts] [--calls 16]
+    python -m bench.llm_local --artifacts /path/to/artifacts --rerank KEY [--mentions 8] [--concurrency 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import polars as pl
 
-from kgmel_core.config import LLMConfig
+from kgmel_core.config import GenerationConfig, LLMConfig, RerankConfig
 from kgmel_core.llm.client import LLMClient, LLMRequest
 from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
-from kgmel_core.llm.prompts import GENERATION_STOP, generation_messages, rerank_requests
+from kgmel_core.llm.prompts import generation_messages, rerank_requests
 from storage import ArtifactStore
 from tasks.rerank import candidate_lists, relation_tail_pairs
 
-UNFILTERED_CAP = 50  # the reference's cap on triples per entity in the rerank prompt
 
-
-def _client(api_base: str, concurrency: int, max_tokens: int) -> LLMClient:
-    config = LLMConfig(model="local", max_tokens=max_tokens, concurrency=concurrency, timeout_s=600, retries=0)
-    return LLMClient(
-        config,
-        "bench",
-        None,
-        api_base=api_base,
-        model=f"text-completion-openai/{LOCAL_MODEL_NAME}",
-        text_mode=True,
-        stop=GENERATION_STOP,
+def rerank_prompts(store: ArtifactStore, key: str, n: int) -> tuple[list[LLMRequest], list[dict], RerankConfig]:
+    """The first `n` rerank prompts (by mention id) of the mentions artifact `key` sent to the LLM."""
+    reranked = store.require("rerank", key)
+    config = RerankConfig(**{k: v for k, v in reranked.manifest["config"].items() if k != "llm"})
+    ingest, retrieve, filtered = (store.input(reranked, s) for s in ("ingest", "retrieve", "filter"))
+    sent = (
+        reranked.read("predictions").filter(pl.col("call_id").is_not_null())
+        .sort("mention_id").head(n)["mention_id"].to_list()
     )
-
-
-def rerank_token_counts(store: ArtifactStore, api_base: str, filter_key: str | None) -> None:
-    keys = [filter_key] if filter_key else store.keys("filter")
-    if len(keys) != 1:
-        print(f"{len(keys)} filter artifacts under {store.root} ({keys}): run `make demo` first, or pick one "
-              "with --filter KEY; skipping the token benchmark")
-        return
-    filtered = store.require("filter", keys[0])
-    ingest, generation = store.input(filtered, "ingest"), store.input(filtered, "generation")
-    retrieve = store.input(filtered, "retrieve")
-    k = filtered.manifest["config"]["candidates"]
-    asked = filtered.read("filter_counts")["mention_id"].to_list()
-    mentions = ingest.read("mentions").filter(pl.col("mention_id").is_in(asked)).to_dicts()
-    candidates = candidate_lists(retrieve, k)
+    mentions = ingest.read("mentions").filter(pl.col("mention_id").is_in(sent)).sort("mention_id").to_dicts()
     entities = {r["qid"]: r for r in ingest.read("entities").iter_rows(named=True)}
-    generated = relation_tail_pairs(generation.read("mention_triples"), "mention_id")
-    with_filter = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
-    capped = ingest.read("kb_triples").filter(pl.int_range(pl.len()).over("head_qid") < UNFILTERED_CAP)
-    per_entity = relation_tail_pairs(capped, "head_qid")
-    without = {(m, q): per_entity.get(q, []) for m in asked for q in candidates.get(m, [])}
-    client = _client(api_base, 2, 1)
-    print(f"rerank prompts for {len(mentions)} mentions, {k} candidates each, KB cap {UNFILTERED_CAP} triples/entity")
-    print("| prompt | tokens / mention (mean) | min | max |")
-    print("|---|---:|---:|---:|")
-    for name, facts in (("with filtering", with_filter), ("without filtering", without)):
-        pairs, _ = rerank_requests(mentions, candidates, entities, facts, generated, instruction=False)
-        results = client.run([LLMRequest(m, msgs) for m, msgs in pairs], progress=False)
-        tokens = [r.call["tokens_in"] for r in results if r.ok]
-        print(f"| {name} | {sum(tokens) / len(tokens):.0f} | {min(tokens)} | {max(tokens)} |")
+    facts = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
+    pairs, _ = rerank_requests(
+        mentions, candidate_lists(retrieve, config.candidates), entities, facts, {}, {},
+        config.max_description_chars, config.layout,
+    )
+    return [LLMRequest(mid, messages) for mid, messages in pairs], mentions, config
 
 
-def throughput(api_base: str, calls: int) -> None:
-    print(f"\n{calls} generation calls (max 48 new tokens, text-only) per concurrency level")
-    print("| concurrency | calls/s | mean latency s | tokens out/s |")
-    print("|---:|---:|---:|---:|")
-    for concurrency in (1, 4, 8):
-        client = _client(api_base, concurrency, 48)
-        requests = [
-            LLMRequest(
-                str(i),
-                generation_messages(
-                    f"Station {concurrency}-{i} opened in the city of Verna{i}.",
-                    f"Verna{i}",
-                    None,
-                    4,
-                    False,
-                    instruction=False,
-                ),
-            )
-            for i in range(calls)
-        ]
-        start = time.perf_counter()
-        results = client.run(requests, progress=False)
-        wall = time.perf_counter() - start
-        ok = [r for r in results if r.ok]
-        latency = sum(r.call["latency_s"] for r in ok) / max(len(ok), 1)
-        out_tokens = sum(r.call["tokens_out"] for r in ok)
-        print(f"| {concurrency} | {len(ok) / wall:.2f} | {latency:.2f} | {out_tokens / wall:.1f} |")
+def measure(api_base: str, requests: list[LLMRequest], max_tokens: int, concurrency: int) -> dict:
+    config = LLMConfig(model="local", max_tokens=max_tokens, concurrency=concurrency, timeout_s=900, retries=0)
+    client = LLMClient(
+        config, "bench", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}", extra_body={"cache_prompt": True}
+    )
+    start = time.perf_counter()
+    results = client.run(requests, progress=False)
+    wall = time.perf_counter() - start
+    ok = [r.call for r in results if r.ok]
+    if not ok:
+        raise RuntimeError(f"every call failed: {results[0].call.get('error')}")
+    return {
+        "calls": len(ok),
+        "tokens_in": statistics.mean(c["tokens_in"] for c in ok),
+        "tokens_out": statistics.mean(c["tokens_out"] for c in ok),
+        "s_per_call": statistics.median(c["latency_s"] for c in ok),
+        "calls_per_s": len(ok) / wall,
+        "in_per_s": sum(c["tokens_in"] for c in ok) / wall,
+        "out_per_s": sum(c["tokens_out"] for c in ok) / wall,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifacts", default="artifacts")
-    parser.add_argument("--calls", type=int, default=16)
-    parser.add_argument("--filter", help="key of the filter artifact to measure (default: the only one)")
+    parser.add_argument("--rerank", required=True, help="key of a finished rerank artifact whose prompts to replay")
+    parser.add_argument("--mentions", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    with local_llm_server(parallel=8) as api_base:
-        rerank_token_counts(ArtifactStore(args.artifacts), api_base, args.filter)
-        throughput(api_base, args.calls)
+    store = ArtifactStore(args.artifacts)
+    rerank_requests_, mentions, rerank_config = rerank_prompts(store, args.rerank, args.mentions)
+    generation = GenerationConfig()
+    generation_requests = [
+        LLMRequest(
+            m["mention_id"], generation_messages(m["sentence"], m["mention"], None, generation.max_triples, False)
+        )
+        for m in mentions
+    ]
+    print(f"{len(mentions)} mentions; rerank K={rerank_config.candidates}, layout {rerank_config.layout}; "
+          f"generation max_tokens={generation.llm.max_tokens}")
+    print("| stage | concurrency | prompt tokens / mention | generated tokens / mention | s / call (median) "
+          "| calls/s | prompt tokens/s | generated tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for concurrency in args.concurrency:
+        with local_llm_server(parallel=concurrency) as api_base:
+            for stage, requests, max_tokens in (
+                ("rerank", rerank_requests_, rerank_config.llm.max_tokens),
+                ("generate", generation_requests, generation.llm.max_tokens),
+            ):
+                m = measure(api_base, requests, max_tokens, concurrency)
+                print(f"| {stage} | {concurrency} | {m['tokens_in']:.0f} | {m['tokens_out']:.1f} | "
+                      f"{m['s_per_call']:.1f} | {m['calls_per_s']:.3f} | {m['in_per_s']:.1f} | {m['out_per_s']:.2f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import polars as pl
 from prefect import flow
 
 from flows.context import open_context
-from flows.pipeline import finish, retrieval_chain
+from flows.pipeline import finish, ingest_dataset, retrieval_chain
 from kgmel_core.config import PipelineConfig, deep_merge
 from tasks import benchmark as benchmark_tasks
 from tasks import evaluate as evaluate_tasks
-from tasks import ingest as ingest_tasks
 
 BENCHMARK_METRICS = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr", "train_s", "s_per_epoch", "epochs")
 LABEL_ONLY = {"encoder": {"entity_text": "label"}}
@@ -53,7 +52,7 @@ def applicable(label: str, overrides: dict[str, Any], has_triples: bool, has_des
 def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict[str, Any]:
     """Zero-shot text, the KGMEL retriever and its ablations on one dataset; see the module docstring."""
     ctx = open_context(config, "benchmark")
-    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    ingested = ingest_dataset(ctx, config)
     has_triples = ingested.tables["kb_triples"] > 0
     has_descriptions = ingested.read("entities")["description"].str.len_chars().sum() > 0
     notes, results, label_only = [], {}, set()
@@ -65,7 +64,9 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
             continue
         variant = variant_config(config, overrides)
         chain = retrieval_chain(ctx, variant, ingested, None)
-        evaluated = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], label=label)
+        evaluated = evaluate_tasks.evaluate(
+            ctx, ingested, chain["embed"], chain["retrieve"], label=label, splits=["val"]
+        )
         results[label] = (chain["train"], evaluated)
         if variant.encoder.entity_text == "label":
             label_only.add(label)
@@ -74,5 +75,5 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
     report = finish(ctx, f"kgmel benchmark: {config.dataset.name} (val)", None, [*notes, f"plots: {files}"])
     report.metrics = report_artifact.read("benchmark").drop("dataset")
     report.shown = BENCHMARK_METRICS
-    return {"report": report, "benchmark": report_artifact.id, "root": str(ctx.store.root),
+    return {"report": report, "benchmark": report_artifact.id, "root": ctx.store.url,
             "table": report.metrics.with_columns(pl.lit(config.dataset.name).alias("dataset"))}

@@ -45,7 +45,7 @@ SetOption = Annotated[
     typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."),
 ]
 ArtifactsOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option("--artifacts", "-a", help="Artifact store root (default: the config's, else ./artifacts)."),
 ]
 ModelOption = Annotated[
@@ -68,12 +68,22 @@ def _config(config: Path | None, overrides: list[str] | None) -> tuple[PipelineC
         raise UserError(f"invalid config: {exc}") from None
 
 
-def _store_root(artifacts: Path | None, config: Path | None) -> Path:
+def _store(artifacts: str | None, config: Path | None):
+    """The artifact store named by --artifacts, else by the config, else ./artifacts (a folder or a URL)."""
+    from storage import ArtifactStore
+
     if artifacts is not None:
-        return artifacts
+        return ArtifactStore(artifacts)
     if config is not None:
-        return Path(_config(config, None)[0].artifacts)
-    return Path("artifacts")
+        loaded = _config(config, None)[0]
+        return ArtifactStore(loaded.artifacts, loaded.artifacts_options)
+    return ArtifactStore("artifacts")
+
+
+def _existing_store(artifacts: str | None, config: Path | None):
+    if artifacts is None and config is None and not Path("artifacts").is_dir():
+        raise UserError("no artifact store at ./artifacts: run a job first, or pass --artifacts")
+    return _store(artifacts, config)
 
 
 def ensure_prefect_api() -> None:
@@ -134,7 +144,7 @@ def link(
     ] = False,
 ) -> None:
     """Link new mentions against the served model's index (no retraining) and print the predictions."""
-    _, overrides = _config(config, set_)
+    loaded, overrides = _config(config, set_)
     try:
         records = json.loads(mentions_file.read_text())
     except json.JSONDecodeError as exc:
@@ -152,7 +162,7 @@ def link(
     )
     from storage import ArtifactStore, Catalog
 
-    catalog = Catalog(ArtifactStore(result["root"]))
+    catalog = Catalog(ArtifactStore(result["root"], loaded.artifacts_options))
     console.print(catalog.query("select mention_id, mention, predicted_qid, predicted_label, source, score "
                                 "from predictions_labeled order by mention_id"))
 
@@ -171,6 +181,26 @@ def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
     _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
 
 
+kb_app = typer.Typer(help="The KB from a Wikidata JSON dump.")
+app.add_typer(kb_app, name="kb")
+
+
+@kb_app.command("build")
+def kb_build_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dump: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="latest-all.json[.gz|.bz2]")] = None,
+    language: Annotated[str | None, typer.Option(help="Label language (default en).")] = None,
+    qids: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Keep exactly these QIDs.")] = None,
+    min_sitelinks: Annotated[int | None, typer.Option(help="Keep items with at least this many sitelinks.")] = None,
+) -> None:
+    """Stream a Wikidata dump into `entities` / `kb_triples` Parquet artifacts (the `kb` stage)."""
+    given = {"dump": str(dump.resolve()) if dump else None, "language": language,
+             "qids_file": str(qids.resolve()) if qids else None, "min_sitelinks": min_sitelinks}
+    _, overrides = _config(config, [*(set_ or []), *[f"kb.{k}={v}" for k, v in given.items() if v is not None]])
+    _run_flow(job="kb", config_path=str(config) if config else None, overrides=overrides)
+
+
 @app.command("benchmark")
 def benchmark_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Zero-shot text, the KGMEL retriever and its ablations on one dataset: a val table and plots."""
@@ -186,13 +216,11 @@ def query(
     output: Annotated[str, typer.Option(help="table | csv | json")] = "table",
 ) -> None:
     """Run a read-only SQL query over the artifact catalog (DuckDB)."""
-    from storage import ArtifactStore, Catalog, QueryRefused
+    from storage import Catalog, QueryRefused
 
-    root = _store_root(artifacts, config)
-    if not root.is_dir():
-        raise UserError(f"no artifact store at {root}: run a job first, or pass --artifacts")
+    store = _existing_store(artifacts, config)
     try:
-        frame = Catalog(ArtifactStore(root)).query(sql)
+        frame = Catalog(store).query(sql)
     except QueryRefused as exc:
         raise UserError(str(exc)) from None
     except Exception as exc:  # DuckDB's own message (unknown view or column) is what the user needs
@@ -213,10 +241,7 @@ def status(artifacts: ArtifactsOption = None, config: ConfigOption = None) -> No
     """What the store holds: datasets, models and what they serve, recent runs, LLM calls."""
     from flows.status import store_status
 
-    root = _store_root(artifacts, config)
-    if not root.is_dir():
-        raise UserError(f"no artifact store at {root}: run a job first, or pass --artifacts")
-    store_status(root, console)
+    store_status(_existing_store(artifacts, config), console)
 
 
 @app.command()
@@ -226,16 +251,14 @@ def verify(
     quarantine: Annotated[bool, typer.Option(help="Move damaged artifacts aside; the next run rebuilds them.")] = False,
 ) -> None:
     """Check every artifact's files against the sha256 digests in its manifest."""
-    from storage import ArtifactStore
-
-    store = ArtifactStore(_store_root(artifacts, config))
+    store = _existing_store(artifacts, config)
     problems = store.verify(full=True)
     for path, problem in problems:
         console.print(f"[red]DAMAGED[/red] {path}: {problem}", highlight=False)
         if quarantine:
-            stage, key = Path(path).parts[-2:]
+            stage, key = path.rstrip("/").split("/")[-2:]
             store.quarantine(stage, key, problem)
-    console.print(f"{len(problems)} damaged artifact(s) under {store.root}")
+    console.print(f"{len(problems)} damaged artifact(s) under {store.url}")
     if problems:
         raise typer.Exit(1)
 
@@ -243,9 +266,8 @@ def verify(
 @models_app.command("list")
 def models_list(name: Annotated[str | None, typer.Argument()] = None, artifacts: ArtifactsOption = None) -> None:
     """Versions of each model name; * marks the served one."""
-    from storage import ModelRegistry
 
-    registry = ModelRegistry(_store_root(artifacts, None).resolve())
+    registry = _existing_store(artifacts, None).models
     names = [name] if name else registry.names()
     if not names:
         console.print("no models registered yet: run `kgmel run` (full-pipeline) first")
@@ -265,9 +287,8 @@ def models_promote(
     artifacts: ArtifactsOption = None,
 ) -> None:
     """Serve a version: reindex-kb and link use it from now on."""
-    from storage import ModelRegistry
 
-    chosen = ModelRegistry(_store_root(artifacts, None).resolve()).promote(name, version)
+    chosen = _existing_store(artifacts, None).models.promote(name, version)
     console.print(f"model {name!r}: now serving v{chosen.number} (train {chosen.train}, index {chosen.index})")
 
 

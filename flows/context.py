@@ -12,8 +12,10 @@ from tasks.common import PipelineContext
 
 
 def open_context(config: PipelineConfig, flow_name: str) -> PipelineContext:
-    store = ArtifactStore(config.artifacts)
+    store = ArtifactStore(config.artifacts, config.artifacts_options)
     store.sweep_temporaries()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     run_log = RunLog(store, run_id, flow_name, model=config.model)
-    return PipelineContext(store=store, run_log=run_log, force_stages=set(config.force_stages))
+    distributed = config.runner == "dask"
+    shards = (config.dask.shards or 2 * config.dask.n_workers) if distributed else 1
+    return PipelineContext(store, run_log, set(config.force_stages), distributed, shards)

@@ -10,7 +10,7 @@ from prefect import flow
 from flows.context import open_context
 from flows.summary import RunSummary, skip_warnings
 from kgmel_core.config import EncoderConfig, LLMScope, PipelineConfig, explicit_differences, load_config
-from storage import Artifact, ModelRegistry
+from storage import Artifact
 from storage.registry import ModelVersion
 from tasks import clip_bootstrap as bootstrap_tasks
 from tasks import embed as embed_tasks
@@ -18,9 +18,37 @@ from tasks import evaluate as evaluate_tasks
 from tasks import generate as generate_tasks
 from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
+from tasks import kb as kb_tasks
 from tasks import rerank as rerank_tasks
 from tasks import train as train_tasks
 from tasks.common import PipelineContext, logger
+
+
+def on_runner(flow_fn: Any, config: PipelineConfig) -> Any:
+    """The flow on the task runner the config asks for: Prefect's DaskTaskRunner with `runner: dask`
+    (an existing scheduler at `dask.address`, else a LocalCluster of worker processes), else as is."""
+    if config.runner != "dask":
+        return flow_fn
+    from prefect_dask import DaskTaskRunner
+
+    if config.dask.address:
+        runner = DaskTaskRunner(address=config.dask.address)
+    else:
+        runner = DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": config.dask.n_workers,
+                "threads_per_worker": config.dask.threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return flow_fn.with_options(task_runner=runner)
+
+
+def ingest_dataset(ctx: PipelineContext, config: PipelineConfig) -> Artifact:
+    """The dataset's mentions and KB; the KB from a Wikidata dump (stage `kb`) when `kb.dump` is set."""
+    kb = kb_tasks.kb(ctx, config.kb) if config.kb.dump else None
+    return ingest_tasks.ingest(ctx, config.dataset, kb)
 
 
 def _bootstrap(ctx: PipelineContext, config: PipelineConfig, ingest: Artifact) -> Artifact | None:
@@ -65,7 +93,7 @@ def finish(ctx: PipelineContext, title: str, metrics: Artifact | None, notes: li
 
 def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact], promote: bool) -> str:
     """Register what full-pipeline trained and indexed under the config's model name; one summary line."""
-    registry = ModelRegistry(ctx.store.root)
+    registry = ctx.store.models
     info = {"dataset": config.dataset.name, "run_id": ctx.run_log.run_id}
     version = registry.register(config.model, chain["train"].key, chain["index"].key, info)
     if promote:
@@ -84,7 +112,7 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
     """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate,
     then register the trained retriever and its index under the model name."""
     ctx = open_context(config, "full-pipeline")
-    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    ingested = ingest_dataset(ctx, config)
     stages: dict[str, Artifact] = {"ingest": ingested}
     generation = None
     if config.generation.enabled:
@@ -93,9 +121,9 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
     chain = retrieval_chain(ctx, config, ingested, retriever_generation)
     stages.update(chain)
     reranked = None
-    if config.rerank.enabled and generation is not None:
+    if config.rerank.enabled:  # with stage 1's triples and descriptions when generation ran
         embedded = chain["embed"]
-        if retriever_generation is None:  # filtering needs the generated triples' embeddings too
+        if generation is not None and retriever_generation is None:  # filtering embeds the generated triples
             embedded = stages["embed_generated"] = embed_tasks.embed(
                 ctx, config.encoder, ingested, generation, chain.get("clip_bootstrap")
             )
@@ -108,7 +136,7 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
     metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
     registered = register_model(ctx, config, chain, promote)
     report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
-    return {"artifacts": artifact_ids(stages), "report": report, "root": str(ctx.store.root), "model": registered}
+    return {"artifacts": artifact_ids(stages), "report": report, "root": ctx.store.url, "model": registered}
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -125,7 +153,7 @@ def ablations(config: PipelineConfig) -> dict[str, Any]:
 
     Experiments only: nothing here is registered, so no ablation is ever served."""
     ctx = open_context(config, "ablations")
-    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    ingested = ingest_dataset(ctx, config)
     results = {}
     for label, switches in ABLATIONS.items():
         variant = config.model_copy(update={"retriever": config.retriever.model_copy(update=switches)})
@@ -145,7 +173,7 @@ def served_model(ctx: PipelineContext, config: PipelineConfig, model: str | None
     """The promoted version of a model name and its trained retriever; refuses a live config whose
     explicit encoder/retriever settings contradict what that retriever was trained with."""
     name = model or config.model
-    version = ModelRegistry(ctx.store.root).require(name).serving
+    version = ctx.store.models.require(name).serving
     trained = ctx.store.require("train", version.train)
     trained_config = trained.manifest["config"]
     problems = explicit_differences(config.encoder, trained_config["encoder"], "encoder")
@@ -180,18 +208,18 @@ def reindex_kb(config: PipelineConfig, model: str | None = None) -> dict[str, An
     ctx = open_context(config, "reindex-kb")
     version, trained = served_model(ctx, config, model)
     encoder, bootstrap = served_encoder(ctx, config, trained)
-    ingested = ingest_tasks.ingest(ctx, config.dataset)
+    ingested = ingest_dataset(ctx, config)
     embedded = embed_tasks.embed(ctx, encoder, ingested, None, bootstrap)
     indexed = index_tasks.index(ctx, config.index, trained, ingested, embedded)
     name = model or config.model
-    ModelRegistry(ctx.store.root).record_reindex(name, trained.key, indexed.key)
+    ctx.store.models.record_reindex(name, trained.key, indexed.key)
     ctx.catalog.refresh()
     note = f"model {name!r} v{version.number}: serves index {indexed.key} (was {version.index})"
     report = finish(ctx, "kgmel reindex-kb", None, [note])
     return {
         "artifacts": artifact_ids({"train": trained, "ingest": ingested, "embed": embedded, "index": indexed}),
         "report": report,
-        "root": str(ctx.store.root),
+        "root": ctx.store.url,
     }
 
 
@@ -235,7 +263,7 @@ def link(
         ctx, config.index, indexed, trained, ingested, embedded, generation if uses_triples else None
     )
     predictions = None
-    if config.rerank.enabled and generation is not None:
+    if config.rerank.enabled:
         filtered = stages["filter"] = rerank_tasks.filter_stage(
             ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed
         )
@@ -250,13 +278,25 @@ def link(
         "candidates": candidates.read("candidates"),
         "predictions": predictions,
         "report": report,
-        "root": str(ctx.store.root),
+        "root": ctx.store.url,
     }
+
+
+@flow(name="kb-build", log_prints=True)
+def kb_build(config: PipelineConfig) -> dict[str, Any]:
+    """Build the KB tables from the configured Wikidata dump (`kb.dump`) and nothing else."""
+    if not config.kb.dump:
+        raise ValueError("kb.dump is not set: give the path of a Wikidata JSON dump (latest-all.json[.gz|.bz2])")
+    ctx = open_context(config, "kb-build")
+    built = kb_tasks.kb(ctx, config.kb)
+    report = finish(ctx, "kgmel kb build", None, [f"KB: {built.tables['entities']} entities, "
+                                                 f"{built.tables['kb_triples']} triples ({built.id})"])
+    return {"artifacts": artifact_ids({"kb": built}), "report": report, "root": ctx.store.url}
 
 
 @flow(name="kgmel", log_prints=True)
 def kgmel(
-    job: Literal["full-pipeline", "reindex-kb", "link", "ablations", "benchmark"] = "full-pipeline",
+    job: Literal["full-pipeline", "reindex-kb", "link", "ablations", "benchmark", "kb"] = "full-pipeline",
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     mentions_file: str | None = None,
@@ -270,21 +310,25 @@ def kgmel(
     `model` names the served model `reindex-kb` and `link` use (default: the config's model name)."""
     config = load_config(config_path, overrides)  # validated by pydantic before any work starts
     if job == "full-pipeline":
-        result = full_pipeline(config, promote=promote)
+        result = on_runner(full_pipeline, config)(config, promote=promote)
     elif job == "reindex-kb":
-        result = reindex_kb(config, model=model)
+        result = on_runner(reindex_kb, config)(config, model=model)
     elif job == "link":
         if not mentions_file:
             raise ValueError("job 'link' needs mentions_file")
-        result = link(config, mentions_file=mentions_file, image_dir=image_dir, model=model, llm_scope=llm_scope)
+        result = on_runner(link, config)(
+            config, mentions_file=mentions_file, image_dir=image_dir, model=model, llm_scope=llm_scope
+        )
         result.pop("candidates")
         result.pop("predictions")
+    elif job == "kb":
+        result = on_runner(kb_build, config)(config)
     elif job == "benchmark":
         from flows.benchmark import benchmark
 
-        result = benchmark(config)
+        result = on_runner(benchmark, config)(config)
     else:
-        result = ablations(config)
+        result = on_runner(ablations, config)(config)
         result.pop("metrics")
     logger().info("%s", result["report"].markdown())
     return result

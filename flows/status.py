@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 
-from storage import ArtifactStore, Catalog, ModelRegistry
+from storage import ArtifactStore, Catalog
 
 
 def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
@@ -18,11 +16,10 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
     return table
 
 
-def store_status(root: Path, console) -> None:
-    store = ArtifactStore(root)
+def store_status(store: ArtifactStore, console) -> None:
     artifacts = list(store.artifacts())
     size = sum(f["bytes"] for a in artifacts for f in a.manifest["content"].values())
-    console.print(f"[bold]store[/bold] {store.root}: {len(artifacts)} artifacts, {size / 1e6:.1f} MB")
+    console.print(f"[bold]store[/bold] {store.url}: {len(artifacts)} artifacts, {size / 1e6:.1f} MB")
 
     datasets = [
         (a.manifest["config"].get("name"), a.key[:12], a.tables.get("mentions"), a.tables.get("entities"),
@@ -33,7 +30,7 @@ def store_status(root: Path, console) -> None:
     console.print(_table("datasets (ingest)", ["name", "key", "mentions", "entities", "kb triples", "created"],
                          sorted(datasets, key=lambda r: r[-1])))
 
-    registry = ModelRegistry(store.root)
+    registry = store.models
     models = []
     for name in registry.names():
         state = registry.require(name)

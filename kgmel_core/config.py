@@ -30,6 +30,16 @@ class DatasetConfig(_Section):
     bad_records: Literal["fail", "skip"] = "fail"
 
 
+class KBConfig(_Section):
+    """A KB built from a Wikidata JSON dump (`latest-all.json[.gz|.bz2]`) instead of `kb/` files."""
+
+    dump: str | None = None
+    language: str = "en"
+    qids_file: str | None = None  # keep exactly these items (one QID per line, or a JSON list)
+    min_sitelinks: int = Field(0, ge=0)  # without a QID list: items with a label and at least this many
+    partitions: int = Field(1, ge=1)  # byte ranges of an uncompressed dump parsed in parallel
+
+
 class EncoderConfig(_Section):
     """Frozen encoders. `clip_pretrained` is an open_clip tag (`openai`) or a local checkpoint path.
 
@@ -90,9 +100,12 @@ class TrainingConfig(_Section):
 
 
 class IndexConfig(_Section):
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
-    nlist: int = Field(1024, ge=1)
-    nprobe: int = Field(32, ge=1)
+    # auto: flat below auto_threshold entities, IVF-PQ above (parameters derived from the KB size)
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
+    auto_threshold: int = Field(1_000_000, ge=1)
+    nlist: int = Field(0, ge=0)  # 0: derived, ~4 sqrt(n) (a power of two)
+    nprobe: int = Field(0, ge=0)  # 0: derived, nlist / 64 (at least 8)
+    pq_m: int = Field(0, ge=0)  # ivfpq bytes per vector; 0: derived, one per 8 dimensions
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)  # candidates HNSW explores per query; keep it well above top_k
     use_gpu: Literal["auto", "never", "always"] = "auto"
@@ -116,16 +129,14 @@ class LLMConfig(_Section):
     # A stage whose LLM calls failed (outage, timeouts) is run again by later runs, re-calling only the
     # failures (successes come from the answer cache), until none fail or it ran this many times.
     max_stage_attempts: int = Field(3, ge=1)
-    # chat: /chat/completions with messages; text: /completions with the prompt continued as is (what a
-    # base model needs). auto: text for the packaged local base model, chat for everything else.
-    api: Literal["auto", "chat", "text"] = "auto"
 
 
 class LLMScope(_Section):
     """Which mentions an LLM stage runs on; the others get a row saying they were skipped (counted)."""
 
     splits: list[str] | None = None  # None: every split
-    max_mentions: int | None = Field(None, ge=1)  # first N (by mention_id) of the chosen splits
+    max_mentions: int | None = Field(None, ge=1)  # N of the chosen splits: the first by mention_id, or
+    sample_seed: int | None = None  # a seeded random sample of N (the same sample for every variant)
 
 
 class GenerationConfig(_Section):
@@ -139,15 +150,36 @@ class RerankConfig(_Section):
     enabled: bool = True
     llm: LLMConfig = LLMConfig(max_tokens=16)
     filter_n: int = Field(15, ge=1)
-    max_triples_per_entity: int = Field(50, ge=1)
+    max_triples_per_entity: int = Field(50, ge=0)  # facts per candidate in the prompt (0: none)
     candidates: int = Field(16, ge=1)
     use_filter: bool = True
+    # Adaptive reranking: ask the LLM only about mentions whose retrieval margin (top-1 minus top-2 score)
+    # is below this; the rest keep retrieval's top-1. None: ask about every mention, as the paper does.
+    margin_threshold: float | None = Field(None, ge=0)
+    max_description_chars: int = Field(160, ge=10)  # candidate descriptions are cut here in the prompt
+    # question_first: sentence and mention, then the candidates in retrieval order (measured better with the
+    # packaged model); reference: the candidates first in reverse retrieval order, then the mention.
+    layout: Literal["question_first", "reference"] = "question_first"
     scope: LLMScope = LLMScope()
+
+
+class DaskConfig(_Section):
+    """`runner: dask`: an existing scheduler (`address`), else a LocalCluster of this shape."""
+
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    shards: int = Field(0, ge=0)  # shards per parallel step; 0: two per worker
 
 
 class PipelineConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()
-    artifacts: str = "artifacts"
+    kb: KBConfig = KBConfig()
+    artifacts: str = "artifacts"  # a folder, or an fsspec URL: s3://bucket/prefix, gs://bucket/prefix
+    artifacts_options: dict[str, Any] = {}  # fsspec storage options (e.g. client_kwargs: {endpoint_url: ...})
+    # local: one process; dask: the flows run on Prefect's DaskTaskRunner and map their parallel steps
+    runner: Literal["local", "dask"] = "local"
+    dask: DaskConfig = DaskConfig()
     # The name full-pipeline registers its model under, and reindex-kb / link serve (default: dataset.name).
     model_name: str | None = None
     encoder: EncoderConfig = EncoderConfig()
@@ -168,8 +200,6 @@ class PipelineConfig(_Section):
     def _check(self) -> PipelineConfig:
         if self.rerank.candidates > self.index.top_k:
             raise ValueError(f"rerank.candidates ({self.rerank.candidates}) > index.top_k ({self.index.top_k})")
-        if self.rerank.enabled and not self.generation.enabled:
-            raise ValueError("rerank.enabled needs generation.enabled (filtering compares against generated triples)")
         return self
 
 

@@ -18,6 +18,8 @@ import polars as pl  # noqa: E402
 def training_curves(history: pl.DataFrame, path: Path, title: str) -> None:
     """`history`: variant, epoch, train_loss, val_hits1 -> two panels (loss, val HITS@1 per epoch)."""
     fig, (loss_ax, hits_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax in (loss_ax, hits_ax):
+        ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
     for (variant,), rows in history.sort("epoch").group_by("variant", maintain_order=True):
         loss_ax.plot(rows["epoch"], rows["train_loss"], label=variant)
         validated = rows.filter(pl.col("val_hits1").is_not_nan())
@@ -35,8 +37,10 @@ def training_curves(history: pl.DataFrame, path: Path, title: str) -> None:
 def hits_at_k(metrics: pl.DataFrame, path: Path, title: str) -> None:
     """`metrics`: method, k, hits -> one line per method over k."""
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for (method,), rows in metrics.sort("k").group_by("method", maintain_order=True):
-        ax.plot(rows["k"], rows["hits"], marker="o", label=method)
+        style = "--" if method.startswith("zero-shot") else "-"  # frozen baselines dashed
+        ax.plot(rows["k"], rows["hits"], style, marker="o", label=method)
     ax.set(xlabel="k", ylabel="val HITS@k (%)", title=title, xscale="log")
     ks = sorted(set(metrics["k"].to_list()))
     ax.set_xticks(ks, [str(k) for k in ks])

@@ -51,6 +51,9 @@ REJECTED = pa.schema(
     ]
 )
 
+# Relation labels a Wikidata dump gives its properties (stage `kb`).
+PROPERTIES = pa.schema([("pid", pa.string()), ("label", pa.string()), ("description", pa.string())])
+
 MENTION_TRIPLES = pa.schema(
     [
         ("mention_id", pa.string()),
@@ -124,9 +127,11 @@ PREDICTIONS = pa.schema(
     [
         ("mention_id", pa.string()),
         ("qid", pa.string()),
-        ("source", pa.string()),  # llm | fallback
-        ("reason", pa.string()),  # why a fallback happened (null for llm)
+        ("source", pa.string()),  # llm | retrieval (confident, not sent) | fallback
+        ("reason", pa.string()),  # confident, or why a fallback happened (null for llm)
         ("call_id", pa.string()),
+        ("margin", pa.float64()),  # retrieval's top-1 minus top-2 score: what the adaptive gate reads
+        ("answer", pa.string()),  # the LLM's raw answer (null when it was not asked or the call failed)
     ]
 )
 
@@ -149,6 +154,11 @@ BENCHMARK = pa.schema(
         ("metric", pa.string()),
         ("value", pa.float64()),
     ]
+)
+
+# HITS@1 if only the mentions with a retrieval margin below `threshold` went to the LLM (evaluate).
+GATE_CURVE = pa.schema(
+    [("split", pa.string()), ("threshold", pa.float64()), ("sent", pa.float64()), ("hits1", pa.float64())]
 )
 
 METRICS = pa.schema(

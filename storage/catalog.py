@@ -20,15 +20,16 @@ metrics, llm_calls, ...) hold every artifact's rows with its `stage` and `artifa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import duckdb
 import polars as pl
 
-from storage.registry import ModelRegistry, RegistryError
+from storage.registry import RegistryError
+from storage.runs import RUNS_DIR
 from storage.store import MANIFEST, Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -61,28 +62,31 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _file_list(paths: list[Path], base: Callable[[Path], str]) -> str:
+def _file_list(paths: list[str], base: Callable[[str], str]) -> str:
     return "[" + ", ".join(_quote(base(p)) for p in paths) + "]"
 
 
 class Catalog:
     def __init__(self, store: ArtifactStore):
         self.store = store
-        self.path = store.root / CATALOG_FILE
+        self.path = store.root / CATALOG_FILE  # local: the store root; remote: its local cache folder
 
     # -- what the views show ---------------------------------------------------------------------
 
-    def _runs(self) -> pl.DataFrame | None:
-        parts = sorted((self.store.root / "_runs").glob("*.parquet"))
-        if not parts:
-            return None
-        frames = []
+    def _run_parts(self) -> list[str]:
+        fsx = self.store.fsx
+        return [fsx.join(RUNS_DIR, n) for n in fsx.entries(fsx.join(RUNS_DIR), dirs=False) if n.endswith(".parquet")]
+
+    def _runs(self, parts: list[str]) -> tuple[pl.DataFrame | None, list[str]]:
+        """The run log, and the parts it was read from (a damaged one is left out, logged)."""
+        frames, readable = [], []
         for part in parts:
             try:
-                frames.append(pl.read_parquet(part, glob=False))
+                frames.append(pl.from_arrow(self.store.fsx.read_table([part])))
+                readable.append(part)
             except Exception as exc:  # one damaged log must not hide the others
                 log.warning("run log %s unreadable, left out of the catalog: %s", part, exc)
-        return pl.concat(frames, how="diagonal_relaxed") if frames else None
+        return (pl.concat(frames, how="diagonal_relaxed") if frames else None), readable
 
     def current_artifacts(self, artifacts: dict[str, Artifact], runs: pl.DataFrame | None) -> dict[str, list[Artifact]]:
         """Table name -> the artifact(s) its current view reads."""
@@ -121,7 +125,7 @@ class Catalog:
         if not model:
             return {}
         try:
-            version = ModelRegistry(self.store.root).require(model).serving
+            version = self.store.models.require(model).serving
         except RegistryError:
             return {}
         index = artifacts.get(f"index/{version.index}")
@@ -134,10 +138,10 @@ class Catalog:
             out.update(entities=[ingest], kb_triples=[ingest])
         return out
 
-    def statements(self, base: Callable[[Path], str]) -> list[str]:
+    def statements(self, base: Callable[[str], str]) -> list[str]:
         """`create or replace view` statements for the store as it is now; `base` renders a file path."""
         artifacts = {a.id: a for a in self.store.artifacts()}
-        runs = self._runs()
+        runs, run_parts = self._runs(self._run_parts())
         statements = []
         for table, sources in sorted(self.current_artifacts(artifacts, runs).items()):
             parts = [p for a in sources for p in a.parts(table)]
@@ -157,21 +161,20 @@ class Catalog:
                     f"* exclude (filename) from read_parquet({_file_list(parts, base)}, "
                     "union_by_name=true, filename=true)"
                 )
-        run_parts = sorted((self.store.root / "_runs").glob("*.parquet"))
         if run_parts and runs is not None:
             statements.append(
                 f"create or replace view runs as select * from read_parquet({_file_list(run_parts, base)}, "
                 "union_by_name=true)"
             )
         if artifacts:
-            manifests = [a.path / MANIFEST for a in artifacts.values()]
+            manifests = [self.store.fsx.under(a.path, MANIFEST) for a in artifacts.values()]
             statements.append(
                 "create or replace view manifests as select stage, key, code, digest, created_at, seconds, tables, "
                 f"config, inputs, stats from read_json({_file_list(manifests, base)}, maximum_depth=2, "
                 "format='auto', union_by_name=true)"
             )
-        registry = ModelRegistry(self.store.root)
-        events = [p for name in registry.names() for p in sorted((registry.folder / name).glob("*.json"))]
+        registry = self.store.models
+        events = [p for name in registry.names() for p in registry.event_files(name)]
         if events:
             statements.append(
                 "create or replace view model_events as select "
@@ -204,22 +207,25 @@ class Catalog:
             f"left join entities e on e.qid = {predicted} where c.rank = 1",
         ]
 
-    # -- the DuckDB file -------------------------------------------------------------------------
+    # -- the DuckDB file -----------------------------------------------------------------------
 
     def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-        """The catalog file, with relative paths resolving under the store root."""
+        """The catalog file of a local store, with relative paths resolving under the store root."""
         con = duckdb.connect(str(self.path), read_only=read_only)
-        con.execute(f"set file_search_path = {_quote(str(self.store.root))}")
+        con.execute(f"set file_search_path = {_quote(self.store.fsx.base)}").fetchall()
         return con
 
     def refresh(self, attempts: int = 5) -> bool:
         """Rebuild the views in the catalog file; retried while another process holds its lock.
 
         Returns False (and logs) when it could not: the artifacts are unaffected, and the next
-        refresh rebuilds every view from the store anyway.
+        refresh rebuilds every view from the store anyway. A store on object storage has no catalog
+        file (DuckDB cannot keep one there): `kgmel query` builds its views in memory.
         """
-        root = self.store.root
-        statements = self.statements(lambda p: str(p.relative_to(root)))
+        if not self.store.fsx.local:
+            return True
+        base = self.store.fsx.base
+        statements = self.statements(lambda p: os.path.relpath(p, base))
         last: Exception | None = None
         for attempt in range(attempts):
             try:
@@ -227,12 +233,12 @@ class Catalog:
                     existing = [r[0] for r in con.execute(
                         "select view_name from duckdb_views() where not internal and schema_name = 'main'"
                     ).fetchall()]
-                    con.execute("begin")
+                    con.execute("begin").fetchall()
                     for view in existing:
-                        con.execute(f'drop view if exists "{view}"')
+                        con.execute(f'drop view if exists "{view}"').fetchall()
                     for statement in statements:
-                        con.execute(statement)
-                    con.execute("commit")
+                        con.execute(statement).fetchall()
+                    con.execute("commit").fetchall()
                 return True
             except duckdb.IOException as exc:  # the file is locked by another process
                 last = exc
@@ -248,12 +254,15 @@ class Catalog:
 
     def query_connection(self) -> duckdb.DuckDBPyConnection:
         """An in-memory database with the catalog's views that can read only under the store root."""
+        fsx = self.store.fsx
         con = duckdb.connect()
-        for statement in self.statements(lambda p: str(p)):
-            con.execute(statement)
-        con.execute(f"set allowed_directories = [{_quote(str(self.store.root) + '/')}]")
-        con.execute("set enable_external_access = false")
-        con.execute("set lock_configuration = true")
+        if not fsx.local:
+            con.register_filesystem(fsx.fs)  # no extension download: DuckDB reads through fsspec
+        for statement in self.statements(fsx.uri):
+            con.execute(statement).fetchall()
+        con.execute(f"set allowed_directories = [{_quote(fsx.uri(fsx.base) + '/')}]").fetchall()
+        con.execute("set enable_external_access = false").fetchall()
+        con.execute("set lock_configuration = true").fetchall()
         return con
 
     @staticmethod

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from kgmel_core.schemas import vector_column, vector_matrix
-from storage.store import QUARANTINE_DIR, ArtifactStore, write_parquet_atomic
+from storage.store import QUARANTINE_DIR, ArtifactStore
 
 log = logging.getLogger(__name__)
 CHUNK = 1024
@@ -30,23 +31,23 @@ CHUNK = 1024
 class EmbeddingCache:
     def __init__(self, store: ArtifactStore, encoder_identity: str, modality: str, chunk: int = CHUNK):
         digest = hashlib.sha256(encoder_identity.encode()).hexdigest()[:16]
-        self.store = store
-        self.folder = store.root / "_embedding_cache" / digest / modality
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fsx = store.fsx
+        self.folder = self.fsx.join("_embedding_cache", digest, modality)
         self.chunk = chunk
-        (self.folder.parent / "encoder.txt").write_text(encoder_identity + "\n")
+        self.fsx.write_text_atomic(self.fsx.join("_embedding_cache", digest, "encoder.txt"), encoder_identity + "\n")
 
-    def _parts(self) -> list:
-        parts = sorted(self.folder.glob("*.parquet"))
+    def _parts(self) -> list[str]:
+        names = [n for n in self.fsx.entries(self.folder, dirs=False) if n.endswith(".parquet")]
+        parts = [self.fsx.under(self.folder, n) for n in names]
         readable = []
         for part in parts:
             try:
-                pl.scan_parquet(part, glob=False).select(pl.len()).collect()
+                pq.read_metadata(part, filesystem=None if self.fsx.local else self.fsx.fs)
                 readable.append(part)
             except Exception as exc:
-                target = self.store.root / QUARANTINE_DIR / "_embedding_cache" / f"{uuid.uuid4().hex[:8]}-{part.name}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(part, target)
+                name = f"{uuid.uuid4().hex[:8]}-{part.rsplit('/', 1)[-1]}"
+                target = self.fsx.join(QUARANTINE_DIR, "_embedding_cache", name)
+                self.fsx.move(part, target)
                 log.warning("embedding cache part %s unreadable (%s): moved to %s, its vectors are re-encoded",
                             part, exc, target)
         return readable
@@ -55,7 +56,7 @@ class EmbeddingCache:
         parts = self._parts() if wanted else []
         if not parts:
             return {}
-        frame = pl.scan_parquet(parts, glob=False).filter(pl.col("sha").is_in(list(wanted))).unique("sha").collect()
+        frame = pl.from_arrow(self.fsx.read_table(parts)).filter(pl.col("sha").is_in(list(wanted))).unique("sha")
         if frame.height == 0:
             return {}
         vectors = vector_matrix(frame["vector"])
@@ -64,31 +65,37 @@ class EmbeddingCache:
     def get_or_compute(
         self,
         shas: Sequence[str],
-        compute: Callable[[list[int]], np.ndarray],
+        items: Sequence[Any],
+        encode: Callable[[list[Any]], np.ndarray],
         desc: str = "embed",
         sizes: Sequence[int] | None = None,
+        map_batches: Callable[[Callable, list[list[Any]]], list[np.ndarray]] | None = None,
+        wave: int = 1,
     ) -> tuple[np.ndarray, int]:
-        """Vectors for `shas` (unique); `compute(positions)` encodes the missing ones, a chunk at a time.
+        """Vectors for `shas` (unique; `items[i]` is what `shas[i]` hashes): the cached ones, and the
+        missing ones from `encode(list of items)`, a chunk at a time.
 
         `sizes` (e.g. text lengths): the missing items are encoded in that order, so each chunk holds
-        items of similar length and a transformer pads little (a chunk of long sentences beside
-        one-word tails otherwise pads every tail to the longest sentence).
+        items of similar length and a transformer pads little. `map_batches(encode, chunks)` encodes
+        `wave` chunks at once (on Dask workers); each chunk becomes a cache part as soon as it is back.
         Returns (matrix aligned with shas, number of vectors computed now).
         """
         cached = self._load(set(shas))
         missing = [i for i, sha in enumerate(shas) if sha not in cached]
         if sizes is not None:
             missing.sort(key=lambda i: sizes[i])
+        chunks = [missing[i : i + self.chunk] for i in range(0, len(missing), self.chunk)]
+        run = map_batches or (lambda fn, batches: [fn(batch) for batch in batches])
         bar = tqdm(total=len(missing), desc=desc, unit="item", disable=len(missing) <= self.chunk)
-        for start in range(0, len(missing), self.chunk):
-            positions = missing[start : start + self.chunk]
-            vectors = compute(positions)
-            table = pa.table(
-                {"sha": pa.array([shas[i] for i in positions], pa.string()), "vector": vector_column(vectors)}
-            )
-            write_parquet_atomic(table, self.folder / f"part-{uuid.uuid4().hex}.parquet")
-            cached.update(zip((shas[i] for i in positions), vectors, strict=True))
-            bar.update(len(positions))
+        for start in range(0, len(chunks), max(1, wave)):
+            group = chunks[start : start + max(1, wave)]
+            for positions, vectors in zip(group, run(encode, [[items[i] for i in p] for p in group]), strict=True):
+                table = pa.table(
+                    {"sha": pa.array([shas[i] for i in positions], pa.string()), "vector": vector_column(vectors)}
+                )
+                self.fsx.write_parquet_atomic(table, self.fsx.under(self.folder, f"part-{uuid.uuid4().hex}.parquet"))
+                cached.update(zip((shas[i] for i in positions), vectors, strict=True))
+                bar.update(len(positions))
         bar.close()
         if not shas:
             return np.zeros((0, 0), np.float32), 0

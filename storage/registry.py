@@ -20,10 +20,9 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from storage.store import _write_text_atomic
+from storage.fs import StoreFS
 
 MODELS_DIR = "_models"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -77,28 +76,32 @@ class ModelState:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path):
-        self.folder = Path(root) / MODELS_DIR
+    """The registry of a store (`ModelRegistry(store.fsx)`)."""
+
+    def __init__(self, fsx: StoreFS):
+        self.fsx = fsx
+        self.folder = fsx.join(MODELS_DIR)
 
     def names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.name for p in self.folder.iterdir() if p.is_dir() and any(p.glob("*.json")))
+        return [n for n in self.fsx.entries(self.folder, dirs=True) if self.event_files(n)]
+
+    def event_files(self, name: str) -> list[str]:
+        folder = self.fsx.join(MODELS_DIR, name)
+        return [self.fsx.join(MODELS_DIR, name, f) for f in self.fsx.entries(folder, dirs=False) if f.endswith(".json")]
 
     def _append(self, name: str, event: dict[str, Any]) -> None:
         if not _NAME.match(name):
             raise RegistryError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         now = datetime.now(UTC)
         event = {**event, "at": now.isoformat()}
-        path = self.folder / name / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.json"
-        _write_text_atomic(path, json.dumps(event, indent=2, default=str))
+        path = self.fsx.join(MODELS_DIR, name, f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.json")
+        self.fsx.write_text_atomic(path, json.dumps(event, indent=2, default=str))
 
     def _events(self, name: str) -> list[dict[str, Any]]:
-        folder = self.folder / name
         events = []
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        for path in self.event_files(name):
             try:
-                events.append(json.loads(path.read_text()))
+                events.append(json.loads(self.fsx.read_text(path)))
             except ValueError as exc:
                 raise RegistryError(f"{path}: unreadable registry event ({exc})") from None
         return events
@@ -129,7 +132,7 @@ class ModelRegistry:
         if not state.versions:
             known = ", ".join(self.names()) or "none"
             raise RegistryError(
-                f"no model named {name!r} under {self.folder.parent} (models: {known}); "
+                f"no model named {name!r} under {self.fsx.url} (models: {known}); "
                 "run kgmel/full-pipeline with this model name first"
             )
         return state

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from storage.store import ArtifactStore, write_parquet_atomic
+from storage.store import ArtifactStore
 
+RUNS_DIR = "_runs"
 RUN_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -49,9 +50,18 @@ class RunLog:
         self.records: list[StageRecord] = []
         self._lock = threading.Lock()
 
+    # Prefect ships the calling task's context, parameters included, with every task it maps onto Dask
+    # workers; a lock cannot travel, and a worker never writes the run log (the driver does).
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def add(self, record: StageRecord) -> None:
         with self._lock:
             self.records.append(record)
             rows = [{**asdict(r), "run_id": self.run_id, "flow": self.flow, "model": self.model} for r in self.records]
             table = pa.Table.from_pylist(rows, schema=RUN_SCHEMA)
-            write_parquet_atomic(table, self.store.root / "_runs" / f"{self.run_id}.parquet")
+            self.store.fsx.write_parquet_atomic(table, self.store.fsx.join(RUNS_DIR, f"{self.run_id}.parquet"))

@@ -12,6 +12,10 @@ Verification is cheap by default: a file whose (size, mtime) matches the last ti
 checked is trusted (the stat cache under `_verified/`, like git's index); any other file is hashed
 again. Anything written through the file system changes the mtime, so truncation, a bit flip or an
 overwrite is caught; silent corruption below the file system needs `verify(full=True)`.
+
+On an object store (an `s3://…` root) there is no rename: an artifact is staged on local disk,
+its files are uploaded under the final prefix, and the manifest is uploaded last; a prefix without a
+verifying manifest is never trusted, so a crash before the manifest leaves nothing a reader uses.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.fs import StoreFS
+from storage.registry import ModelRegistry
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # format 1 manifests recorded no digests: such artifacts are rebuilt, never trusted
@@ -82,12 +89,13 @@ def content_digest(content: Mapping[str, Mapping[str, Any]]) -> str:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A complete, verified stage output on disk."""
+    """A complete, verified stage output."""
 
     stage: str
     key: str
-    path: Path
+    path: str  # where it lives in the store (a local path, or a key under the bucket)
     manifest: dict[str, Any]
+    store: ArtifactStore = field(repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -106,31 +114,40 @@ class Artifact:
     def rows(self) -> int:
         return int(sum(self.tables.values()))
 
-    def parts(self, table: str) -> list[Path]:
+    def parts(self, table: str) -> list[str]:
         """The Parquet files of a table, exactly as the manifest lists them (no globbing)."""
         if table not in self.tables:
             raise ArtifactError(f"artifact {self.id} has no table {table!r}; it has {sorted(self.tables)}")
         prefix = f"{table}/"
-        return [self.path / rel for rel in sorted(self.manifest["content"]) if rel.startswith(prefix)]
+        files = sorted(rel for rel in self.manifest["content"] if rel.startswith(prefix))
+        return [self.store.fsx.under(self.path, rel) for rel in files]
 
     def read(self, table: str) -> pl.DataFrame:
-        parts = self.parts(table)
-        try:
-            return pl.read_parquet(parts, glob=False)
-        except Exception as exc:  # a damaged file must name itself, not fail as a bare codec error
-            raise ArtifactDamaged(f"artifact {self.id}: cannot read table {table!r} ({parts}): {exc}") from exc
+        return pl.from_arrow(self.read_arrow(table))
 
     def read_arrow(self, table: str) -> pa.Table:
         parts = self.parts(table)
         try:
-            return pa.concat_tables([pq.read_table(p) for p in parts])
-        except Exception as exc:
+            return self.store.fsx.read_table(parts)
+        except Exception as exc:  # a damaged file must name itself, not fail as a bare codec error
             raise ArtifactDamaged(f"artifact {self.id}: cannot read table {table!r} ({parts}): {exc}") from exc
 
     def file(self, name: str) -> Path:
+        """A local path to one of the artifact's files (checkpoint, index). From an object store it is
+        downloaded once into the local cache and checked against the manifest's sha256."""
         if name not in self.manifest.get("files", {}):
             raise ArtifactError(f"artifact {self.id} has no file {name!r}")
-        return self.path / "files" / name
+        source = self.store.fsx.under(self.path, "files", name)
+        if self.store.fsx.local:
+            return Path(source)
+        local = self.store.fsx.local_root / "_files" / self.stage / self.key / name
+        expected = self.manifest["content"][f"files/{name}"]["sha256"]
+        if not local.is_file() or file_sha256(local) != expected:
+            self.store.fsx.get(source, local)
+            if file_sha256(local) != expected:
+                local.unlink()
+                raise ArtifactDamaged(f"{self.store.fsx.uri(source)}: sha256 differs from the manifest")
+        return local
 
 
 @dataclass
@@ -190,14 +207,25 @@ class InputRef:
 
 
 class ArtifactStore:
-    """Artifacts under `root/<stage>/<key>/`; see the module docstring for the guarantees."""
+    """Artifacts under `<root>/<stage>/<key>/`; see the module docstring for the guarantees.
 
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+    `root` is a folder or an fsspec URL (`s3://bucket/prefix`); `storage_options` go to fsspec
+    (e.g. `{"endpoint_url": …}` for an S3-compatible server)."""
 
-    def path(self, stage: str, key: str) -> Path:
-        return self.root / stage / key
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        self.fsx = StoreFS(root, storage_options)
+        self.url = self.fsx.url
+        # A local folder for what cannot live on an object store (catalog file, caches, scratch);
+        # for a local store it is the root itself.
+        self.root = self.fsx.local_root
+
+    def path(self, stage: str, key: str) -> str:
+        return self.fsx.join(stage, key)
+
+    @property
+    def models(self) -> ModelRegistry:
+        """The named models this store serves."""
+        return ModelRegistry(self.fsx)
 
     # -- reading and verifying -------------------------------------------------------------------
 
@@ -212,17 +240,19 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
         except ArtifactError as exc:
-            log.warning("%s: not trusted, will be rebuilt: %s", self.path(stage, key), exc)
+            log.warning("%s: not trusted, will be rebuilt: %s", self.fsx.uri(self.path(stage, key)), exc)
             return None
 
     def check(self, stage: str, key: str, full: bool = False) -> Artifact:
         """The artifact, verified; raises FileNotFoundError (absent) or ArtifactDamaged (why, naming the file)."""
         folder = self.path(stage, key)
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(manifest_path)
+        manifest_path = self.fsx.join(stage, key, MANIFEST)
         try:
-            manifest = json.loads(manifest_path.read_text())
+            text = self.fsx.read_text(manifest_path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(manifest_path) from None
+        try:
+            manifest = json.loads(text)
             if not isinstance(manifest, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -238,27 +268,27 @@ class ArtifactStore:
         known = {} if full else _read_json(stat_cache)
         checked = {}
         for rel, expected in content.items():
-            path = folder / rel
+            path = self.fsx.under(folder, rel)
             try:
-                stat = path.stat()
+                signature = self.fsx.signature(path)
             except FileNotFoundError:
-                raise ArtifactDamaged(f"{path}: missing") from None
-            if stat.st_size != expected["bytes"]:
-                raise ArtifactDamaged(f"{path}: {stat.st_size} bytes, the manifest says {expected['bytes']}")
-            signature = [stat.st_size, stat.st_mtime_ns]
-            if known.get(rel) != signature and file_sha256(path) != expected["sha256"]:
-                raise ArtifactDamaged(f"{path}: sha256 differs from the manifest (modified after it was written)")
+                raise ArtifactDamaged(f"{self.fsx.uri(path)}: missing") from None
+            where = self.fsx.uri(path)
+            if signature[0] != expected["bytes"]:
+                raise ArtifactDamaged(f"{where}: {signature[0]} bytes, the manifest says {expected['bytes']}")
+            if known.get(rel) != signature and self.fsx.sha256(path) != expected["sha256"]:
+                raise ArtifactDamaged(f"{where}: sha256 differs from the manifest (modified after it was written)")
             checked[rel] = signature
         if checked != known:
             with contextlib.suppress(OSError):  # a read-only store is verified again next time
                 _write_text_atomic(stat_cache, json.dumps(checked))
-        return Artifact(stage, key, folder, manifest)
+        return Artifact(stage, key, folder, manifest, self)
 
     def require(self, stage: str, key: str) -> Artifact:
         try:
             return self.check(stage, key)
         except FileNotFoundError:
-            raise ArtifactError(f"no complete artifact {stage}/{key} under {self.root}") from None
+            raise ArtifactError(f"no complete artifact {stage}/{key} under {self.url}") from None
 
     def input(self, artifact: Artifact, name: str) -> Artifact:
         """The input `name` an artifact was built from, checked to still hold the same content."""
@@ -274,15 +304,16 @@ class ArtifactStore:
             )
         return found
 
+    def exists(self, stage: str, key: str) -> bool:
+        """Whether anything (trusted or not) lies at (stage, key)."""
+        return self.fsx.exists(self.path(stage, key))
+
     def keys(self, stage: str) -> list[str]:
         """Keys of the finished folders of a stage (temporary folders are never listed)."""
-        folder = self.root / stage
-        if not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+        return [k for k in self.fsx.entries(self.fsx.join(stage), dirs=True) if not k.startswith(TMP_PREFIX)]
 
     def stages(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        return [s for s in self.fsx.entries(self.fsx.base, dirs=True) if not s.startswith(("_", "."))]
 
     def artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
         """Every trusted artifact (of one stage, or all); damaged ones are logged and skipped."""
@@ -300,25 +331,25 @@ class ArtifactStore:
                 try:
                     self.check(stage, key, full=full)
                 except FileNotFoundError as exc:
-                    problems.append((str(self.path(stage, key)), f"no manifest ({exc})"))
+                    problems.append((self.fsx.uri(self.path(stage, key)), f"no manifest ({exc})"))
                 except ArtifactError as exc:
-                    problems.append((str(self.path(stage, key)), str(exc)))
+                    problems.append((self.fsx.uri(self.path(stage, key)), str(exc)))
         return problems
 
-    def quarantine(self, stage: str, key: str, reason: str) -> Path | None:
+    def quarantine(self, stage: str, key: str, reason: str) -> str | None:
         """Move an untrusted artifact folder aside (kept for inspection, invisible to every reader)."""
         source = self.path(stage, key)
-        if not source.exists():
+        if not self.fsx.exists(source):
             return None
-        target = self.root / QUARANTINE_DIR / stage / f"{key}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        name = f"{key}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        target = self.fsx.join(QUARANTINE_DIR, stage, name)
         try:
-            os.replace(source, target)
+            self.fsx.move(source, target)
         except FileNotFoundError:  # another process moved it first
             return None
-        (target / "QUARANTINED.txt").write_text(reason + "\n")
+        self.fsx.write_text_atomic(self.fsx.join(QUARANTINE_DIR, stage, name, "QUARANTINED.txt"), reason + "\n")
         self._stat_cache_path(stage, key).unlink(missing_ok=True)
-        log.warning("moved untrusted artifact %s to %s: %s", source, target, reason)
+        log.warning("moved untrusted artifact %s to %s: %s", self.fsx.uri(source), self.fsx.uri(target), reason)
         return target
 
     def _stat_cache_path(self, stage: str, key: str) -> Path:
@@ -338,16 +369,19 @@ class ArtifactStore:
         sources: Mapping[str, str] | None = None,
         replace: bool = False,
     ) -> Iterator[ArtifactWriter]:
-        """Write an artifact atomically: everything lands in a temp folder renamed into place at the end.
+        """Write an artifact atomically: everything lands in a temp folder published at the end.
 
         If the body raises, the temp folder is removed and no artifact exists for the key. With
         `replace`, a trusted artifact already at the key is swapped for the new one (forced rebuild);
         an untrusted one is always replaced, after being moved to quarantine.
         """
-        stage_dir = self.root / stage
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stage_dir / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        if self.fsx.local:
+            stage_dir = Path(self.fsx.join(stage))
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            tmp = stage_dir / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+        else:
+            tmp = self.root / "_staging" / stage / f"{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
         started = time.perf_counter()
         writer = ArtifactWriter(stage, key, tmp)
         try:
@@ -358,7 +392,7 @@ class ArtifactStore:
                     raise ArtifactError(f"{stage}/{key}: file {name!r} was registered but never written")
                 writer.files[name] = path.stat().st_size
             content = {
-                str(path.relative_to(tmp)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+                path.relative_to(tmp).as_posix(): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
                 for path in sorted(tmp.rglob("*"))
                 if path.is_file()
             }
@@ -379,10 +413,7 @@ class ArtifactStore:
                 "created_at": datetime.now(UTC).isoformat(),
                 "status": "complete",
             }
-            _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-            _fsync_dir(tmp)
-            final = self.path(stage, key)
-            if final.exists():
+            if self.exists(stage, key):
                 try:
                     self.check(stage, key)
                     trusted = True
@@ -393,13 +424,28 @@ class ArtifactStore:
                     shutil.rmtree(tmp)
                     return
                 if trusted:
-                    shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(stage_dir)
+                    self.fsx.remove(self.path(stage, key))
+            self._publish(tmp, stage, key, json.dumps(manifest, indent=2, default=str))
             self._stat_cache_path(stage, key).unlink(missing_ok=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _publish(self, tmp: Path, stage: str, key: str, manifest: str) -> None:
+        """Local: manifest into the temp folder, then one rename. Object store: every file under the
+        final prefix, the manifest last (until then the prefix is not trusted by any reader)."""
+        final = self.path(stage, key)
+        if self.fsx.local:
+            _write_text_atomic(tmp / MANIFEST, manifest)
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(Path(final).parent)
+            return
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                self.fsx.put(path, self.fsx.join(stage, key, path.relative_to(tmp).as_posix()))
+        self.fsx.write_text_atomic(self.fsx.join(stage, key, MANIFEST), manifest)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def sweep_temporaries(self, older_than_s: float = 3600) -> int:
         """Remove temp folders left by crashed runs (never trusted anyway); returns how many.
@@ -408,7 +454,14 @@ class ArtifactStore:
         """
         removed = 0
         cutoff = time.time() - older_than_s
-        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+        candidates = []
+        if self.fsx.local:
+            for stage in self.fsx.entries(self.fsx.base, dirs=True):
+                candidates += [Path(self.fsx.join(stage, n)) for n in self.fsx.entries(self.fsx.join(stage), dirs=True)
+                               if n.startswith(TMP_PREFIX)]
+        staging = self.root / "_staging"
+        candidates += [p for p in staging.glob("*/*") if p.is_dir()] if staging.is_dir() else []
+        for tmp in candidates:
             if tmp.stat().st_mtime < cutoff:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed += 1
@@ -439,15 +492,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: Path) -> None:
-    """Write one Parquet file via temp + rename (used for run logs and the embedding cache)."""
-    arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not matched by *.parquet while incomplete
-    pq.write_table(arrow, tmp, compression="zstd")
-    os.replace(tmp, path)
 
 
 def folder_fingerprint(folder: Path) -> str:

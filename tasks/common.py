@@ -60,6 +60,8 @@ class PipelineContext:
     store: ArtifactStore
     run_log: RunLog
     force_stages: set[str] = field(default_factory=set)
+    distributed: bool = False  # the flow runs on a DaskTaskRunner: map parallel steps (tasks.parallel)
+    shards: int = 1  # how many shards a parallel step is cut into
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -120,7 +122,7 @@ def run_stage(
             ctx.run_log.add(StageRecord(stage, key, True, existing.rows, 0.0))
             ctx.catalog.refresh()
             return existing
-    elif ctx.store.path(stage, key).exists():
+    elif ctx.store.exists(stage, key):
         note = "rebuilt: the stored copy failed verification"
     log.info("stage %s: building artifact %s%s", stage, key, f" ({note})" if note else "")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import polars as pl
@@ -11,12 +12,13 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import HeadTexts, text_sha
-from kgmel_core.retrieval.encoders import load_encoder
+from kgmel_core.retrieval.encoders import cached_encoder, encode_images_with, encode_texts_with
 from kgmel_core.retrieval.features import entity_heads, mention_heads, name_texts, triple_texts
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+from tasks.parallel import map_shards
 
 TRAIN_ON_DATASET = "train-on-dataset"
 
@@ -50,7 +52,7 @@ def embed(
 
     def build(writer):
         log = logger()
-        encoder = load_encoder(
+        spec = (
             resolved.text_encoder,
             resolved.image_encoder,
             resolved.clip_model,
@@ -58,6 +60,10 @@ def embed(
             resolved.batch_size,
             resolved.device,
         )
+        encoder = cached_encoder(*spec)
+
+        def on_workers(fn, batches):  # `runner: dask`: `ctx.shards` chunks at a time on the workers
+            return map_shards(ctx.distributed, fn, [(batch,) for batch in batches])
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
         kb = triple_texts(ingest.read("kb_triples"))
         heads = HeadTexts.of(config.model_dump())
@@ -71,9 +77,12 @@ def embed(
         cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
         vectors, fresh = cache.get_or_compute(
             shas,
-            lambda rows: encoder.encode_texts([unique[i] for i in rows], progress=False),
+            unique,
+            functools.partial(encode_texts_with, spec),
             desc="embed texts",
             sizes=[len(text) for text in unique],
+            map_batches=on_workers,
+            wave=ctx.shards,
         )
         writer.write_table(
             "text_embeddings",
@@ -107,8 +116,11 @@ def embed(
             image_cache = EmbeddingCache(ctx.store, encoder.image.identity, "image")
             image_vectors, fresh_images = image_cache.get_or_compute(
                 images["image_sha256"].to_list(),
-                lambda rows: encoder.encode_images([paths[i] for i in rows], progress=False),
+                paths,
+                functools.partial(encode_images_with, spec),
                 desc="embed images",
+                map_batches=on_workers,
+                wave=ctx.shards,
             )
             writer.write_table(
                 "image_embeddings",

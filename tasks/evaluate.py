@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
+import torch
 from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.data.texts import HeadTexts
-from kgmel_core.metrics import candidate_ranks, gold_ranks, metrics_markdown, ranking_metrics
+from kgmel_core.llm.gate import gate_curve, knee
+from kgmel_core.metrics import candidate_ranks, gold_ranks, metrics_markdown, paired_gain, ranking_metrics
 from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_names, zero_shot_text, zero_shot_text_and_names
+from kgmel_core.retrieval.features import Features, subset_side
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.inputs import load_features
@@ -37,14 +42,25 @@ def evaluate(
     retrieve: Artifact | None = None,
     rerank: Artifact | None = None,
     label: str = "kgmel",
+    splits: list[str] | None = None,
 ) -> Artifact:
     """Headline numbers come from what was served: the retriever's HITS@k from the `candidates` the
     index returned (so an approximate index is scored as it really behaves; k beyond the served top-K
     is not reported), the reranker's from its `predictions`. Exact search over the fused vectors is a
-    separately labelled diagnostic; the zero-shot baselines are exact searches of frozen embeddings."""
+    separately labelled diagnostic; the zero-shot baselines are exact searches of frozen embeddings.
+    `splits`: evaluate only these (the benchmark asks for val alone); None: every split."""
 
     def build(writer):
         features = load_features(ingest, embed, None, HeadTexts.of(embed.manifest["config"]), max_triples=1)
+        mentions = ingest.read("mentions")
+        if evaluated_splits is not None:
+            keep = [i for i, s in enumerate(features.mention_split) if s in evaluated_splits]
+            rows_kept = torch.tensor(keep, dtype=torch.long)
+            features = Features(
+                features.banks, subset_side(features.mentions, rows_kept), features.entities,
+                [features.mention_split[i] for i in keep], features.mention_gold_rows[rows_kept],
+            )
+            mentions = mentions[keep]
         splits = features.mention_split
         gold = features.mention_gold_rows
         missing = (gold < 0).numpy()
@@ -61,7 +77,6 @@ def evaluate(
             no_image = (features.mentions.image < 0).numpy()
             rows += _metric_rows("zero-shot image", splits, ranks, {"mentions_without_image": no_image})
         if retrieve is not None:
-            mentions = ingest.read("mentions")
             top_k = int(retrieve.manifest["stats"]["top_k"])
             ranks = candidate_ranks(retrieve.read("candidates"), mentions["mention_id"], mentions["gold_qid"])
             rows += _metric_rows(label, splits, ranks, {"gold_missing_from_kb": missing}, depth=top_k)
@@ -72,61 +87,66 @@ def evaluate(
             rows += _metric_rows(f"{label} (exact search, diagnostic)", splits, exact, {})
             writer.stats.update(retriever_ties=ties, served_top_k=top_k)
         if rerank is not None:
-            rows += _rerank_rows(label, ingest, retrieve, rerank, dict(zip(features.mentions.ids, splits, strict=True)))
+            split_of = dict(zip(features.mentions.ids, splits, strict=True))
+            rerank_rows, curve = _rerank_rows(label, ingest, retrieve, rerank, split_of)
+            rows += rerank_rows
+            writer.write_table("rerank_gate_curve", curve, schemas.GATE_CURVE)
         table = pl.DataFrame(rows, schema=pl.Schema(schemas.METRICS))
         writer.write_table("metrics", table, schemas.METRICS)
         logger().info("metrics:\n%s", metrics_markdown(table))
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
-    return run_stage(ctx, "evaluate", {"label": label}, inputs, build)
+    evaluated_splits = sorted(splits) if splits else None
+    return run_stage(ctx, "evaluate", {"label": label, "splits": evaluated_splits}, inputs, build)
 
 
 def _rerank_rows(
-    label: str, ingest: Artifact, retrieve: Artifact | None, rerank: Artifact, split_of: dict[str, str]
-) -> list[dict]:
-    """HITS@1 after reranking over all mentions, and, on the mentions the LLM was asked about, the
-    retriever's top-1 beside the reranked answer (the fair comparison when only a subset is reranked)."""
+    label: str, ingest: Artifact, retrieve: Artifact, rerank: Artifact, split_of: dict[str, str]
+) -> tuple[list[dict], pl.DataFrame]:
+    """The reranker against retrieval's top-1 on the same in-scope mentions (paired: the gain and its
+    95% interval), the share sent to the LLM, fallbacks; and, when every in-scope mention was sent
+    (no margin threshold), the adaptive-gate curve and the HITS@1 at its knee."""
     gold = ingest.read("mentions").select("mention_id", "gold_qid")
+    top1 = retrieve.read("candidates").filter(pl.col("rank") == 1).select("mention_id", top1_qid="qid")
     frame = (
         rerank.read("predictions")
+        .filter(pl.col("reason").is_null() | (pl.col("reason") != "out_of_scope"))
         .join(gold, on="mention_id")
-        .with_columns(split=pl.col("mention_id").replace_strict(split_of), hit=pl.col("qid") == pl.col("gold_qid"))
-    )
-    if retrieve is not None:
-        top1 = retrieve.read("candidates").filter(pl.col("rank") == 1).select("mention_id", top1_qid="qid")
-        frame = frame.join(top1, on="mention_id", how="left").with_columns(
-            top1_hit=pl.col("top1_qid") == pl.col("gold_qid")
+        .join(top1, on="mention_id", how="left")
+        .with_columns(
+            split=pl.col("mention_id").replace_strict(split_of),
+            llm_hit=(pl.col("qid") == pl.col("gold_qid")).fill_null(False),
+            top1_hit=(pl.col("top1_qid") == pl.col("gold_qid")).fill_null(False),
         )
-    rows = []
-
-    def add(method: str, subset: pl.DataFrame, column: str) -> None:
-        for split, group in subset.group_by("split"):
-            if column == "top1_hit":  # the retriever's answer: no LLM, no fallback to count
-                group = group.with_columns(source=pl.lit("retrieval"))
-            rows.extend(
-                [
-                    {
-                        "method": method,
-                        "split": split[0],
-                        "metric": "hits@1",
-                        "value": 100 * group[column].fill_null(False).mean(),
-                    },
-                    {"method": method, "split": split[0], "metric": "n", "value": float(group.height)},
-                    {
-                        "method": method,
-                        "split": split[0],
-                        "metric": "fallbacks",
-                        "value": float((group["source"] == "fallback").sum()),
-                    },
-                ]
-            )
-
-    add(f"{label} + rerank (all mentions)", frame, "hit")
-    asked = frame.filter(pl.col("reason").is_null() | ~pl.col("reason").is_in(["out_of_scope", "no_candidates"]))
-    add(f"{label} + rerank (reranked mentions)", asked, "hit")
-    if retrieve is not None:
-        add(f"{label} top-1 (reranked mentions)", asked, "top1_hit")
-    return rows
+    )
+    sent_all = rerank.manifest["config"].get("margin_threshold") is None
+    rows, curves = [], []
+    for (split,), group in frame.group_by("split", maintain_order=True):
+        n = group.height
+        gain, half_width = paired_gain(group["llm_hit"].to_numpy(), group["top1_hit"].to_numpy())
+        values = {
+            f"{label} + rerank": {
+                "hits@1": 100 * group["llm_hit"].mean(),
+                "n": n,
+                "sent_to_llm": (group["source"] != "retrieval").sum() / n,
+                "fallbacks": (group["source"] == "fallback").sum(),
+                "gain_vs_top1": gain,
+                "gain_ci95": half_width,
+            },
+            f"{label} top-1 (same mentions)": {"hits@1": 100 * group["top1_hit"].mean(), "n": n},
+        }
+        if sent_all:
+            curve = gate_curve(group.select("mention_id", pl.col("margin").fill_null(math.inf), "llm_hit", "top1_hit"))
+            threshold = knee(curve)
+            at_knee = curve.filter(pl.col("threshold") == threshold).row(0, named=True)
+            values[f"{label} + adaptive rerank (knee)"] = {
+                "hits@1": at_knee["hits1"], "n": n, "sent_to_llm": at_knee["sent"], "margin_threshold": threshold,
+            }
+            curves.append(curve.with_columns(split=pl.lit(split)))
+        for method, metrics in values.items():
+            rows += [{"method": method, "split": split, "metric": k, "value": float(v)} for k, v in metrics.items()]
+    empty = pl.DataFrame(schema=pl.Schema(schemas.GATE_CURVE))
+    return rows, pl.concat(curves).select(schemas.GATE_CURVE.names) if curves else empty
 
 
 def _entity_vectors(ctx: PipelineContext, retrieve: Artifact, qids: list[str]) -> np.ndarray:

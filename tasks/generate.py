@@ -9,10 +9,10 @@ from kgmel_core import schemas
 from kgmel_core.config import GenerationConfig
 from kgmel_core.llm.client import LLMRequest
 from kgmel_core.llm.parsing import parse_generation
-from kgmel_core.llm.prompts import GENERATION_STOP, generation_messages
+from kgmel_core.llm.prompts import generation_messages
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-from tasks.llm_common import call_stats, calls_table, in_scope, llm_client, llm_key_config, text_mode
+from tasks.llm_common import ask_llm, call_stats, calls_table, in_scope, llm_key_config
 
 
 @task(name="generate", **STAGE_TASK)
@@ -27,22 +27,20 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
     def build(writer):
         mentions = ingest.read("mentions")
         chosen = in_scope(mentions, config.scope)
-        with llm_client(ctx, config.llm, "generate", GENERATION_STOP) as (client, send_images):
-            requests = [
+        def requests(send_images: bool) -> list[LLMRequest]:
+            return [
                 LLMRequest(
                     row["mention_id"],
                     generation_messages(
-                        row["sentence"],
-                        row["mention"],
-                        row["image_path"],
-                        config.max_triples,
-                        send_images,
-                        instruction=not text_mode(config.llm),
+                        row["sentence"], row["mention"], row["image_path"], config.max_triples, send_images
                     ),
                 )
                 for row in chosen.iter_rows(named=True)
             ]
-            results = client.run(requests)
+
+        results, model, send_images = [], config.llm.model, False
+        if chosen.height:  # no server start, no call, when the scope matches no mention
+            results, model, send_images = ask_llm(ctx, config.llm, "generate", requests)
         triples, generations = [], []
         by_id = {r.key: r for r in results}
         for row in mentions.iter_rows(named=True):
@@ -89,7 +87,7 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
             call_stats(calls),
             status=status,
             images_sent=send_images,
-            model=client.model,
+            model=model,
             mentions=mentions.height,
             in_scope=chosen.height,
         )

@@ -9,18 +9,29 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import torch
 from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
 from kgmel_core.data.texts import HeadTexts
-from kgmel_core.retrieval.index import build_index, load_index, save_index, search, to_search_device
+from kgmel_core.retrieval.features import subset_side
+from kgmel_core.retrieval.index import (
+    build_index_from_shards,
+    load_index,
+    save_index,
+    search,
+    search_file,
+    to_search_device,
+)
 from kgmel_core.retrieval.training import encode_side
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, run_stage
 from tasks.inputs import load_features, load_model
+from tasks.parallel import map_shards
 
-INDEX_SETTINGS = {"kind", "nlist", "nprobe", "hnsw_m", "hnsw_ef_search"}
+INDEX_SETTINGS = {"kind", "auto_threshold", "nlist", "nprobe", "pq_m", "hnsw_m", "hnsw_ef_search"}
+ENCODE_BATCH = 1 << 16  # entities fused (and written) at a time: the KB's vectors are never all in memory
 
 
 def trained_heads(train: Artifact) -> HeadTexts:
@@ -34,14 +45,24 @@ def index(ctx: PipelineContext, config: IndexConfig, train: Artifact, ingest: Ar
     def build(writer):
         model = load_model(train)
         features = load_features(ingest, embed, None, trained_heads(train), model.config.max_triples)
-        vectors = encode_side(model, features.entities, features.banks).numpy()
-        writer.write_table(
-            "fused_entities",
-            pa.table({"qid": features.entities.ids, "vector": schemas.vector_column(vectors)}),
-            schemas.fused_entities(vectors.shape[1]),
-        )
-        save_index(build_index(vectors, config), writer.file_path("entities.faiss"))
-        writer.stats.update(entities=len(vectors), dim=int(vectors.shape[1]), kind=config.kind)
+        entities, n, d = features.entities, len(features.entities), model.output_dim
+        for start in range(0, n, ENCODE_BATCH):
+            rows = torch.arange(start, min(start + ENCODE_BATCH, n))
+            vectors = encode_side(model, subset_side(entities, rows), features.banks).numpy()
+            writer.write_table(
+                "fused_entities",
+                pa.table({"qid": entities.ids[start : start + len(rows)], "vector": schemas.vector_column(vectors)}),
+                schemas.fused_entities(d),
+            )
+        parts = sorted((writer.tmp_path / "fused_entities").glob("part-*.parquet"), key=lambda p: int(p.stem[5:]))
+
+        def shards():  # read back one part at a time, in order
+            for part in parts:
+                yield schemas.vector_matrix(pl.read_parquet(part, glob=False)["vector"])  # the root may hold [ ? *
+
+        index, plan = build_index_from_shards(shards, n, d, config)
+        save_index(index, writer.file_path("entities.faiss"))
+        writer.stats.update(entities=n, dim=d, kind=plan.kind, nlist=plan.nlist, nprobe=plan.nprobe, pq_m=plan.pq_m)
 
     settings = config.model_dump(include=INDEX_SETTINGS)
     return run_stage(ctx, "index", settings, {"train": train, "ingest": ingest, "embed": embed}, build)
@@ -74,9 +95,17 @@ def retrieve(
             ),
             schemas.fused_mentions(vectors.shape[1]),
         )
-        faiss_index, device = to_search_device(load_index(index_artifact.file("entities.faiss")), config)
         qids = index_artifact.read("fused_entities")["qid"].to_list()
-        scores, ids = search(faiss_index, vectors, config.top_k)
+        if ctx.distributed:  # query shards on the Dask workers, each reading the index file once
+            path = str(index_artifact.file("entities.faiss"))
+            shards = [(path, part, config.top_k) for part in np.array_split(vectors, ctx.shards) if len(part)]
+            results = map_shards(True, search_file, shards)
+            scores = np.concatenate([r[0] for r in results]) if results else np.zeros((0, 0), np.float32)
+            ids = np.concatenate([r[1] for r in results]) if results else np.zeros((0, 0), np.int64)
+            device = f"dask x{len(shards)} shards, cpu"
+        else:
+            faiss_index, device = to_search_device(load_index(index_artifact.file("entities.faiss")), config)
+            scores, ids = search(faiss_index, vectors, config.top_k)
         k = ids.shape[1]
         frame = pl.DataFrame(
             {

@@ -29,14 +29,17 @@ def layout_for(config: DatasetConfig) -> DatasetLayout:
 
 
 @task(name="ingest", **STAGE_TASK)
-def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
+def ingest(ctx: PipelineContext, config: DatasetConfig, kb: Artifact | None = None) -> Artifact:
+    """The dataset's mentions, and its KB from its `kb/` files or, given a `kb` artifact (built from a
+    Wikidata dump), from that."""
     layout = layout_for(config)
     sources = {str(path.relative_to(layout.root)): file_sha256(path) for path in layout.input_files()}
     sources["mention_images"] = folder_fingerprint(layout.root / layout.mention_image_dir)
     sources["kb_images"] = folder_fingerprint(layout.root / layout.kb_image_dir)
 
     def build(writer):
-        dataset = read_dataset(layout, config.bad_records)
+        tables = (kb.read("entities"), kb.read("kb_triples")) if kb is not None else None
+        dataset = read_dataset(layout, config.bad_records, tables)
         writer.write_table("mentions", dataset.mentions, schemas.MENTIONS)
         writer.write_table("rejected", dataset.rejected, schemas.REJECTED)
         writer.write_table("entities", dataset.entities, schemas.ENTITIES)
@@ -46,7 +49,7 @@ def ingest(ctx: PipelineContext, config: DatasetConfig) -> Artifact:
 
     # The resolved path is part of the key because the tables hold absolute image paths.
     config_key = {**config.model_dump(), "path": str(layout.root)}
-    return run_stage(ctx, "ingest", config_key, {}, build, sources=sources)
+    return run_stage(ctx, "ingest", config_key, {"kb": kb}, build, sources=sources)
 
 
 @task(name="ingest_link_mentions", **STAGE_TASK)

@@ -3,16 +3,18 @@ mention scope, and the `llm_calls` table with its counts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import polars as pl
 
 from kgmel_core import schemas
 from kgmel_core.config import LLMConfig, LLMScope
-from kgmel_core.llm.client import LLMClient
+from kgmel_core.llm.client import LLMClient, LLMRequest, LLMResult
 from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
 from tasks.common import PipelineContext
+from tasks.parallel import map_shards
 
 # Settings that change how calls are made, not what they answer: kept out of artifact keys.
 _RUNTIME_ONLY = {"timeout_s", "retries", "backoff_s", "concurrency", "max_stage_attempts"}
@@ -22,48 +24,68 @@ def llm_key_config(config: LLMConfig) -> dict:
     return config.model_dump(exclude=_RUNTIME_ONLY)
 
 
-def text_mode(config: LLMConfig) -> bool:
-    return config.api == "text" or (config.api == "auto" and config.model == "local")
-
-
 @contextmanager
-def llm_client(
-    ctx: PipelineContext, config: LLMConfig, stage: str, stop: list[str]
-) -> Iterator[tuple[LLMClient, bool]]:
+def llm_client(ctx: PipelineContext, config: LLMConfig, stage: str) -> Iterator[tuple[LLMClient, bool]]:
     """A client for the configured model, plus whether images are sent. `local` starts the packaged
-    model's server for the duration of the stage."""
+    model's server for the duration of the stage (text-only: it never gets an image)."""
     cache_dir = ctx.store.root / "_llm_cache"
-    as_text = text_mode(config)
     if config.model == "local":
         if config.vision == "yes":
             raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
-        with local_llm_server(parallel=min(config.concurrency, 4)) as api_base:
-            prefix = "text-completion-openai" if as_text else "openai"
+        with local_llm_server(parallel=config.concurrency) as api_base:
             client = LLMClient(
-                config,
-                stage,
-                cache_dir,
-                api_base=api_base,
-                model=f"{prefix}/{LOCAL_MODEL_NAME}",
-                text_mode=as_text,
-                stop=stop,
+                config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
+                extra_body={"cache_prompt": True},
             )
             try:
                 yield client, False
             finally:
                 client.close()
     else:
-        client = LLMClient(config, stage, cache_dir, text_mode=as_text, stop=stop)
+        client = LLMClient(config, stage, cache_dir)
         try:
-            yield client, config.vision != "no" and not as_text
+            yield client, config.vision != "no"
         finally:
             client.close()
 
 
+def run_llm_batch(config: LLMConfig, stage: str, cache_dir: str, requests: list[LLMRequest]) -> list[LLMResult]:
+    """One batch of calls to a remote provider with its own client (a Dask worker's share)."""
+    client = LLMClient(config, stage, Path(cache_dir))
+    try:
+        return client.run(requests, progress=False)
+    finally:
+        client.close()
+
+
+def ask_llm(
+    ctx: PipelineContext, config: LLMConfig, stage: str, build: Callable[[bool], list[LLMRequest]]
+) -> tuple[list[LLMResult], str, bool]:
+    """(results in request order, model, images sent) for the requests `build(send_images)` makes.
+
+    The packaged local model answers in this process (one llama.cpp server); a remote provider is
+    called from the Dask workers in batches with `runner: dask` (the answer cache is shared)."""
+    if config.model == "local" or not ctx.distributed:
+        with llm_client(ctx, config, stage) as (client, send_images):
+            return client.run(build(send_images)), client.model, send_images
+    send_images = config.vision != "no"
+    requests = build(send_images)
+    batches = [requests[i :: ctx.shards] for i in range(ctx.shards) if requests[i :: ctx.shards]]
+    cache_dir = str(ctx.store.root / "_llm_cache")
+    answered = map_shards(True, run_llm_batch, [(config, stage, cache_dir, batch) for batch in batches])
+    by_key = {result.key: result for batch in answered for result in batch}
+    return [by_key[r.key] for r in requests], config.model, send_images
+
+
 def in_scope(mentions: pl.DataFrame, scope: LLMScope) -> pl.DataFrame:
+    """The mentions of the chosen splits; `max_mentions` of them, the first by id or a seeded sample."""
     chosen = mentions if scope.splits is None else mentions.filter(pl.col("split").is_in(scope.splits))
     chosen = chosen.sort("mention_id")
-    return chosen.head(scope.max_mentions) if scope.max_mentions else chosen
+    if not scope.max_mentions or chosen.height <= scope.max_mentions:
+        return chosen
+    if scope.sample_seed is None:
+        return chosen.head(scope.max_mentions)
+    return chosen.sample(scope.max_mentions, seed=scope.sample_seed).sort("mention_id")
 
 
 def calls_table(results) -> pl.DataFrame:

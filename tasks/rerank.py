@@ -3,6 +3,8 @@ mention's generated ones, then let the LLM pick one candidate."""
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 from prefect import task
 
@@ -11,12 +13,13 @@ from kgmel_core.config import RerankConfig
 from kgmel_core.data.texts import text_sha
 from kgmel_core.llm.client import LLMRequest
 from kgmel_core.llm.filtering import Triple, filter_triples
+from kgmel_core.llm.gate import is_sent, retrieval_margins
 from kgmel_core.llm.parsing import parse_rerank_answer
-from kgmel_core.llm.prompts import RERANK_STOP, rerank_requests
+from kgmel_core.llm.prompts import rerank_requests
 from kgmel_core.retrieval.features import triple_texts
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-from tasks.llm_common import call_stats, calls_table, in_scope, llm_client, llm_key_config, text_mode
+from tasks.llm_common import ask_llm, call_stats, calls_table, in_scope, llm_key_config
 
 
 def candidate_lists(retrieve: Artifact, k: int) -> dict[str, list[str]]:
@@ -39,7 +42,7 @@ def filter_stage(
     ctx: PipelineContext,
     config: RerankConfig,
     ingest: Artifact,
-    generation: Artifact,
+    generation: Artifact | None,
     embed: Artifact,
     retrieve: Artifact,
     kb: Artifact | None = None,
@@ -63,7 +66,10 @@ def filter_stage(
             by_entity.setdefault(row["head_qid"], []).append(
                 Triple(row["head_qid"], row["relation"], row["tail"], row["relation_text"], row["tail_text"])
             )
-        generated = triple_texts(generation.read("mention_triples"))
+        generated = triple_texts(
+            generation.read("mention_triples") if generation is not None
+            else pl.DataFrame(schema={"mention_id": pl.String, "relation": pl.String, "tail": pl.String})
+        )
         per_mention = {
             m: (r, t) for m, r, t in generated.group_by("mention_id").agg("relation_text", "tail_text").iter_rows()
         }
@@ -115,55 +121,68 @@ def rerank(
     ctx: PipelineContext,
     config: RerankConfig,
     ingest: Artifact,
-    generation: Artifact,
+    generation: Artifact | None,
     retrieve: Artifact,
     filtered: Artifact,
     kb: Artifact | None = None,
 ) -> Artifact:
-    """Stage 3: the LLM picks one candidate; anything else falls back to retrieval top-1 (counted)."""
+    """Stage 3: the LLM picks one candidate for each in-scope mention retrieval is unsure about
+    (margin below `margin_threshold`; all of them without one); a confident mention keeps retrieval's
+    top-1, and an unusable answer falls back to it (both counted)."""
     inputs = {"ingest": ingest, "generation": generation, "retrieve": retrieve, "filter": filtered, "kb": kb}
     stage_config = {
         "llm": llm_key_config(config.llm),
-        "candidates": config.candidates,
+        **config.model_dump(include={"candidates", "margin_threshold", "max_description_chars", "layout"}),
         "scope": config.scope.model_dump(),
     }
 
     def build(writer):
         mentions = ingest.read("mentions")
-        asked = in_scope(mentions, config.scope)
-        chosen = set(asked["mention_id"].to_list())
+        scoped = in_scope(mentions, config.scope)
+        in_scope_ids = set(scoped["mention_id"].to_list())
+        margins = dict(retrieval_margins(retrieve.read("candidates")).iter_rows())
+        threshold = config.margin_threshold
+        asked = [r for r in scoped.to_dicts() if is_sent(margins.get(r["mention_id"], math.inf), threshold)]
+        sent = {r["mention_id"] for r in asked}
         candidates = candidate_lists(retrieve, config.candidates)
         entities = {r["qid"]: r for r in (kb or ingest).read("entities").iter_rows(named=True)}
         facts = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
-        generated = relation_tail_pairs(generation.read("mention_triples"), "mention_id")
+        generated, descriptions = {}, {}  # without stage 1: the sentence alone describes the mention
+        if generation is not None:
+            generated = relation_tail_pairs(generation.read("mention_triples"), "mention_id")
+            descriptions = dict(
+                generation.read("mention_generations").filter(pl.col("description").is_not_null())
+                .select("mention_id", "description").iter_rows()
+            )
         pairs, options = rerank_requests(
-            asked.to_dicts(), candidates, entities, facts, generated, instruction=not text_mode(config.llm)
+            asked, candidates, entities, facts, generated, descriptions, config.max_description_chars, config.layout
         )
-        requests = [LLMRequest(mid, messages) for mid, messages in pairs]
-        with llm_client(ctx, config.llm, "rerank", RERANK_STOP) as (client, _):
-            results = client.run(requests)
+        results, model = [], config.llm.model
+        if pairs:  # no server start, no call, when retrieval is confident about every mention
+            requests = [LLMRequest(mid, messages) for mid, messages in pairs]
+            results, model, _ = ask_llm(ctx, config.llm, "rerank", lambda send_images: requests)
         by_id = {r.key: r for r in results}
         rows, reasons = [], {}
         for mid in mentions["mention_id"].to_list():
             top1 = (candidates.get(mid) or [None])[0]
             result = by_id.get(mid)
-            if result is None:
-                reason, qid, call_id = ("out_of_scope" if mid not in chosen else "no_candidates"), top1, None
+            source, call_id = "fallback", None
+            if mid not in in_scope_ids:
+                reason, qid = "out_of_scope", top1
+            elif mid not in sent:
+                reason, qid, source = "confident", top1, "retrieval"
+            elif result is None:
+                reason, qid = "no_candidates", top1
             elif not result.ok:
                 reason, qid, call_id = "call_failed", top1, result.call["call_id"]
             else:
                 qid, how = parse_rerank_answer(result.text, options[mid])
                 reason, call_id = (None, result.call["call_id"]) if qid else (how, result.call["call_id"])
-                qid = qid or top1
+                source, qid = ("llm", qid) if qid else ("fallback", top1)
             reasons[reason or "llm"] = reasons.get(reason or "llm", 0) + 1
             rows.append(
-                {
-                    "mention_id": mid,
-                    "qid": qid,
-                    "source": "fallback" if reason else "llm",
-                    "reason": reason,
-                    "call_id": call_id,
-                }
+                {"mention_id": mid, "qid": qid, "source": source, "reason": reason, "call_id": call_id,
+                 "margin": margins.get(mid), "answer": result.text if result is not None else None}
             )
         writer.write_table(
             "predictions", pl.DataFrame(rows, schema=pl.Schema(schemas.PREDICTIONS)), schemas.PREDICTIONS
@@ -171,7 +190,8 @@ def rerank(
         calls = calls_table(results)
         writer.write_table("llm_calls", calls, schemas.LLM_CALLS)
         writer.stats.update(
-            call_stats(calls), outcomes=reasons, model=client.model, mentions=mentions.height, in_scope=asked.height
+            call_stats(calls), outcomes=reasons, model=model, mentions=mentions.height, in_scope=scoped.height,
+            sent_to_llm=len(sent), margin_threshold=config.margin_threshold,
         )
         logger().info("rerank: %s", writer.stats)
 

@@ -19,17 +19,24 @@ def _prompt(messages) -> str:
     return content
 
 
+def is_generation(prompt: str) -> bool:
+    return "Write at most" in prompt
+
+
 def default_answer(prompt: str) -> str:
-    """A plausible model: generation echoes facts from the sentence, rerank picks the first QID shown."""
-    if prompt.rstrip().endswith("Type:"):
+    """A plausible model: generation echoes facts from the sentence, rerank picks retrieval's first choice."""
+    if is_generation(prompt):
         sentence = re.findall(r"^Sentence: (.*)$", prompt, re.M)[-1]
         mention = re.findall(r"^Mention: (.*)$", prompt, re.M)[-1]
         words = [w.strip(".,") for w in sentence.split() if w[:1].isupper() and w.strip(".,") != mention]
-        lines = ["thing", f"Description: something named {mention}", "Triples:"]
+        lines = ["Type: thing", f"Description: something named {mention}", "Triples:"]
         lines += [f'- "{mention}" | related to | {w}' for w in words[:3]] or [f'- "{mention}" | instance of | thing']
         return "\n".join(lines)
-    candidates = re.findall(r"^\[\d+\] .*\((Q\d+)\)", prompt.split("Candidates:")[-1], re.M)
-    return candidates[-1] if candidates else "no idea"  # listed in reverse: the last is retrieval rank 1
+    candidates = re.findall(r"^(Q\d+): ", prompt, re.M)
+    if not candidates:
+        return "no idea"
+    # question_first lists retrieval order; the reference layout ("Candidates:" first) lists it reversed
+    return candidates[-1] if prompt.startswith("Candidates:") else candidates[0]
 
 
 class FakeLLM(CustomLLM):
@@ -51,7 +58,7 @@ class FakeLLM(CustomLLM):
 
     @property
     def generation_calls(self) -> int:
-        return sum(p.rstrip().endswith("Type:") for p in self.prompts)
+        return sum(is_generation(p) for p in self.prompts)
 
     async def acompletion(self, *args, **kwargs) -> litellm.ModelResponse:
         self.calls += 1

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,21 +12,23 @@ def test_vectors_are_written_a_chunk_at_a_time_so_a_crash_keeps_finished_chunks(
     shas = [f"s{i}" for i in range(10)]
     calls = []
 
-    def crashes_on_third_chunk(positions):
-        calls.append(list(positions))
+    items = list(range(10))
+
+    def crashes_on_third_chunk(batch):
+        calls.append(list(batch))
         if len(calls) == 3:
             raise RuntimeError("killed")
-        return np.array([[float(p), 1.0] for p in positions], np.float32)
+        return np.array([[float(p), 1.0] for p in batch], np.float32)
 
     with pytest.raises(RuntimeError):
-        EmbeddingCache(store, "enc", "text", chunk=4).get_or_compute(shas, crashes_on_third_chunk)
+        EmbeddingCache(store, "enc", "text", chunk=4).get_or_compute(shas, items, crashes_on_third_chunk)
     resumed = []
 
-    def encode(positions):
-        resumed.append(list(positions))
-        return np.array([[float(p), 1.0] for p in positions], np.float32)
+    def encode(batch):
+        resumed.append(list(batch))
+        return np.array([[float(p), 1.0] for p in batch], np.float32)
 
-    vectors, fresh = EmbeddingCache(store, "enc", "text", chunk=4).get_or_compute(shas, encode)
+    vectors, fresh = EmbeddingCache(store, "enc", "text", chunk=4).get_or_compute(shas, items, encode)
     assert resumed == [[8, 9]] and fresh == 2  # the two finished chunks were kept
     assert vectors[:, 0].tolist() == [float(i) for i in range(10)]
 
@@ -32,11 +36,28 @@ def test_vectors_are_written_a_chunk_at_a_time_so_a_crash_keeps_finished_chunks(
 def test_an_unreadable_cache_part_is_moved_aside_and_recomputed(tmp_path):
     store = ArtifactStore(tmp_path)
     cache = EmbeddingCache(store, "enc", "text")
-    cache.get_or_compute(["a", "b"], lambda pos: np.ones((len(pos), 2), np.float32))
-    part = next(cache.folder.glob("*.parquet"))
+    cache.get_or_compute(["a", "b"], ["a", "b"], lambda batch: np.ones((len(batch), 2), np.float32))
+    part = next(Path(cache.folder).glob("*.parquet"))
     part.write_bytes(part.read_bytes()[:20])
     vectors, fresh = EmbeddingCache(store, "enc", "text").get_or_compute(
-        ["a", "b"], lambda pos: np.full((len(pos), 2), 2.0, np.float32)
+        ["a", "b"], ["a", "b"], lambda batch: np.full((len(batch), 2), 2.0, np.float32)
     )
     assert fresh == 2 and vectors.tolist() == [[2.0, 2.0], [2.0, 2.0]]
     assert list((tmp_path / "_quarantine" / "_embedding_cache").iterdir())
+
+
+def test_chunks_mapped_in_waves_come_back_in_order():
+    import tempfile
+
+    store = ArtifactStore(tempfile.mkdtemp())
+    seen_waves = []
+
+    def mapper(fn, batches):
+        seen_waves.append(len(batches))
+        return [fn(batch) for batch in reversed(batches)][::-1]  # computed out of order, returned in order
+
+    shas = [f"s{i}" for i in range(7)]
+    vectors, fresh = EmbeddingCache(store, "enc", "text", chunk=2).get_or_compute(
+        shas, list(range(7)), lambda b: np.array([[float(i)] for i in b], np.float32), map_batches=mapper, wave=3
+    )
+    assert seen_waves == [3, 1] and fresh == 7 and vectors[:, 0].tolist() == [float(i) for i in range(7)]

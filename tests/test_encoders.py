@@ -48,9 +48,9 @@ def test_embedding_cache_encodes_only_missing(tmp_path):
         calls.append(list(rows))
         return np.array([[float(r), 1.0] for r in rows], dtype=np.float32)
 
-    first, fresh = cache.get_or_compute(["a", "b"], compute)
-    second, fresh2 = cache.get_or_compute(["b", "c", "a"], compute)
-    assert fresh == 2 and fresh2 == 1 and calls == [[0, 1], [1]]
+    first, fresh = cache.get_or_compute(["a", "b"], [0, 1], compute)
+    second, fresh2 = cache.get_or_compute(["b", "c", "a"], [1, 2, 0], compute)
+    assert fresh == 2 and fresh2 == 1 and calls == [[0, 1], [2]]
     assert np.array_equal(second[0], first[1]) and np.array_equal(second[2], first[0])
     other = EmbeddingCache(ArtifactStore(tmp_path), "enc-2", "text")  # another encoder: nothing shared
-    assert other.get_or_compute(["a"], compute)[1] == 1
+    assert other.get_or_compute(["a"], [0], compute)[1] == 1

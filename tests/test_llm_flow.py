@@ -9,7 +9,7 @@ from flows.pipeline import full_pipeline
 from storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
-LLM = {"model": "fake/model", "timeout_s": 0.3, "retries": 0, "backoff_s": 0.0, "concurrency": 8}
+LLM = {"model": "fake/model", "timeout_s": 3, "retries": 0, "backoff_s": 0.0, "concurrency": 8}
 
 
 def _read(result, label, table):
@@ -50,11 +50,14 @@ def test_twenty_percent_failures_lose_no_mention_and_a_rerun_recalls_only_the_fa
     counts = _read(result, "filter", "filter_counts")
     assert (counts["triples_after"] <= counts["triples_before"]).all()
     metrics = _read(result, "evaluate", "metrics")
-    assert "kgmel + rerank (reranked mentions)" in set(metrics["method"])
+    assert {"kgmel + rerank", "kgmel top-1 (same mentions)", "kgmel + adaptive rerank (knee)"} <= set(metrics["method"])
 
     # The outage is over: a re-run re-executes the LLM stages, but only the failed calls reach the provider
     # (every earlier success comes from the answer cache), and the artifacts say it was a second attempt.
-    gen_failed = _read(result, "generate", "llm_calls").filter(pl.col("status") != "ok").height
+    gen_calls = _read(result, "generate", "llm_calls")
+    answered = set(gen_calls.filter(pl.col("status") == "ok")["prompt_hash"])
+    # a failed prompt that another mention's identical prompt got answered is now an answer cache hit
+    gen_failed = len(set(gen_calls.filter(pl.col("status") != "ok")["prompt_hash"]) - answered)
     healthy = FakeLLM()
     install(healthy)
     again = full_pipeline(config)
@@ -72,7 +75,7 @@ def test_twenty_percent_failures_lose_no_mention_and_a_rerun_recalls_only_the_fa
 
     label = mentions["mention"][0]
     linked = link(config, mentions=[{"id": "new", "sentence": f"A photo of {label} near Peru.", "mention": [label]}])
-    assert linked["predictions"].rows() == [
+    assert linked["predictions"].select("mention_id", "qid", "source", "reason", "call_id").rows() == [
         ("new-0", linked["candidates"]["qid"][0], "llm", None, linked["predictions"]["call_id"][0])
     ]
     assert _read(linked, "filter", "filter_counts")["triples_before"][0] > 0  # KB triples came from the KB's artifact

@@ -3,7 +3,13 @@ import pytest
 
 from kgmel_core.llm.filtering import Triple, filter_triples
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
-from kgmel_core.llm.prompts import CandidateCard, rerank_messages
+from kgmel_core.llm.prompts import (
+    GENERATION_SYSTEM,
+    RERANK_SYSTEM,
+    CandidateCard,
+    generation_messages,
+    rerank_messages,
+)
 
 MESSY = [
     # (raw model output, expected (relation, tail) pairs)
@@ -76,12 +82,44 @@ def test_rerank_answer_parsing(answer, expected):
     assert parse_rerank_answer(answer, CANDS) == expected
 
 
-def test_rerank_prompt_lists_candidates_in_reverse_retrieval_order():
-    cards = [CandidateCard("Q1", "A", "first", [("occupation", "x")]), CandidateCard("Q2", "B", "", [])]
-    text = rerank_messages("s", "m", [("occupation", "x")], cards)[0]["content"]
-    body = text.split("Candidates:")[-1]
-    assert body.index("[2] B (Q2): no description") < body.index("[1] A (Q1): first")
-    assert "  - occupation | x" in body and text.rstrip().endswith("Answer:")
+def test_rerank_prompt_golden_in_both_layouts():
+    cards = [
+        CandidateCard("Q41421", "Michael Jordan", "American basketball player", [("occupation", "basketball player")]),
+        CandidateCard("Q810", "Jordan", "country in Western Asia " * 20, []),
+    ]
+    args = ("Jordan scored 40 points.", "Jordan", "US basketball player", [("occupation", "athlete")], cards, 40)
+    messages = rerank_messages(*args)
+    assert messages[0] == {"role": "system", "content": RERANK_SYSTEM}
+    assert messages[1]["content"] == (
+        "Sentence: Jordan scored 40 points.\n"
+        "Mention description: US basketball player\n"
+        "Mention facts: occupation: athlete\n"
+        'Which candidate is "Jordan" in this sentence?\n'
+        "Q41421: Michael Jordan, American basketball player [occupation: basketball player]\n"
+        "Q810: Jordan, country in Western Asia country in West…\n"  # cut at 40 characters
+        "Answer:"
+    )
+    reference = rerank_messages(*args, layout="reference")[1]["content"]
+    assert reference == (
+        "Candidates:\n"
+        "Q810: Jordan, country in Western Asia country in West…\n"
+        "Q41421: Michael Jordan, American basketball player [occupation: basketball player]\n"
+        "\n"
+        "Sentence: Jordan scored 40 points.\n"
+        "Mention description: US basketball player\n"
+        "Mention facts: occupation: athlete\n"
+        'Which candidate is "Jordan" in this sentence?\n'
+        "Answer:"
+    )
+
+
+def test_generation_prompt_golden():
+    messages = generation_messages("Obama spoke in Paris.", "Obama", None, 4, send_image=False)
+    assert messages[0]["role"] == "system" and messages[0]["content"] == GENERATION_SYSTEM
+    assert "Type: <one of: person, organization," in GENERATION_SYSTEM
+    assert '- "<mention>" | <relation> | <object>' in GENERATION_SYSTEM
+    user = "Sentence: Obama spoke in Paris.\nMention: Obama\nWrite at most 4 triples."
+    assert messages[1] == {"role": "user", "content": user}
 
 
 def _vec(*xs):

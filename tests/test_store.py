@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -21,7 +22,7 @@ def test_written_artifact_round_trips(tmp_path):
     store = ArtifactStore(tmp_path)
     artifact = _write(store)
     assert artifact.read("numbers")["n"].to_list() == [0, 1, 2]
-    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    manifest = json.loads((Path(artifact.path) / "manifest.json").read_text())
     assert manifest["tables"] == {"numbers": 3} and manifest["status"] == "complete"
     assert manifest["sources"] == {"x": "1"} and manifest["config"] == {"a": 1} and manifest["code"] == "c1"
     assert set(manifest["content"]) == {"numbers/part-0.parquet"} and artifact.digest == manifest["digest"]
@@ -65,7 +66,7 @@ def test_folder_without_complete_manifest_is_not_trusted(tmp_path):
 def test_deleted_table_file_makes_artifact_absent(tmp_path):
     store = ArtifactStore(tmp_path)
     artifact = _write(store)
-    (artifact.path / "numbers" / "part-0.parquet").unlink()
+    (Path(artifact.path) / "numbers" / "part-0.parquet").unlink()
     assert store.get("stage", "k1") is None
 
 

@@ -404,11 +404,16 @@ def read_kb_triples(
     return table, {"kb_triples": table.height, "kb_triples_unknown_head": unknown_head.height}
 
 
-def read_dataset(layout: DatasetLayout, bad_records: BadRecordPolicy = "fail") -> Dataset:
+def read_dataset(
+    layout: DatasetLayout,
+    bad_records: BadRecordPolicy = "fail",
+    kb: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+) -> Dataset:
     """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats).
 
-    `bad_records="skip"` files each malformed record (mention record, KB entity, triple line) in
-    `Dataset.rejected` with file, record, field and reason, and counts it, instead of stopping."""
+    `kb`: (entities, kb_triples) built elsewhere (from a Wikidata dump): the dataset's KB files are
+    not read. `bad_records="skip"` files each malformed record (mention record, KB entity, triple
+    line) in `Dataset.rejected` with file, record, field and reason, and counts it, instead of stopping."""
     root = layout.root
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
@@ -419,6 +424,12 @@ def read_dataset(layout: DatasetLayout, bad_records: BadRecordPolicy = "fail") -
     )
     stats: dict[str, Any] = {**split_stats, **mention_stats}
     entities_path = root / layout.kb_entities_file
+    if kb is not None:
+        entities, triples = kb
+        stats.update(kb_source="wikidata_dump", entities=entities.height, kb_triples=triples.height)
+        stats["gold_missing_from_kb"] = mentions.filter(~pl.col("gold_qid").is_in(entities["qid"].implode())).height
+        stats["rejected_records"] = len(rejects.rows)
+        return Dataset(mentions, entities, triples, stats, rejects.table())
     if entities_path.is_file():
         entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir, rejects)
         stats["kb_source"] = "kb_file"

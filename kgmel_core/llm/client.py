@@ -51,19 +51,6 @@ def image_data_url(path: str | Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
 
 
-def _prompt_text(messages: list[dict]) -> str:
-    """The plain prompt of a text-completion call; images cannot travel that way."""
-    parts = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise ValueError("text-completion mode cannot send images; use api=chat with a vision model")
-            content = "\n".join(part["text"] for part in content)
-        parts.append(content)
-    return "\n\n".join(parts)
-
-
 def prompt_hash(model: str, messages: list[dict], params: dict[str, Any]) -> str:
     payload = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -94,25 +81,20 @@ class LLMClient:
         cache_dir: Path | None,
         api_base: str | None = None,
         model: str | None = None,
-        text_mode: bool = False,
-        stop: list[str] | None = None,
+        extra_body: dict[str, Any] | None = None,
     ):
         self.config, self.stage = config, stage
         self.model = model or config.model
         self.api_base = api_base or config.api_base
         self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
-        self.text_mode = text_mode  # /completions: the prompt is continued, no chat template around it
         self.params: dict[str, Any] = {"temperature": config.temperature, "max_tokens": config.max_tokens}
-        if stop:
-            self.params["stop"] = stop
+        self.extra_body = extra_body  # provider-specific request fields (llama.cpp: cache_prompt)
         self.cache = diskcache.Cache(str(cache_dir)) if cache_dir else None
 
     def _kwargs(self, messages: list[dict]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model, **self.params, "num_retries": 0}
-        if self.text_mode:
-            kwargs["prompt"] = _prompt_text(messages)
-        else:
-            kwargs["messages"] = messages
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **self.params, "num_retries": 0}
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self.api_key:
@@ -126,9 +108,10 @@ class LLMClient:
         async with limiter:
             call["attempts"] += 1
             started = time.perf_counter()
-            call_api = litellm.atext_completion if self.text_mode else litellm.acompletion
             try:
-                response = await asyncio.wait_for(call_api(**self._kwargs(request.messages)), self.config.timeout_s)
+                response = await asyncio.wait_for(
+                    litellm.acompletion(**self._kwargs(request.messages)), self.config.timeout_s
+                )
             except TimeoutError:  # asyncio's carries no message: say what timed out
                 raise TimeoutError(f"no answer within timeout_s={self.config.timeout_s} s") from None
             finally:
@@ -139,11 +122,11 @@ class LLMClient:
             tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
             tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
         )
-        return (choice.text if self.text_mode else choice.message.content) or ""
+        return choice.message.content or ""
 
     async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
         digest = prompt_hash(
-            self.model, request.messages, {**self.params, "text_mode": self.text_mode, "api_base": self.api_base}
+            self.model, request.messages, {**self.params, "api_base": self.api_base}
         )
         call = {
             "call_id": f"{self.stage}-{digest[:16]}",

@@ -7,6 +7,7 @@ longest step of the pipeline on a CPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,3 +190,20 @@ def load_encoder(
         clip = OpenClipEncoder(clip_model, clip_pretrained, batch_size=batch_size, device=device)
     text = clip if text_encoder == "open_clip" else MiniLMTextEncoder(batch_size=batch_size, device=device)
     return CompositeEncoder(text, clip if image_encoder == "open_clip" else None)
+
+
+@functools.cache
+def cached_encoder(
+    text_encoder: str, image_encoder: str, clip_model: str, clip_pretrained: str | None, batch_size: int, device: str
+) -> CompositeEncoder:
+    """One encoder per process and settings: a Dask worker loads it once, not once per shard."""
+    return load_encoder(text_encoder, image_encoder, clip_model, clip_pretrained, batch_size, device)
+
+
+def encode_texts_with(spec: tuple, texts: list[str]) -> np.ndarray:
+    """Texts through the encoder `spec` (the arguments of `cached_encoder`); picklable, for workers."""
+    return cached_encoder(*spec).encode_texts(texts, progress=False)
+
+
+def encode_images_with(spec: tuple, paths: list[str]) -> np.ndarray:
+    return cached_encoder(*spec).encode_images(paths, progress=False)
