@@ -66,6 +66,9 @@ def real(args: argparse.Namespace) -> None:
             config = IndexConfig(kind=kind, nlist=nlist, nprobe=1, pq_m=pq_m)
             index, plan = build_index_from_shards(shards, n, d, config)
             build = time.perf_counter() - started
+            if plan.kind == "flat":
+                print(f"| {kind} nlist={nlist}: too few entities to train (< 39 per list), skipped |")
+                continue
             for nprobe in args.nprobe:
                 index.nprobe = nprobe
                 ids, ms = timed_search(index, queries)
@@ -120,7 +123,7 @@ def main() -> None:
     r = sub.add_parser("real")
     r.add_argument("--artifacts", default="artifacts")
     r.add_argument("--retrieve", required=True, help="key of a retrieve artifact (its index and val mentions)")
-    r.add_argument("--nlist", type=int, nargs="+", default=[128, 512])
+    r.add_argument("--nlist", type=int, nargs="+", default=[64, 256])
     r.add_argument("--nprobe", type=int, nargs="+", default=[1, 8, 32])
     s = sub.add_parser("synthetic")
     s.add_argument("--entities", type=int, default=10_000_000)

@@ -35,6 +35,11 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
                 f"WARNING {record.stage}: none of the {total} mentions is in the configured LLM scope "
                 f"({record.stage} scope); no LLM call was made"
             )
+        if record.stage == "rerank" and asked and stats.get("sent_to_llm") == 0:
+            warnings.append(
+                f"NOTE rerank: retrieval's top-1 kept for all {asked} in-scope mentions (no margin below "
+                f"rerank.margin_threshold={stats.get('margin_threshold')}); null asks the LLM about every one"
+            )
         if stats.get("calls_failed"):
             warnings.append(
                 f"WARNING {record.stage}: {stats['calls_failed']} of {stats.get('calls', '?')} LLM calls failed "
