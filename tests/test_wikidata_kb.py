@@ -149,3 +149,32 @@ def test_values_and_lines_unit():
     stats = ParseStats()
     assert parse_line(b"[\n", stats) is None and parse_line(b'{"id": "Q1"},\n', stats) == {"id": "Q1"}
     assert parse_line(b"[1, 2],\n", stats) is None and stats.malformed == 1 and stats.lines == 2
+
+
+@pytest.mark.slow
+def test_kgmel_kb_build_on_a_dask_local_cluster_matches_the_in_process_stage(tmp_path):
+    """The operator's command, end to end: `kgmel kb build` with `runner: dask` (a real LocalCluster of 2
+    worker processes parsing 3 byte ranges) writes the same tables as the stage run in this process."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    dump = write_dump(tmp_path / "latest-all.json", ENTITIES)
+    local = _build(tmp_path / "local", dump)
+    config = tmp_path / "kb.yaml"
+    config.write_text(yaml.safe_dump({
+        "artifacts": str(tmp_path / "artifacts"), "runner": "dask", "dask": {"n_workers": 2, "threads_per_worker": 1},
+        "kb": {"partitions": 3},
+    }))
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "kb", "build", "--config", str(config), "--dump", str(dump)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Creating a new Dask cluster with `distributed.deploy.local.LocalCluster`" in done.stdout + done.stderr
+    store = ArtifactStore(tmp_path / "artifacts")
+    [key] = store.keys("kb")
+    built = store.require("kb", key)
+    assert built.read("entities").equals(local[0]) and built.read("kb_triples").equals(local[1])
+    assert built.manifest["stats"]["partitions"] == 3 and built.manifest["stats"]["lines"] == local[2]["lines"]
