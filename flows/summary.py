@@ -10,7 +10,7 @@ import polars as pl
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
-from kgmel_core.metrics import METRICS_SHOWN, metrics_markdown, wide_metrics
+from kgmel_core.metrics import METRICS_SHOWN, metric_tables, metrics_markdown
 from storage import ArtifactStore
 from storage.runs import StageRecord
 
@@ -88,11 +88,11 @@ class RunSummary:
             stages.add_row(r.stage, r.key, hit, str(r.rows), f"{r.seconds:.1f}", r.note or "")
         console.print(stages)
         if self.metrics is not None and self.metrics.height:
-            wide = wide_metrics(self.metrics, self.shown)
-            table = Table(title="metrics", title_justify="left")
-            for column in wide.columns:
-                table.add_column(column, justify="left" if column in ("method", "split") else "right")
-            for row in wide.iter_rows():
-                table.add_row(*["" if v is None else str(v) for v in row])
-            console.print(table)
+            for title, wide in metric_tables(self.metrics, self.shown):
+                table = Table(title=f"metrics: {title}", title_justify="left")
+                for column in wide.columns:
+                    table.add_column(column, justify="left" if column in ("method", "split") else "right")
+                for row in wide.iter_rows():
+                    table.add_row(*["" if v is None else str(v) for v in row])
+                console.print(table)
         console.print(f"catalog: {self.catalog}   (kgmel query \"from predictions_labeled limit 5\")", highlight=False)

@@ -86,10 +86,8 @@ def paired_gain(a_hits: np.ndarray, b_hits: np.ndarray) -> tuple[float, float]:
     return float(100 * diff.mean()), float(100 * 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-METRICS_SHOWN = (
-    "hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr", "n", "fallbacks", "sent_to_llm", "gain_vs_top1",
-    "gain_ci95", "margin_threshold",
-)
+METRICS_SHOWN = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr")
+RERANK_SHOWN = ("n", "hits@1", "sent_to_llm", "fallbacks", "gain_vs_top1", "gain_ci95", "margin_threshold")
 
 
 def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> pl.DataFrame:
@@ -103,6 +101,18 @@ def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) ->
     return wide.select(["method", "split", *[m for m in shown if m in wide.columns]])
 
 
+def metric_tables(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> list[tuple[str, pl.DataFrame]]:
+    """Retrieval rows and LLM-rerank rows as two tables: their columns differ, and one table with all of
+    them is too wide to read in a terminal."""
+    is_rerank = pl.col("method").str.contains("rerank|same mentions")
+    tables = [("retrieval", wide_metrics(metrics.filter(~is_rerank), shown))]
+    if metrics.filter(is_rerank).height:
+        short = {"sent_to_llm": "sent", "gain_vs_top1": "gain", "gain_ci95": "ci95 ±", "margin_threshold": "threshold"}
+        rerank = wide_metrics(metrics.filter(is_rerank), RERANK_SHOWN)
+        tables.append(("LLM rerank vs. retrieval top-1 on the same mentions", rerank.rename(short, strict=False)))
+    return tables
+
+
 def metrics_markdown(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> str:
     with pl.Config(
         tbl_formatting="MARKDOWN",
@@ -113,4 +123,4 @@ def metrics_markdown(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN
         fmt_str_lengths=80,
         tbl_width_chars=250,
     ):
-        return str(wide_metrics(metrics, shown))
+        return "\n\n".join(f"{title}:\n\n{table}" for title, table in metric_tables(metrics, shown))

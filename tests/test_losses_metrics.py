@@ -62,3 +62,17 @@ def test_ranking_metrics_from_a_served_depth_leave_deeper_hits_unknown():
     metrics = ranking_metrics(np.array([1.0, 3.0, math.inf]), hits_at=(1, 3, 16), depth=8)
     assert metrics["hits@1"] == pytest.approx(100 / 3) and metrics["hits@3"] == pytest.approx(200 / 3)
     assert math.isnan(metrics["hits@16"]) and metrics["mrr"] == pytest.approx((1 + 1 / 3) / 3)
+
+
+def test_metric_tables_keep_rerank_rows_apart_with_their_own_columns():
+    from kgmel_core.metrics import metric_tables
+
+    rows = [("kgmel", "val", "hits@1", 80.0), ("kgmel", "val", "mrr", 0.9),
+            ("kgmel + rerank", "val", "hits@1", 70.0), ("kgmel + rerank", "val", "gain_vs_top1", -10.0),
+            ("kgmel top-1 (same mentions)", "val", "hits@1", 80.0)]
+    metrics = pl.DataFrame(rows, schema=["method", "split", "metric", "value"], orient="row")
+    (_, retrieval), (_, rerank) = metric_tables(metrics)
+    assert retrieval.rows() == [("kgmel", "val", 80.0, 0.9)]
+    assert rerank.columns == ["method", "split", "hits@1", "gain"]
+    assert rerank.rows() == [("kgmel + rerank", "val", 70.0, -10.0), ("kgmel top-1 (same mentions)", "val", 80.0, None)]
+    assert len(metric_tables(metrics.head(2))) == 1  # no rerank rows, no second table
