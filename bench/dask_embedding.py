@@ -20,8 +20,13 @@ from tasks.parallel import map_shards
 SPEC = ("minilm", "none", "ViT-B-32", None, 256, "cpu")
 
 
+def synthetic_texts(n: int) -> list[str]:
+    return [f"Entity {i}: a synthetic description of thing number {i} for the throughput benchmark" for i in range(n)]
+
+
 @flow(name="bench-dask-embedding")
-def encode_all(texts: list[str], shards: int) -> float:
+def encode_all(n_strings: int, shards: int) -> float:
+    texts = synthetic_texts(n_strings)  # made here: a flow's parameters must stay small
     map_shards(True, encode_texts_with, [(SPEC, texts[:256])] * shards)  # load the model on every worker
     started = time.perf_counter()
     size = -(-len(texts) // shards)
@@ -33,15 +38,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strings", type=int, default=8192)
     args = parser.parse_args()
-    texts = [f"Entity {i}: a synthetic description of thing number {i} for the throughput benchmark" for i in
-             range(args.strings)]
     print("| Dask workers x threads | strings/s |")
     print("|---|---:|")
     rates = {}
     for workers, threads in ((1, 2), (2, 1)):
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": threads,
                                                 "processes": True, "dashboard_address": None})
-        rates[workers] = encode_all.with_options(task_runner=runner)(texts, shards=max(2, workers * 2))
+        rates[workers] = encode_all.with_options(task_runner=runner)(args.strings, shards=max(2, workers * 2))
         print(f"| {workers} x {threads} | {rates[workers]:.0f} |", flush=True)
     print(f"\nratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}")
 
