@@ -132,11 +132,11 @@ left join read_parquet({labels}) u on c.kind = 'quantity' and u.qid = c.unit
 """
 
 
-def _files(folder: Path) -> str:
-    """A DuckDB list of the folder's Parquet files, relative to the scratch folder (`file_search_path`):
-    DuckDB would read `[`, `?` or `*` in an absolute path as a glob."""
+def _files(folder: Path) -> str | None:
+    """A DuckDB list of the folder's Parquet files (None when it has none), relative to the scratch
+    folder (`file_search_path`): DuckDB would read `[`, `?` or `*` in an absolute path as a glob."""
     files = sorted(f"{folder.name}/{f.name}" for f in folder.glob("*.parquet"))
-    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]" if files else "[]"
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]" if files else None
 
 
 @task(name="kb", **STAGE_TASK)
@@ -177,22 +177,23 @@ def _write_tables(writer, scratch: Path) -> None:
         con.execute("set temp_directory = $1", [str(scratch / "duckdb-tmp")]).fetchall()
         con.execute("set file_search_path = $1", [str(scratch)]).fetchall()
         unresolved = 0
+        parts = {name: _files(scratch / name) for name in ("entities", "claims", "properties", "labels")}
         entities = con.sql(
             f"select qid, label, coalesce(description, '') as description, null::varchar as image_path, "
-            f"null::varchar as image_sha256 from read_parquet({_files(scratch / 'entities')}) order by qid"
-        ) if any((scratch / "entities").glob("*.parquet")) else None
+            f"null::varchar as image_sha256 from read_parquet({parts['entities']}) order by qid"
+        ) if parts["entities"] else None
         _copy(writer, "entities", entities, schemas.ENTITIES)
-        if any((scratch / "claims").glob("*.parquet")):
-            sql = TRIPLES_SQL.format(claims=_files(scratch / "claims"), properties=_files(scratch / "properties"),
-                                     labels=_files(scratch / "labels"))
+        if parts["claims"]:
+            sql = TRIPLES_SQL.format(claims=parts["claims"], properties=parts["properties"] or "[]",
+                                     labels=parts["labels"] or "[]")
             unresolved = con.execute(f"select count(*) from ({sql}) where unresolved").fetchall()[0][0]
             _copy(writer, "kb_triples", con.sql(f"select * exclude (unresolved) from ({sql}) order by all"),
                   schemas.KB_TRIPLES)
         else:
             _copy(writer, "kb_triples", None, schemas.KB_TRIPLES)
         properties = con.sql(
-            f"select qid as pid, label, description from read_parquet({_files(scratch / 'properties')}) order by pid"
-        ) if any((scratch / "properties").glob("*.parquet")) else None
+            f"select qid as pid, label, description from read_parquet({parts['properties']}) order by pid"
+        ) if parts["properties"] else None
         _copy(writer, "properties", properties, schemas.PROPERTIES)
         writer.stats["tails_without_label"] = int(unresolved)
 

@@ -4,7 +4,7 @@ mention scope, and the `llm_calls` table with its counts."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -32,30 +32,20 @@ def llm_client(ctx: PipelineContext, config: LLMConfig, stage: str) -> Iterator[
     if config.model == "local":
         if config.vision == "yes":
             raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
-        with local_llm_server(parallel=config.concurrency) as api_base:
-            client = LLMClient(
-                config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
-                extra_body={"cache_prompt": True},
-            )
-            try:
-                yield client, False
-            finally:
-                client.close()
+        with local_llm_server(parallel=config.concurrency) as api_base, closing(LLMClient(
+            config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
+            extra_body={"cache_prompt": True},
+        )) as client:
+            yield client, False
     else:
-        client = LLMClient(config, stage, cache_dir)
-        try:
+        with closing(LLMClient(config, stage, cache_dir)) as client:
             yield client, config.vision != "no"
-        finally:
-            client.close()
 
 
 def run_llm_batch(config: LLMConfig, stage: str, cache_dir: str, requests: list[LLMRequest]) -> list[LLMResult]:
     """One batch of calls to a remote provider with its own client (a Dask worker's share)."""
-    client = LLMClient(config, stage, Path(cache_dir))
-    try:
+    with closing(LLMClient(config, stage, Path(cache_dir))) as client:
         return client.run(requests, progress=False)
-    finally:
-        client.close()
 
 
 def ask_llm(
