@@ -174,6 +174,10 @@ class ArtifactWriter:
         self._parts[name] = part + 1
         self.tables[name] = self.tables.get(name, 0) + arrow.num_rows
 
+    def written_parts(self, name: str) -> list[Path]:
+        """The part files of a table written so far, in order (to read back before the artifact is published)."""
+        return [self.tmp_path / name / f"part-{i}.parquet" for i in range(self._parts.get(name, 0))]
+
     def file_path(self, name: str) -> Path:
         """A path to write a non-tabular file (checkpoint, index) into; registered on commit."""
         path = self.tmp_path / "files" / name

@@ -54,7 +54,7 @@ def index(ctx: PipelineContext, config: IndexConfig, train: Artifact, ingest: Ar
                 pa.table({"qid": entities.ids[start : start + len(rows)], "vector": schemas.vector_column(vectors)}),
                 schemas.fused_entities(d),
             )
-        parts = sorted((writer.tmp_path / "fused_entities").glob("part-*.parquet"), key=lambda p: int(p.stem[5:]))
+        parts = writer.written_parts("fused_entities")
 
         def shards():  # read back one part at a time, in order
             for part in parts:
