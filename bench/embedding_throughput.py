@@ -4,12 +4,18 @@ Same batches, same model, same thread count; the difference is kgmel's overhead 
 batching, normalising, copying to numpy). Weights are random for the CLIP architectures (no
 download here): speed does not depend on the weight values.
 
+`--strings-from wikimel` times the text encoders on a seeded sample of the strings the embed stage
+really encodes for that shared dataset (sentences, descriptions, names, triple texts), whose lengths
+decide the cost far more than the model overhead does.
+
     python -m bench.embedding_throughput [--texts 2048] [--images 256] [--models kgmel-tiny-clip ViT-B-32]
+        [--text-encoders minilm mpnet] [--strings-from wikimel|richpediamel|wikidiverse]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +23,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kgmel_core.retrieval.encoders import MiniLMTextEncoder, OpenClipEncoder
+from kgmel_core.packaged import PackagedModelError
+from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder
 from kgmel_core.retrieval.torch_compat import import_open_clip
 
 
@@ -40,14 +47,34 @@ def _images(folder: Path, n: int, size: int) -> list[str]:
     return paths
 
 
+def _dataset_strings(name: str, n: int, seed: int = 0) -> list[str]:
+    """A seeded sample of the distinct strings the embed stage encodes for a shared dataset."""
+    from kgmel_core.config import load_config
+    from kgmel_core.data.datasets import DatasetLayout, read_dataset
+    from kgmel_core.data.texts import HeadTexts
+    from kgmel_core.retrieval.features import texts_to_embed
+
+    config = load_config(Path("configs") / f"{name}.yaml")
+    d = config.dataset
+    layout = DatasetLayout(Path(d.path), property_labels_file=d.property_labels_file)
+    data = read_dataset(layout, bad_records=d.bad_records)
+    strings = texts_to_embed(data.mentions, data.entities, data.kb_triples, HeadTexts.of(config.encoder.model_dump()))
+    return random.Random(seed).sample(strings, min(n, len(strings)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--models", nargs="+", default=["kgmel-tiny-clip", "ViT-B-32"])
+    parser.add_argument("--models", nargs="*", default=["kgmel-tiny-clip", "ViT-B-32"])
+    parser.add_argument("--text-encoders", nargs="+", default=["minilm"], help="packaged sentence encoders")
+    parser.add_argument("--strings-from", help="a shared dataset (configs/<name>.yaml): time its real strings")
     args = parser.parse_args()
-    texts = [f"Entity number {i}: a sentence about mention {i % 97} and its context" for i in range(args.texts)]
+    if args.strings_from:
+        texts = _dataset_strings(args.strings_from, args.texts)
+    else:
+        texts = [f"Entity number {i}: a sentence about mention {i % 97} and its context" for i in range(args.texts)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = _images(Path(tmp), args.images, 224)
@@ -72,11 +99,21 @@ def main() -> None:
             kg_i = _timed(lambda encoder=encoder: encoder.encode_images(paths, progress=False), repeats=1)
             dir_i = _timed(direct_images, repeats=1)
             rows.append((name, len(texts) / kg_t, len(texts) / dir_t, len(paths) / kg_i, len(paths) / dir_i))
-        minilm = MiniLMTextEncoder(batch_size=args.batch, device="cpu")
-        kg_t = _timed(lambda: minilm.encode_texts(texts, progress=False))
-        dir_t = _timed(lambda: minilm.model.encode(texts, batch_size=args.batch, normalize_embeddings=True))
-        rows.append(("all-MiniLM-L6-v2", len(texts) / kg_t, len(texts) / dir_t, float("nan"), float("nan")))
-    print(f"torch threads: {torch.get_num_threads()}, texts: {len(texts)}, images: {args.images}, batch: {args.batch}")
+        for name in args.text_encoders:
+            try:
+                encoder = SentenceTransformerTextEncoder(name, batch_size=args.batch, device="cpu")
+            except PackagedModelError as exc:
+                print(f"skipped {name}: {exc}")
+                continue
+            kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))
+            dir_t = _timed(
+                lambda encoder=encoder: encoder.model.encode(texts, batch_size=args.batch, normalize_embeddings=True)
+            )
+            rows.append((encoder.identity.split(":")[1], len(texts) / kg_t, len(texts) / dir_t, float("nan"),
+                         float("nan")))
+    mean_chars = sum(map(len, texts)) / len(texts)
+    print(f"torch threads: {torch.get_num_threads()}, texts: {len(texts)} ({args.strings_from or 'synthetic'}, "
+          f"mean {mean_chars:.0f} chars), images: {args.images}, batch: {args.batch}")
     print("| model | kgmel strings/s | direct strings/s | kgmel images/s | direct images/s |")
     print("|---|---:|---:|---:|---:|")
     for name, a, b, c, d in rows:

@@ -47,7 +47,7 @@ class EncoderConfig(_Section):
     retriever projects each modality to `hidden_dim`, so their dimensions need not match.
     """
 
-    text_encoder: Literal["open_clip", "minilm"] = "open_clip"
+    text_encoder: Literal["open_clip", "minilm", "mpnet"] = "open_clip"
     image_encoder: Literal["open_clip", "none"] = "open_clip"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
@@ -60,7 +60,9 @@ class EncoderConfig(_Section):
 
 
 class RetrieverConfig(_Section):
-    hidden_dim: int = Field(512, ge=8)
+    # None: the text encoder's width (MiniLM 384, mpnet 768), so the residual start is exactly the zero-shot
+    # cosine; a smaller width truncates that identity start (the reference uses 512 with CLIP's 512-d).
+    hidden_dim: int | None = Field(None, ge=8)
     dropout: float = Field(0.2, ge=0, lt=1)
     beta: float = Field(0.6, ge=0, le=1)
     attn_temperature: float = Field(0.1, gt=0)

@@ -13,7 +13,7 @@ from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.retrieval.encoders import cached_encoder, encode_images_with, encode_texts_with
-from kgmel_core.retrieval.features import entity_heads, mention_heads, name_texts, triple_texts
+from kgmel_core.retrieval.features import texts_to_embed
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
@@ -65,14 +65,13 @@ def embed(
         def on_workers(fn, batches):  # `runner: dask`: `ctx.shards` chunks at a time on the workers
             return map_shards(ctx.distributed, fn, [(batch,) for batch in batches])
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
-        kb = triple_texts(ingest.read("kb_triples"))
-        heads = HeadTexts.of(config.model_dump())
-        texts = mention_heads(mentions, heads) + entity_heads(entities, heads) + name_texts(mentions, entities)
-        texts += kb["relation_text"].to_list() + kb["tail_text"].to_list()
-        if generation is not None:
-            generated = triple_texts(generation.read("mention_triples"))
-            texts += generated["relation_text"].to_list() + generated["tail_text"].to_list()
-        unique = list(dict.fromkeys(texts))
+        unique = texts_to_embed(
+            mentions,
+            entities,
+            ingest.read("kb_triples"),
+            HeadTexts.of(config.model_dump()),
+            generation.read("mention_triples") if generation is not None else None,
+        )
         shas = [text_sha(t) for t in unique]
         cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
         vectors, fresh = cache.get_or_compute(
@@ -89,7 +88,7 @@ def embed(
             pa.table({"text_sha": shas, "text": unique, "vector": schemas.vector_column(vectors)}),
             schemas.text_embeddings(vectors.shape[1]),
         )
-        writer.stats.update(texts_total=len(texts), texts_unique=len(unique), texts_encoded_now=fresh)
+        writer.stats.update(texts_unique=len(unique), texts_encoded_now=fresh)
 
         image_rows = pl.concat(
             [mentions.select("image_sha256", "image_path"), entities.select("image_sha256", "image_path")]

@@ -12,7 +12,7 @@ from storage.embedding_cache import EmbeddingCache
 
 def test_minilm_loads_offline_in_a_fresh_process():
     code = (
-        "from kgmel_core.retrieval.encoders import MiniLMTextEncoder; e = MiniLMTextEncoder(device='cpu');"
+        "from kgmel_core.retrieval.encoders import SentenceTransformerTextEncoder as S; e = S('minilm', device='cpu');"
         "v = e.encode_texts(['Barack Obama', 'a river'], progress=False); print(v.shape, round(float((v*v).sum()), 3))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -26,7 +26,7 @@ from kgmel_core.data.datasets import DatasetLayout, read_dataset
 from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.metrics import gold_ranks, ranking_metrics
 from kgmel_core.retrieval.baselines import zero_shot_text, zero_shot_text_and_names
-from kgmel_core.retrieval.encoders import MiniLMTextEncoder
+from kgmel_core.retrieval.encoders import SentenceTransformerTextEncoder
 from kgmel_core.retrieval.features import assemble, entity_heads, mention_heads, name_texts, subset_side, triple_texts
 from kgmel_core.retrieval.model import KGMELRetriever
 from kgmel_core.retrieval.training import seed_everything, train_retriever
@@ -61,7 +61,7 @@ def features():
     kb = triple_texts(triples)
     texts = mention_heads(mentions, heads) + entity_heads(entities, heads) + name_texts(mentions, entities)
     texts = sorted(set(texts + kb["relation_text"].to_list() + kb["tail_text"].to_list()), key=len)
-    vectors = MiniLMTextEncoder(batch_size=256, device="cpu").encode_texts(texts, progress=False)
+    vectors = SentenceTransformerTextEncoder("minilm", batch_size=256, device="cpu").encode_texts(texts, progress=False)
     table = pl.from_arrow(pa.table({"text_sha": [text_sha(t) for t in texts], "text": texts,
                                     "vector": vector_column(vectors)}))
     return assemble(mentions, entities, triples, None, table, None, heads, 50)

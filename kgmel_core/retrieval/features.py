@@ -169,6 +169,24 @@ def entity_heads(entities: pl.DataFrame, heads: HeadTexts) -> list[str]:
     return [heads.entity_text(lbl, d) for lbl, d in zip(entities["label"], entities["description"], strict=True)]
 
 
+def texts_to_embed(
+    mentions: pl.DataFrame,
+    entities: pl.DataFrame,
+    kb_triples: pl.DataFrame,
+    heads: HeadTexts,
+    mention_triples: pl.DataFrame | None = None,
+) -> list[str]:
+    """Every distinct string the retriever reads, in first-seen order: head texts, names, and the
+    relation and tail texts of KB (and generated) triples."""
+    kb = triple_texts(kb_triples)
+    texts = mention_heads(mentions, heads) + entity_heads(entities, heads) + name_texts(mentions, entities)
+    texts += kb["relation_text"].to_list() + kb["tail_text"].to_list()
+    if mention_triples is not None:
+        generated = triple_texts(mention_triples)
+        texts += generated["relation_text"].to_list() + generated["tail_text"].to_list()
+    return list(dict.fromkeys(texts))
+
+
 @dataclass
 class Features:
     banks: Banks

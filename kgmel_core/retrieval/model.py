@@ -155,11 +155,12 @@ class GatedFusion(nn.Module):
 
 
 class KGMELRetriever(nn.Module):
-    """Projects each modality to `hidden_dim`, then triple attention + gated fusion, L2-normalised."""
+    """Projects each modality to `hidden_dim` (default: the text width), then triple attention + gated
+    fusion, L2-normalised."""
 
     def __init__(self, text_dim: int, image_dim: int | None, config: RetrieverConfig):
         super().__init__()
-        h = config.hidden_dim
+        h = self.hidden_dim = config.hidden_dim or text_dim
         self.config = config
         self.use_image = config.use_image and image_dim is not None
         self.proj_head = nn.Linear(text_dim, h)
@@ -209,7 +210,7 @@ class KGMELRetriever(nn.Module):
 
     @property
     def output_dim(self) -> int:
-        return self.config.hidden_dim * (2 if self.config.use_name else 1)
+        return self.hidden_dim * (2 if self.config.use_name else 1)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
