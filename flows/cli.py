@@ -202,10 +202,21 @@ def kb_build_command(
 
 
 @app.command("benchmark")
-def benchmark_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+def benchmark_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="Train only this variant (repeatable; default: all of them).")
+    ] = None,
+) -> None:
     """Zero-shot text, the KGMEL retriever and its ablations on one dataset: a val table and plots."""
+    from flows.benchmark import VARIANTS
+
+    if unknown := [v for v in variant or [] if v not in VARIANTS]:
+        raise UserError(f"unknown benchmark variant {unknown[0]!r}; choose from: " + ", ".join(map(repr, VARIANTS)))
     _, overrides = _config(config, set_)
-    _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides)
+    _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides,
+              variants=variant or None)
 
 
 @app.command()

@@ -304,10 +304,12 @@ def kgmel(
     model: str | None = None,
     promote: bool = False,
     llm_scope: Literal["given", "config"] = "given",
+    variants: list[str] | None = None,
 ) -> dict:
     """The deployable entry flow. Deployments `kgmel/full-pipeline`, `kgmel/reindex-kb`, `kgmel/link`
     are this flow with `job` preset, so `prefect deployment run kgmel/<job>` is what users type.
-    `model` names the served model `reindex-kb` and `link` use (default: the config's model name)."""
+    `model` names the served model `reindex-kb` and `link` use (default: the config's model name);
+    `variants` picks the `benchmark` variants to train (default: all)."""
     config = load_config(config_path, overrides)  # validated by pydantic before any work starts
     if job == "full-pipeline":
         result = on_runner(full_pipeline, config)(config, promote=promote)
@@ -326,7 +328,7 @@ def kgmel(
     elif job == "benchmark":
         from flows.benchmark import benchmark
 
-        result = on_runner(benchmark, config)(config)
+        result = on_runner(benchmark, config)(config, variants=variants)
     else:
         result = on_runner(ablations, config)(config)
         result.pop("metrics")

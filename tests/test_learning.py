@@ -7,8 +7,12 @@ start, name view, label-only entity heads so the triples carry the facts) must
 - beat the paper's zero-shot baseline (head-text cosine) by at least 5 points of val HITS@1, and
 - end no worse than where it started (the frozen head + name cosine it is initialised to).
 Checked by hand once: training without the InfoNCE positive (pushing away from every entity) fails
-both. Flipping the sign of the attention scores does not: on this sample the triple branch adds
-about two mentions of 300, and a learnable query absorbs a sign.
+both. Flipping the sign of the attention scores does not, and no attention setting tried makes it
+(val HITS@1 of 300, seed 0, zero-shot 81.00, w/o triples 88.33; as is / sign flipped): default 89.00 /
+89.33; scores without the 1/sqrt(d) scale 89.33 / 88.33; that plus top-p 2 89.33; lr 1e-3 on the
+triple branch 89.33 / 90.00. The triple branch adds one to five mentions of 300 whichever triples the
+attention picks: an entity's attention is queried by its own label, which says nothing about which
+of its facts a mention will need, so the top-p triples are no better than the bottom-p ones.
 """
 
 from __future__ import annotations

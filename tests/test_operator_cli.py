@@ -58,6 +58,7 @@ def test_bad_arguments_fail_before_any_server_starts():
         (["link", "/no/such/file.json"], "does not exist"),
         (["run", "--config", "/no/such.yaml"], "does not exist"),
         (["run", "--set", "index.top_k=0"], "top_k"),
+        (["benchmark", "--variant", "nope"], "unknown benchmark variant 'nope'; choose from: 'kgmel'"),
     ):
         started = time.perf_counter()
         out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
