@@ -27,6 +27,7 @@ from tasks.inputs import load_features
 
 VARIANTS = {
     "with triples": {},
+    "with triples, bf16 autocast where native (precision auto)": {"training": {"precision": "auto"}},
     "with triples, validate every 2 epochs": {"training": {"validate_every": 2}},
     "w/o triples": {"retriever": {"use_triples": False}},
     "with triples, 2 hard negatives": {"training": {"hard_negatives": 2}},

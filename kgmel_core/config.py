@@ -99,6 +99,10 @@ class TrainingConfig(_Section):
     hard_negative_pool: int = Field(16, ge=1)
     seed: int = 0
     device: str = "auto"
+    # Training steps under bf16 autocast (fp32 weights and optimizer; validation, encoding and the index
+    # stay fp32). auto: bf16 where the hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32.
+    # fp32 by default until bf16's quality at the selected epoch is measured on the full benchmarks.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 
 class IndexConfig(_Section):

@@ -91,6 +91,7 @@ def train(
             epochs_run=len(result.history),
             epoch_seconds=[round(row["seconds"], 3) for row in result.history],
             device=result.device,
+            precision=result.precision,
             train_mentions=len(train_rows_in_kb),
             train_mentions_gold_not_in_kb=len(train_rows) - len(train_rows_in_kb),
             val_mentions=len(val_rows),

