@@ -18,7 +18,8 @@ def has_native_bf16(device: str) -> bool:
     is emulated and slower than fp32."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device == "cpu" and torch.cpu._is_amx_tile_supported()
+    amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent = no AMX
+    return device == "cpu" and amx_probe is not None and bool(amx_probe())
 
 
 def training_autocast_dtype(precision: str, device: str) -> torch.dtype | None:
