@@ -9,7 +9,10 @@ really encodes for that shared dataset (sentences, descriptions, names, triple t
 decide the cost far more than the model overhead does.
 
     python -m bench.embedding_throughput [--texts 2048] [--images 256] [--models kgmel-tiny-clip ViT-B-32]
-        [--text-encoders minilm mpnet] [--strings-from wikimel|richpediamel|wikidiverse]
+        [--text-encoders minilm mpnet] [--strings-from wikimel|richpediamel|wikidiverse] [--precisions fp32 bf16]
+
+`--precisions` times each text encoder per `encoder.precision` (bf16: the forward pass under bf16
+autocast, worth it only where the CPU has AMX tiles or the GPU bf16).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from PIL import Image
 
 from kgmel_core.packaged import PackagedModelError
-from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder
+from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder, forward_precision
 from kgmel_core.retrieval.torch_compat import import_open_clip
 
 
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["kgmel-tiny-clip", "ViT-B-32"])
     parser.add_argument("--text-encoders", nargs="+", default=["minilm"], help="packaged sentence encoders")
     parser.add_argument("--strings-from", help="a shared dataset (configs/<name>.yaml): time its real strings")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="encoder.precision of the text encoders")
     args = parser.parse_args()
     if args.strings_from:
         texts = _dataset_strings(args.strings_from, args.texts)
@@ -99,17 +104,22 @@ def main() -> None:
             dir_i = _timed(direct_images, repeats=1)
             rows.append((name, len(texts) / kg_t, len(texts) / dir_t, len(paths) / kg_i, len(paths) / dir_i))
         for name in args.text_encoders:
-            try:
-                encoder = SentenceTransformerTextEncoder(name, batch_size=args.batch, device="cpu")
-            except PackagedModelError as exc:
-                print(f"skipped {name}: {exc}")
-                continue
-            kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))
-            dir_t = _timed(
-                lambda encoder=encoder: encoder.model.encode(texts, batch_size=args.batch, normalize_embeddings=True)
-            )
-            rows.append((encoder.identity.split(":")[1], len(texts) / kg_t, len(texts) / dir_t, float("nan"),
-                         float("nan")))
+            for precision in args.precisions:
+                try:
+                    encoder = SentenceTransformerTextEncoder(name, batch_size=args.batch, device="cpu",
+                                                             precision=precision)
+                except PackagedModelError as exc:
+                    print(f"skipped {name}: {exc}")
+                    break
+
+                def direct(encoder=encoder, precision=precision):
+                    with forward_precision("cpu", precision):
+                        encoder.model.encode(texts, batch_size=args.batch, normalize_embeddings=True)
+
+                kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))
+                dir_t = _timed(direct)
+                rows.append((f"{encoder.identity.split(':')[1]} {precision}", len(texts) / kg_t, len(texts) / dir_t,
+                             float("nan"), float("nan")))
     mean_chars = sum(map(len, texts)) / len(texts)
     print(f"torch threads: {torch.get_num_threads()}, texts: {len(texts)} ({args.strings_from or 'synthetic'}, "
           f"mean {mean_chars:.0f} chars), images: {args.images}, batch: {args.batch}")

@@ -53,6 +53,10 @@ class EncoderConfig(_Section):
     clip_pretrained: str = "openai"
     batch_size: int = Field(256, ge=1)
     device: str = "auto"
+    # The encoders' forward pass under bf16 autocast (vectors normalised in fp32). auto: bf16 where the
+    # hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32. The resolved precision is part of
+    # the embed artifact's key and the embedding cache's encoder identity.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     mention_text: Literal["mention_sentence", "mention_only"] = "mention_sentence"
     entity_text: Literal["label_description", "label"] = "label_description"
     # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP.

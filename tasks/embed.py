@@ -12,6 +12,7 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import HeadTexts, text_sha
+from kgmel_core.retrieval.device import resolve_device, resolved_precision
 from kgmel_core.retrieval.encoders import cached_encoder, encode_images_with, encode_texts_with
 from kgmel_core.retrieval.features import texts_to_embed
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
@@ -49,6 +50,8 @@ def embed(
     if not uses_bootstrap and Path(config.clip_pretrained).is_file():
         sources["clip_weights"] = file_sha256(Path(config.clip_pretrained))
     stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
+    # `auto` means different vectors on different machines: the key holds what it resolved to here.
+    stage_config["precision"] = resolved_precision(config.precision, resolve_device(config.device))
 
     def build(writer):
         log = logger()
@@ -59,6 +62,7 @@ def embed(
             resolved.clip_pretrained,
             resolved.batch_size,
             resolved.device,
+            stage_config["precision"],
         )
         encoder = cached_encoder(*spec)
 
@@ -129,7 +133,7 @@ def embed(
                 schemas.image_embeddings(image_vectors.shape[1]),
             )
             writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)
-        writer.stats["encoder"] = encoder.identity
+        writer.stats.update(encoder=encoder.identity, precision=stage_config["precision"])
         if config.clip_pretrained == TRAIN_ON_DATASET:
             writer.stats["encoder_note"] = (
                 "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"

@@ -54,3 +54,16 @@ def test_embedding_cache_encodes_only_missing(tmp_path):
     assert np.array_equal(second[0], first[1]) and np.array_equal(second[2], first[0])
     other = EmbeddingCache(ArtifactStore(tmp_path), "enc-2", "text")  # another encoder: nothing shared
     assert other.get_or_compute(["a"], [0], compute)[1] == 1
+
+
+def test_bf16_text_vectors_are_close_to_fp32_and_cached_apart():
+    texts = ["Barack Obama: 44th president of the United States", "Danube", "a river in central Europe", "Q42"]
+    fp32 = load_encoder("minilm", "none", "unused", None, 8, "cpu", "fp32")
+    bf16 = load_encoder("minilm", "none", "unused", None, 8, "cpu", "bf16")
+    a, b = fp32.encode_texts(texts, progress=False), bf16.encode_texts(texts, progress=False)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    cosines = (a * b).sum(axis=1)
+    assert cosines.min() > 0.995 and not np.array_equal(a, b)  # close, but really computed in bf16
+    assert "bf16" not in fp32.identity  # fp32 identities as before: existing embedding caches stay valid
+    assert bf16.identity == fp32.identity.replace("|no-images", ":bf16|no-images")
+    assert fp32.encode_texts([], progress=False).shape == (0, 384)

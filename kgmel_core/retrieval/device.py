@@ -1,5 +1,5 @@
-"""Where torch work runs (`auto`: CUDA when torch sees a GPU, else the CPU), and in what precision the
-training steps multiply."""
+"""Where torch work runs (`auto`: CUDA when torch sees a GPU, else the CPU), and in what precision its
+matrix products run (training steps and the frozen encoders each have a `precision` setting)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,14 @@ def has_native_bf16(device: str) -> bool:
     return device == "cpu" and amx_probe is not None and bool(amx_probe())
 
 
-def training_autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    """The autocast dtype of training steps, None for plain fp32. `auto` is bf16 only where the
-    hardware has it natively, so a machine without it is never slowed down."""
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype for a `precision` setting, None for plain fp32. `auto` is bf16 only where
+    the hardware has it natively, so a machine without it is never slowed down."""
     if precision == "bf16" or (precision == "auto" and has_native_bf16(device)):
         return torch.bfloat16
     return None
+
+
+def resolved_precision(precision: str, device: str) -> str:
+    """`fp32` or `bf16`: what `precision` means on this device, for artifact keys and manifests."""
+    return "bf16" if autocast_dtype(precision, device) is not None else "fp32"

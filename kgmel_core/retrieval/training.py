@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kgmel_core.config import TrainingConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
-from kgmel_core.retrieval.device import resolve_device, training_autocast_dtype
+from kgmel_core.retrieval.device import autocast_dtype, resolve_device
 from kgmel_core.retrieval.features import Banks, SideFeatures
 from kgmel_core.retrieval.losses import kgmel_loss
 from kgmel_core.retrieval.model import KGMELRetriever, optimizer_groups
@@ -124,7 +124,7 @@ def train_retriever(
     device = resolve_device(config.device)
     model.to(device)
     device_type = torch.device(device).type
-    autocast_dtype = training_autocast_dtype(config.precision, device)
+    step_dtype = autocast_dtype(config.precision, device)
     banks = Banks(banks.texts.to(device), banks.text_index, banks.images.to(device), banks.image_index)
     optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -134,7 +134,7 @@ def train_retriever(
         else None
     )
     result = TrainResult(state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, device=device,
-                         precision="bf16" if autocast_dtype is not None else "fp32")
+                         precision="bf16" if step_dtype is not None else "fp32")
     best_key = (-1.0, -1.0)
     stale = 0
     bar = tqdm(range(1, config.epochs + 1), desc="train retriever", unit="epoch")
@@ -154,7 +154,7 @@ def train_retriever(
                 entity_rows = torch.cat([gold, hard[rows].gather(1, picks).reshape(-1)])
             unique, inverse = torch.unique(entity_rows, return_inverse=True)
             targets = inverse[: len(rows)]
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(device_type, dtype=step_dtype or torch.float32, enabled=step_dtype is not None):
                 m = model(train_mentions.batch(rows, banks, device))
                 e = model(entities.batch(unique, banks, device))
             loss = kgmel_loss(m.float(), e.float(), targets.to(device), config.tau_cl, config.lambda_mm,
