@@ -4,7 +4,7 @@ Both return L2-normalised float32 numpy arrays, batch their input, run under
 `torch.inference_mode`, and show a progress bar, because embedding a 100k-entity KB is the
 longest step of the pipeline on a CPU. `precision` bf16 runs the forward pass under bf16 autocast
 (the vectors are normalised in fp32): 2.4x the strings/s of fp32 for MiniLM on 2 AMX cores, cosine
-to the fp32 vectors >= 0.99997 (measured on 1,024 WikiMEL entity texts); the identity says which.
+to the fp32 vectors >= 0.99995 (measured on 1,024 WikiMEL strings); the identity says which.
 """
 
 from __future__ import annotations
