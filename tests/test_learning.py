@@ -12,7 +12,8 @@ both. Flipping the sign of the attention scores does not, and no attention setti
 89.33; scores without the 1/sqrt(d) scale 89.33 / 88.33; that plus top-p 2 89.33; lr 1e-3 on the
 triple branch 89.33 / 90.00. The triple branch adds one to five mentions of 300 whichever triples the
 attention picks: an entity's attention is queried by its own label, which says nothing about which
-of its facts a mention will need, so the top-p triples are no better than the bottom-p ones.
+of its facts a mention will need, so the top-p triples are no better than the bottom-p ones. And the
+query projection is learned, so a flipped sign can be trained back (-W_q): only the start differs.
 """
 
 from __future__ import annotations
