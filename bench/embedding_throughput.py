@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from kgmel_core.packaged import PackagedModelError
-from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder, forward_precision
+from kgmel_core.retrieval.device import autocast
+from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder
 from kgmel_core.retrieval.torch_compat import import_open_clip
 
 
@@ -113,7 +114,7 @@ def main() -> None:
                     break
 
                 def direct(encoder=encoder, precision=precision):
-                    with forward_precision("cpu", precision):
+                    with autocast(precision, "cpu"):
                         encoder.model.encode(texts, batch_size=args.batch, normalize_embeddings=True)
 
                 kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))

@@ -3,6 +3,9 @@ matrix products run (training steps and the frozen encoders each have a `precisi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -33,3 +36,11 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
 def resolved_precision(precision: str, device: str) -> str:
     """`fp32` or `bf16`: what `precision` means on this device, for artifact keys and manifests."""
     return "bf16" if autocast_dtype(precision, device) is not None else "fp32"
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: str) -> Iterator[None]:
+    """torch.autocast for a `precision` setting: bf16 where it resolves to bf16, a no-op for fp32."""
+    dtype = autocast_dtype(precision, device)
+    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        yield

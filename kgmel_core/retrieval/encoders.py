@@ -9,10 +9,9 @@ to the fp32 vectors >= 0.99995 (measured on 1,024 WikiMEL strings); the identity
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kgmel_core.packaged import ALL_MPNET_BASE_V2, model_file
-from kgmel_core.retrieval.device import autocast_dtype, resolve_device, resolved_precision
+from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -44,17 +43,9 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
 
-@contextlib.contextmanager
-def forward_precision(device: str, precision: str) -> Iterator[None]:
-    dtype = autocast_dtype(precision, device)
-    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        yield
-
-
-def _precision_suffix(device: str, precision: str) -> str:
+def _precision_suffix(precision: str) -> str:
     """Empty for fp32, so the embedding caches of fp32 runs stay valid; `:bf16` otherwise."""
-    resolved = resolved_precision(precision, device)
-    return "" if resolved == "fp32" else f":{resolved}"
+    return "" if precision == "fp32" else f":{precision}"
 
 
 def _file_digest(path: Path) -> str:
@@ -103,8 +94,8 @@ class OpenClipEncoder:
             if hasattr(self.model, "text_projection") and self.model.text_projection is not None
             else _probe_dim(self)
         )
-        self.precision = precision
-        self.identity = f"open_clip:{clip_model}:{weights_id}{_precision_suffix(self.device, precision)}"
+        self.precision = resolved_precision(precision, self.device)
+        self.identity = f"open_clip:{clip_model}:{weights_id}{_precision_suffix(self.precision)}"
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
@@ -117,7 +108,7 @@ class OpenClipEncoder:
         ):
             batch = list(texts[start : start + self.batch_size])
             tokens = self.tokenizer(batch).to(self.device)
-            with forward_precision(self.device, self.precision):
+            with autocast(self.precision, self.device):
                 out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
         return out
 
@@ -132,7 +123,7 @@ class OpenClipEncoder:
         ):
             batch = paths[start : start + self.batch_size]
             pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
-            with forward_precision(self.device, self.precision):
+            with autocast(self.precision, self.device):
                 out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
         return out
 
@@ -182,8 +173,8 @@ class SentenceTransformerTextEncoder:
 
         self.name = name
         self.device = resolve_device(device)
-        self.precision = precision
-        self.identity = identity + _precision_suffix(self.device, precision)
+        self.precision = resolved_precision(precision, self.device)
+        self.identity = identity + _precision_suffix(self.precision)
         self.model = SentenceTransformer(str(path), device=self.device)
         self.batch_size = batch_size
         self.text_dim = int(
@@ -196,7 +187,7 @@ class SentenceTransformerTextEncoder:
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.text_dim), np.float32)
-        with forward_precision(self.device, self.precision):
+        with autocast(self.precision, self.device):
             vectors = self.model.encode(
                 list(texts),
                 batch_size=self.batch_size,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kgmel_core.config import TrainingConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
-from kgmel_core.retrieval.device import autocast_dtype, resolve_device
+from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
 from kgmel_core.retrieval.features import Banks, SideFeatures
 from kgmel_core.retrieval.losses import kgmel_loss
 from kgmel_core.retrieval.model import KGMELRetriever, optimizer_groups
@@ -123,8 +123,7 @@ def train_retriever(
     seed_everything(config.seed)
     device = resolve_device(config.device)
     model.to(device)
-    device_type = torch.device(device).type
-    step_dtype = autocast_dtype(config.precision, device)
+    precision = resolved_precision(config.precision, device)
     banks = Banks(banks.texts.to(device), banks.text_index, banks.images.to(device), banks.image_index)
     optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -134,7 +133,7 @@ def train_retriever(
         else None
     )
     result = TrainResult(state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, device=device,
-                         precision="bf16" if step_dtype is not None else "fp32")
+                         precision=precision)
     best_key = (-1.0, -1.0)
     stale = 0
     bar = tqdm(range(1, config.epochs + 1), desc="train retriever", unit="epoch")
@@ -154,7 +153,7 @@ def train_retriever(
                 entity_rows = torch.cat([gold, hard[rows].gather(1, picks).reshape(-1)])
             unique, inverse = torch.unique(entity_rows, return_inverse=True)
             targets = inverse[: len(rows)]
-            with torch.autocast(device_type, dtype=step_dtype or torch.float32, enabled=step_dtype is not None):
+            with autocast(precision, device):
                 m = model(train_mentions.batch(rows, banks, device))
                 e = model(entities.batch(unique, banks, device))
             loss = kgmel_loss(m.float(), e.float(), targets.to(device), config.tau_cl, config.lambda_mm,
