@@ -7,6 +7,7 @@ in the default, server-less mode), so a typo fails in a second, not after the se
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -27,7 +28,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Named models: list versions, promote the one reindex-kb and link serve.")
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped into a log or CI, rich would wrap the tables at 80 columns; a wide fixed width keeps each row on one line.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
 class Job(StrEnum):

@@ -90,13 +90,21 @@ METRICS_SHOWN = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr")
 RERANK_SHOWN = ("n", "hits@1", "sent_to_llm", "fallbacks", "gain_vs_top1", "gain_ci95", "margin_threshold")
 
 
+SPLIT_ORDER = ("val", "test", "train")  # quality is reported on val, so its rows come first
+COUNT_METRICS = ("n",)
+
+
 def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> pl.DataFrame:
-    """A `metrics` table (method, split, metric, value) as one row per (method, split), rounded."""
+    """A `metrics` table (method, split, metric, value) as one row per (method, split), rounded; val
+    rows first, then test and train (any other split after them), counts as integers."""
     wide = (
         metrics.filter(pl.col("metric").is_in(list(shown)))
         .with_columns(pl.col("value").round(2))
         .pivot(on="metric", index=["method", "split"], values="value")
-        .sort("split", "method")
+    )
+    split_rank = pl.col("split").replace_strict(SPLIT_ORDER, range(len(SPLIT_ORDER)), default=len(SPLIT_ORDER))
+    wide = wide.sort(split_rank, "split", "method").with_columns(
+        pl.col(m).cast(pl.Int64) for m in COUNT_METRICS if m in wide.columns
     )
     return wide.select(["method", "split", *[m for m in shown if m in wide.columns]])
 

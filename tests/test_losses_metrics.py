@@ -76,3 +76,13 @@ def test_metric_tables_keep_rerank_rows_apart_with_their_own_columns():
     assert rerank.columns == ["method", "split", "hits@1", "gain"]
     assert rerank.rows() == [("kgmel + rerank", "val", 70.0, -10.0), ("kgmel top-1 (same mentions)", "val", 80.0, None)]
     assert len(metric_tables(metrics.head(2))) == 1  # no rerank rows, no second table
+
+
+def test_wide_metrics_put_val_first_and_show_counts_as_integers():
+    from kgmel_core.metrics import RERANK_SHOWN, wide_metrics
+
+    rows = [("kgmel", split, metric, value) for split in ("train", "test", "val", "extra")
+            for metric, value in (("hits@1", 50.0), ("n", 8.0))]
+    wide = wide_metrics(pl.DataFrame(rows, schema=["method", "split", "metric", "value"], orient="row"), RERANK_SHOWN)
+    assert wide["split"].to_list() == ["val", "test", "train", "extra"]
+    assert wide.schema["n"] == pl.Int64 and wide["n"].to_list() == [8, 8, 8, 8]
