@@ -13,7 +13,8 @@ both. Flipping the sign of the attention scores does not, and no attention setti
 triple branch 89.33 / 90.00. The triple branch adds one to five mentions of 300 whichever triples the
 attention picks: an entity's attention is queried by its own label, which says nothing about which
 of its facts a mention will need, so the top-p triples are no better than the bottom-p ones. And the
-query projection is learned, so a flipped sign can be trained back (-W_q): only the start differs.
+query projection is learned, so a flipped sign can be trained back (-W_q): only the start differs
+(tests/test_model.py checks that identity exactly).
 """
 
 from __future__ import annotations

@@ -186,3 +186,23 @@ def test_name_view_switch():
     expected = torch.cat([wide.head, wide.name], -1) / 2**0.5
     assert torch.allclose(residual(wide), expected, atol=1e-6)
     assert residual.output_dim == 16 and without.output_dim == 8
+
+
+def test_a_flipped_attention_sign_is_the_same_model_as_negated_query_projections():
+    """Why no learning test can assert that flipping the score sign fails (README, issue 12): the
+    queries are learned linear maps, so -scores under (W_q_head, W_q_image) equal the scores under
+    (-W_q_head, -W_q_image); training reaches either, and a symmetric random start draws both alike."""
+    torch.manual_seed(5)
+    model = KGMELRetriever(6, 5, RetrieverConfig(hidden_dim=8, top_p=2, init="paper")).eval()
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, False]])
+    batch = SideBatch.dense(torch.randn(3, 6), torch.randn(3, 5), torch.tensor([True, False, True]),
+                            torch.randn(3, 4, 6), torch.randn(3, 4, 6), mask)
+    original = model(batch)
+    scores = model.attention.scores
+    model.attention.scores = lambda *args, **kwargs: -scores(*args, **kwargs)
+    flipped = model(batch)
+    assert not torch.allclose(flipped, original, atol=1e-3)  # the flip alone picks other triples
+    with torch.no_grad():
+        model.attention.q_head.weight.neg_()
+        model.attention.q_image.weight.neg_()
+    assert torch.allclose(model(batch), original, atol=1e-6)  # ... and -W_q undoes it exactly
