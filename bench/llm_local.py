@@ -21,8 +21,8 @@ from kgmel_core.config import GenerationConfig, LLMConfig, RerankConfig
 from kgmel_core.llm.client import LLMClient, LLMRequest
 from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
 from kgmel_core.llm.prompts import generation_messages, rerank_requests
+from kgmel_core.rerank.candidates import candidate_lists, relation_tail_pairs
 from storage import ArtifactStore
-from tasks.rerank import candidate_lists, relation_tail_pairs
 
 
 def rerank_prompts(store: ArtifactStore, key: str, n: int) -> tuple[list[LLMRequest], list[dict], RerankConfig]:
@@ -38,7 +38,7 @@ def rerank_prompts(store: ArtifactStore, key: str, n: int) -> tuple[list[LLMRequ
     entities = {r["qid"]: r for r in ingest.read("entities").iter_rows(named=True)}
     facts = relation_tail_pairs(filtered.read("filtered_triples"), "mention_id", "qid")
     pairs, _ = rerank_requests(
-        mentions, candidate_lists(retrieve, config.candidates), entities, facts, {}, {},
+        mentions, candidate_lists(retrieve.read("candidates"), config.candidates), entities, facts, {}, {},
         config.max_description_chars, config.layout,
     )
     return [LLMRequest(mid, messages) for mid, messages in pairs], mentions, config

@@ -7,12 +7,13 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import GenerationConfig
+from kgmel_core.data.scope import in_scope
 from kgmel_core.llm.client import LLMRequest
 from kgmel_core.llm.parsing import parse_generation
 from kgmel_core.llm.prompts import generation_messages
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-from tasks.llm_common import ask_llm, call_stats, calls_table, in_scope, llm_key_config
+from tasks.llm_common import ask_llm, call_stats, calls_table, llm_key_config
 
 
 @task(name="generate", **STAGE_TASK)

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from kgmel_core import schemas
-from kgmel_core.config import LLMConfig, LLMScope
+from kgmel_core.config import LLMConfig
 from kgmel_core.llm.client import LLMClient, LLMRequest, LLMResult
 from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
 from tasks.common import PipelineContext
@@ -65,17 +65,6 @@ def ask_llm(
     answered = map_shards(True, run_llm_batch, [(config, stage, cache_dir, batch) for batch in batches])
     by_key = {result.key: result for batch in answered for result in batch}
     return [by_key[r.key] for r in requests], config.model, send_images
-
-
-def in_scope(mentions: pl.DataFrame, scope: LLMScope) -> pl.DataFrame:
-    """The mentions of the chosen splits; `max_mentions` of them, the first by id or a seeded sample."""
-    chosen = mentions if scope.splits is None else mentions.filter(pl.col("split").is_in(scope.splits))
-    chosen = chosen.sort("mention_id")
-    if not scope.max_mentions or chosen.height <= scope.max_mentions:
-        return chosen
-    if scope.sample_seed is None:
-        return chosen.head(scope.max_mentions)
-    return chosen.sample(scope.max_mentions, seed=scope.sample_seed).sort("mention_id")
 
 
 def calls_table(results) -> pl.DataFrame:

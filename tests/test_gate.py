@@ -2,7 +2,7 @@ import math
 
 import polars as pl
 
-from kgmel_core.llm.gate import gate_curve, is_sent, knee, retrieval_margins
+from kgmel_core.rerank.gate import gate_curve, is_sent, knee, retrieval_margins
 
 
 def test_margins_are_top1_minus_top2_and_inf_for_a_single_candidate():

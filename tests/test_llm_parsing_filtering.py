@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from kgmel_core.llm.filtering import Triple, filter_triples
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.llm.prompts import (
     GENERATION_SYSTEM,
@@ -10,6 +9,7 @@ from kgmel_core.llm.prompts import (
     generation_messages,
     rerank_messages,
 )
+from kgmel_core.rerank.filtering import Triple, filter_triples
 
 MESSY = [
     # (raw model output, expected (relation, tail) pairs)
