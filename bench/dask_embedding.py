@@ -14,10 +14,10 @@ import time
 from prefect import flow
 from prefect_dask import DaskTaskRunner
 
-from kgmel_core.retrieval.encoders import encode_texts_with
+from kgmel_core.factory import EncoderSpec, encode_texts_with
 from tasks.parallel import map_shards
 
-SPEC = ("minilm", "none", "ViT-B-32", None, 256, "cpu")
+SPEC = EncoderSpec("minilm", "none", "ViT-B-32", None, 256, "cpu", "fp32")
 
 
 def synthetic_texts(n: int) -> list[str]:

@@ -52,7 +52,7 @@ def ingest_dataset(ctx: PipelineContext, config: PipelineConfig) -> Artifact:
 
 
 def _bootstrap(ctx: PipelineContext, config: PipelineConfig, ingest: Artifact) -> Artifact | None:
-    if config.encoder.clip_pretrained == embed_tasks.TRAIN_ON_DATASET:
+    if config.encoder.bootstraps_clip:
         return bootstrap_tasks.clip_bootstrap(
             ctx, ingest, epochs=config.encoder.bootstrap_epochs, seed=config.training.seed
         )

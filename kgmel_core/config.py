@@ -40,6 +40,10 @@ class KBConfig(_Section):
     partitions: int = Field(1, ge=1)  # byte ranges of an uncompressed dump parsed in parallel
 
 
+# `clip_pretrained` value: a tiny open_clip stand-in trained on the dataset itself (offline demos, tests).
+TRAIN_ON_DATASET = "train-on-dataset"
+
+
 class EncoderConfig(_Section):
     """Frozen encoders. `clip_pretrained` is an open_clip tag (`openai`) or a local checkpoint path.
 
@@ -61,6 +65,11 @@ class EncoderConfig(_Section):
     entity_text: Literal["label_description", "label"] = "label_description"
     # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP.
     bootstrap_epochs: int = Field(40, ge=1)
+
+    @property
+    def bootstraps_clip(self) -> bool:
+        """Whether the images (and texts, with `open_clip`) come from a CLIP trained on the dataset."""
+        return self.clip_pretrained == TRAIN_ON_DATASET
 
 
 class RetrieverConfig(_Section):

@@ -12,26 +12,12 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig
 from kgmel_core.data.texts import HeadTexts, text_sha
-from kgmel_core.retrieval.device import resolve_device, resolved_precision
-from kgmel_core.retrieval.encoders import cached_encoder, encode_images_with, encode_texts_with
+from kgmel_core.factory import EncoderSpec, create_encoder, encode_images_with, encode_texts_with
 from kgmel_core.retrieval.features import texts_to_embed
-from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.parallel import map_shards
-
-TRAIN_ON_DATASET = "train-on-dataset"
-
-
-def resolve_encoder_config(config: EncoderConfig, bootstrap: Artifact | None) -> EncoderConfig:
-    if config.clip_pretrained == TRAIN_ON_DATASET:
-        if bootstrap is None:
-            raise ValueError("clip_pretrained=train-on-dataset needs the clip_bootstrap stage")
-        return config.model_copy(
-            update={"clip_model": TINY_CLIP_MODEL, "clip_pretrained": str(bootstrap.file("tiny_clip.pt"))}
-        )
-    return config
 
 
 @task(name="embed", **STAGE_TASK)
@@ -43,28 +29,19 @@ def embed(
     bootstrap: Artifact | None = None,
 ) -> Artifact:
     """Embed every unique head text, relation, tail and image once (cached per encoder)."""
-    resolved = resolve_encoder_config(config, bootstrap)
-    uses_bootstrap = config.clip_pretrained == TRAIN_ON_DATASET
+    uses_bootstrap = config.bootstraps_clip
+    spec = EncoderSpec.of(config, bootstrap.file("tiny_clip.pt") if uses_bootstrap and bootstrap else None)
     inputs = {"ingest": ingest, "generation": generation, "clip_bootstrap": bootstrap if uses_bootstrap else None}
     sources = {}
     if not uses_bootstrap and Path(config.clip_pretrained).is_file():
         sources["clip_weights"] = file_sha256(Path(config.clip_pretrained))
     stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
     # `auto` means different vectors on different machines: the key holds what it resolved to here.
-    stage_config["precision"] = resolved_precision(config.precision, resolve_device(config.device))
+    stage_config["precision"] = spec.precision
 
     def build(writer):
         log = logger()
-        spec = (
-            resolved.text_encoder,
-            resolved.image_encoder,
-            resolved.clip_model,
-            resolved.clip_pretrained,
-            resolved.batch_size,
-            resolved.device,
-            stage_config["precision"],
-        )
-        encoder = cached_encoder(*spec)
+        encoder = create_encoder(spec)
 
         def on_workers(fn, batches):  # `runner: dask`: `ctx.shards` chunks at a time on the workers
             return map_shards(ctx.distributed, fn, [(batch,) for batch in batches])
@@ -134,7 +111,7 @@ def embed(
             )
             writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)
         writer.stats.update(encoder=encoder.identity, precision=stage_config["precision"])
-        if config.clip_pretrained == TRAIN_ON_DATASET:
+        if uses_bootstrap:
             writer.stats["encoder_note"] = (
                 "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"
             )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
-from kgmel_core.config import RetrieverConfig
 from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import Features, assemble
 from kgmel_core.retrieval.model import KGMELRetriever
@@ -27,10 +24,4 @@ def load_features(
 
 
 def load_model(train: Artifact) -> KGMELRetriever:
-    """The trained retriever; the checkpoint holds tensors and plain values only (`weights_only`)."""
-    checkpoint = torch.load(train.file("retriever.pt"), map_location="cpu", weights_only=True)
-    model = KGMELRetriever(
-        checkpoint["text_dim"], checkpoint["image_dim"], RetrieverConfig.model_validate(checkpoint["retriever_config"])
-    )
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+    return KGMELRetriever.load(train.file("retriever.pt"))

@@ -1,18 +1,17 @@
-"""What the LLM stages share: the client for a configured model (starting the packaged local one), the
-mention scope, and the `llm_calls` table with its counts."""
+"""What the LLM stages share: calling the configured model (in process, or from Dask workers), the
+artifact-key view of its settings, and the `llm_calls` table with its counts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
 from kgmel_core import schemas
 from kgmel_core.config import LLMConfig
-from kgmel_core.llm.client import LLMClient, LLMRequest, LLMResult
-from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+from kgmel_core.factory import open_llm
+from kgmel_core.llm.client import LLMRequest, LLMResult
 from tasks.common import PipelineContext
 from tasks.parallel import map_shards
 
@@ -24,27 +23,9 @@ def llm_key_config(config: LLMConfig) -> dict:
     return config.model_dump(exclude=_RUNTIME_ONLY)
 
 
-@contextmanager
-def llm_client(ctx: PipelineContext, config: LLMConfig, stage: str) -> Iterator[tuple[LLMClient, bool]]:
-    """A client for the configured model, plus whether images are sent. `local` starts the packaged
-    model's server for the duration of the stage (text-only: it never gets an image)."""
-    cache_dir = ctx.store.root / "_llm_cache"
-    if config.model == "local":
-        if config.vision == "yes":
-            raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
-        with local_llm_server(parallel=config.concurrency) as api_base, closing(LLMClient(
-            config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
-            extra_body={"cache_prompt": True},
-        )) as client:
-            yield client, False
-    else:
-        with closing(LLMClient(config, stage, cache_dir)) as client:
-            yield client, config.vision != "no"
-
-
 def run_llm_batch(config: LLMConfig, stage: str, cache_dir: str, requests: list[LLMRequest]) -> list[LLMResult]:
     """One batch of calls to a remote provider with its own client (a Dask worker's share)."""
-    with closing(LLMClient(config, stage, Path(cache_dir))) as client:
+    with open_llm(config, stage, Path(cache_dir)) as (client, _):
         return client.run(requests, progress=False)
 
 
@@ -56,7 +37,7 @@ def ask_llm(
     The packaged local model answers in this process (one llama.cpp server); a remote provider is
     called from the Dask workers in batches with `runner: dask` (the answer cache is shared)."""
     if config.model == "local" or not ctx.distributed:
-        with llm_client(ctx, config, stage) as (client, send_images):
+        with open_llm(config, stage, ctx.store.root / "_llm_cache") as (client, send_images):
             return client.run(build(send_images)), client.model, send_images
     send_images = config.vision != "no"
     requests = build(send_images)

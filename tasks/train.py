@@ -69,15 +69,7 @@ def train(
             training,
             on_epoch=lambda row: logger().debug("epoch %s", row),  # the progress bar shows it; history keeps it
         )
-        torch.save(
-            {
-                "state_dict": result.state_dict,
-                "text_dim": features.banks.text_dim,
-                "image_dim": features.banks.image_dim,
-                "retriever_config": retriever.model_dump(),
-            },
-            writer.file_path("retriever.pt"),
-        )
+        model.save(writer.file_path("retriever.pt"))  # train_retriever leaves the best epoch's weights in it
         history = pl.DataFrame(result.history).drop("seconds")  # wall-clock goes to stats: tables stay deterministic
         writer.write_table("training_history", history, schemas.TRAINING_HISTORY)
         logger().info(

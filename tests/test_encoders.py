@@ -4,7 +4,8 @@ import sys
 import numpy as np
 import torch
 
-from kgmel_core.retrieval.encoders import OpenClipEncoder, load_encoder
+from kgmel_core.factory import EncoderSpec, create_encoder
+from kgmel_core.retrieval.encoders import OpenClipEncoder
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
 from storage.embedding_cache import EmbeddingCache
@@ -36,7 +37,7 @@ def test_tiny_clip_checkpoint_loads_by_path_like_a_real_one(small_demo, tmp_path
 
 
 def test_composite_without_image_encoder_reports_no_image_dim(tmp_path):
-    encoder = load_encoder("minilm", "none", "unused", None, 8, "cpu")
+    encoder = create_encoder(EncoderSpec("minilm", "none", "unused", None, 8, "cpu", "fp32"))
     assert encoder.image_dim is None and encoder.identity.endswith("|no-images")
 
 
@@ -58,8 +59,8 @@ def test_embedding_cache_encodes_only_missing(tmp_path):
 
 def test_bf16_text_vectors_are_close_to_fp32_and_cached_apart():
     texts = ["Barack Obama: 44th president of the United States", "Danube", "a river in central Europe", "Q42"]
-    fp32 = load_encoder("minilm", "none", "unused", None, 8, "cpu", "fp32")
-    bf16 = load_encoder("minilm", "none", "unused", None, 8, "cpu", "bf16")
+    fp32 = create_encoder(EncoderSpec("minilm", "none", "unused", None, 8, "cpu", "fp32"))
+    bf16 = create_encoder(EncoderSpec("minilm", "none", "unused", None, 8, "cpu", "bf16"))
     a, b = fp32.encode_texts(texts, progress=False), bf16.encode_texts(texts, progress=False)
     assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
     cosines = (a * b).sum(axis=1)

@@ -9,7 +9,6 @@ to the fp32 vectors >= 0.99995 (measured on 1,024 WikiMEL strings); the identity
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,36 +218,3 @@ class CompositeEncoder:
         if self.image is None:
             raise RuntimeError("no image encoder configured (encoder.image_encoder=none)")
         return self.image.encode_images(paths, progress=progress)
-
-
-def load_encoder(
-    text_encoder: str,
-    image_encoder: str,
-    clip_model: str,
-    clip_pretrained: str | None,
-    batch_size: int,
-    device: str,
-    precision: str = "fp32",
-) -> CompositeEncoder:
-    clip = None
-    if "open_clip" in (text_encoder, image_encoder):
-        clip = OpenClipEncoder(clip_model, clip_pretrained, batch_size=batch_size, device=device, precision=precision)
-    text = (
-        clip
-        if text_encoder == "open_clip"
-        else SentenceTransformerTextEncoder(text_encoder, batch_size=batch_size, device=device, precision=precision)
-    )
-    return CompositeEncoder(text, clip if image_encoder == "open_clip" else None)
-
-
-# One encoder per process and settings: a Dask worker loads it once, not once per shard.
-cached_encoder = functools.cache(load_encoder)
-
-
-def encode_texts_with(spec: tuple, texts: list[str]) -> np.ndarray:
-    """Texts through the encoder `spec` (the arguments of `cached_encoder`); picklable, for workers."""
-    return cached_encoder(*spec).encode_texts(texts, progress=False)
-
-
-def encode_images_with(spec: tuple, paths: list[str]) -> np.ndarray:
-    return cached_encoder(*spec).encode_images(paths, progress=False)

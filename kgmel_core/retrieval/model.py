@@ -29,6 +29,7 @@ and a missing image contributes neither a query nor a fused term.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,7 @@ class KGMELRetriever(nn.Module):
 
     def __init__(self, text_dim: int, image_dim: int | None, config: RetrieverConfig):
         super().__init__()
+        self.text_dim, self.image_dim = text_dim, image_dim
         h = self.hidden_dim = config.hidden_dim or text_dim
         self.config = config
         self.use_image = config.use_image and image_dim is not None
@@ -227,6 +229,24 @@ class KGMELRetriever(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.hidden_dim * (2 if self.config.use_name else 1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Weights, input widths and the retriever settings: everything `load` needs, as tensors and plain
+        values only, so loading never unpickles code."""
+        torch.save(
+            {"state_dict": self.state_dict(), "text_dim": self.text_dim, "image_dim": self.image_dim,
+             "retriever_config": self.config.model_dump()},
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KGMELRetriever:
+        """A saved retriever, in eval mode on the CPU (`weights_only`: a checkpoint cannot run code)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config = RetrieverConfig.model_validate(checkpoint["retriever_config"])
+        model = cls(checkpoint["text_dim"], checkpoint["image_dim"], config)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,92 @@
+"""Models from their config sections, in one place (open_clip's `factory.py` is the model).
+
+What a setting means – which encoder class, which weights, which LLM server – is decided here and
+nowhere else: the frozen encoders (`EncoderSpec.of` + `create_encoder`) and a stage's LLM client
+(`open_llm`). The trained retriever saves and loads itself beside its class
+(`KGMELRetriever.save` / `.load`), as nanoGPT keeps `from_pretrained` with its model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kgmel_core.config import TRAIN_ON_DATASET, EncoderConfig, LLMConfig
+from kgmel_core.llm.client import LLMClient
+from kgmel_core.retrieval.device import resolve_device, resolved_precision
+from kgmel_core.retrieval.encoders import CompositeEncoder, OpenClipEncoder, SentenceTransformerTextEncoder
+from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that builds one encoder, resolved: hashable (one encoder per process and spec) and
+    picklable (Dask workers build their own)."""
+
+    text_encoder: str
+    image_encoder: str
+    clip_model: str
+    clip_pretrained: str | None
+    batch_size: int
+    device: str
+    precision: str  # fp32 | bf16: `auto` resolved on this machine
+
+    @classmethod
+    def of(cls, config: EncoderConfig, bootstrapped_clip: Path | None = None) -> EncoderSpec:
+        """`bootstrapped_clip`: the tiny CLIP the `clip_bootstrap` stage trained, which
+        `clip_pretrained: train-on-dataset` asks for."""
+        clip_model, weights = config.clip_model, config.clip_pretrained
+        if config.clip_pretrained == TRAIN_ON_DATASET:
+            if bootstrapped_clip is None:
+                raise ValueError(f"clip_pretrained={TRAIN_ON_DATASET} needs the clip_bootstrap stage's weights")
+            clip_model, weights = TINY_CLIP_MODEL, str(bootstrapped_clip)
+        precision = resolved_precision(config.precision, resolve_device(config.device))
+        return cls(config.text_encoder, config.image_encoder, clip_model, weights, config.batch_size, config.device,
+                   precision)
+
+
+@functools.cache
+def create_encoder(spec: EncoderSpec) -> CompositeEncoder:
+    """Texts from `text_encoder`, images from `image_encoder` (one open_clip model serves both when both
+    name it); cached, so a process (a Dask worker) loads it once."""
+    clip = None
+    if "open_clip" in (spec.text_encoder, spec.image_encoder):
+        clip = OpenClipEncoder(spec.clip_model, spec.clip_pretrained, batch_size=spec.batch_size, device=spec.device,
+                               precision=spec.precision)
+    text = clip if spec.text_encoder == "open_clip" else SentenceTransformerTextEncoder(
+        spec.text_encoder, batch_size=spec.batch_size, device=spec.device, precision=spec.precision
+    )
+    return CompositeEncoder(text, clip if spec.image_encoder == "open_clip" else None)
+
+
+def encode_texts_with(spec: EncoderSpec, texts: list[str]) -> np.ndarray:
+    """Texts through the encoder of `spec`; a plain function of picklable arguments, for workers."""
+    return create_encoder(spec).encode_texts(texts, progress=False)
+
+
+def encode_images_with(spec: EncoderSpec, paths: list[str]) -> np.ndarray:
+    return create_encoder(spec).encode_images(paths, progress=False)
+
+
+@contextmanager
+def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[tuple[LLMClient, bool]]:
+    """A client for the configured model, and whether images are sent. `model: local` starts the packaged
+    model's llama.cpp server for the duration of the block (text-only: it never gets an image)."""
+    if config.model != "local":
+        with closing(LLMClient(config, stage, cache_dir)) as client:
+            yield client, config.vision != "no"
+        return
+    if config.vision == "yes":
+        raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
+    from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+
+    with local_llm_server(parallel=config.concurrency) as api_base, closing(LLMClient(
+        config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
+        extra_body={"cache_prompt": True},
+    )) as client:
+        yield client, False
