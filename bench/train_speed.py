@@ -19,21 +19,12 @@ from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import subset_side
 from kgmel_core.retrieval.model import KGMELRetriever
 from kgmel_core.retrieval.training import seed_everything, train_retriever
+from kgmel_core.variants import variants_for
 from storage import ArtifactStore, RunLog
 from tasks import embed as embed_tasks
 from tasks import ingest as ingest_tasks
 from tasks.common import PipelineContext
 from tasks.inputs import load_features
-
-# Each variant is the config plus these overrides (the benchmark configs train with `precision: auto`;
-# the table says what each row resolved to).
-VARIANTS = {
-    "with triples, fp32": {"training": {"precision": "fp32"}},
-    "with triples, bf16 autocast where native (precision auto)": {"training": {"precision": "auto"}},
-    "with triples, validate every 2 epochs": {"training": {"validate_every": 2}},
-    "w/o triples": {"retriever": {"use_triples": False}},
-    "with triples, 2 hard negatives": {"training": {"hard_negatives": 2}},
-}
 
 
 def main() -> None:
@@ -59,9 +50,9 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads\n")
     print("| variant | precision | s / epoch (mean) | epochs |")
     print("|---|---|---:|---:|")
-    for label, overrides in VARIANTS.items():
-        config = load_config(args.config, {**overrides, "training": {
-            **overrides.get("training", {}), "epochs": args.epochs, "patience": args.epochs}})
+    for label, variant in variants_for("speed").items():  # the benchmark configs train with `precision: auto`
+        config = variant.config(load_config(args.config, {"training": {"epochs": args.epochs,
+                                                                       "patience": args.epochs}}))
         seed_everything(0)
         model = KGMELRetriever(features.banks.text_dim, features.banks.image_dim, config.retriever)
         result = train_retriever(

@@ -212,10 +212,11 @@ def benchmark_command(
     ] = None,
 ) -> None:
     """Zero-shot text, the KGMEL retriever and its ablations on one dataset: a val table and plots."""
-    from flows.benchmark import VARIANTS
+    from kgmel_core.variants import variants_for
 
-    if unknown := [v for v in variant or [] if v not in VARIANTS]:
-        raise UserError(f"unknown benchmark variant {unknown[0]!r}; choose from: " + ", ".join(map(repr, VARIANTS)))
+    offered = {**variants_for("benchmark"), **variants_for("reranker-facts")}
+    if unknown := [v for v in variant or [] if v not in offered]:
+        raise UserError(f"unknown benchmark variant {unknown[0]!r}; choose from: " + ", ".join(map(repr, offered)))
     _, overrides = _config(config, set_)
     _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides,
               variants=variant or None)

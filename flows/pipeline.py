@@ -10,6 +10,7 @@ from prefect import flow
 from flows.context import open_context
 from flows.summary import RunSummary, skip_warnings
 from kgmel_core.config import EncoderConfig, LLMScope, PipelineConfig, explicit_differences, load_config
+from kgmel_core.variants import variants_for
 from storage import Artifact
 from storage.registry import ModelVersion
 from tasks import clip_bootstrap as bootstrap_tasks
@@ -20,6 +21,7 @@ from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
 from tasks import kb as kb_tasks
 from tasks import rerank as rerank_tasks
+from tasks import reranker as reranker_tasks
 from tasks import train as train_tasks
 from tasks.common import PipelineContext, logger
 
@@ -95,7 +97,9 @@ def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str
     """Register what full-pipeline trained and indexed under the config's model name; one summary line."""
     registry = ctx.store.models
     info = {"dataset": config.dataset.name, "run_id": ctx.run_log.run_id}
-    version = registry.register(config.model, chain["train"].key, chain["index"].key, info)
+    reranker = chain.get("train_reranker")
+    version = registry.register(config.model, chain["train"].key, chain["index"].key, info,
+                                reranker=reranker.key if reranker is not None else None)
     if promote:
         registry.promote(config.model, version.number)
     state = registry.state(config.model)
@@ -130,34 +134,35 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
         filtered = stages["filter"] = rerank_tasks.filter_stage(
             ctx, config.rerank, ingested, generation, embedded, chain["retrieve"]
         )
-        reranked = stages["rerank"] = rerank_tasks.rerank(
-            ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
-        )
+        if config.rerank.method == "cross_encoder":
+            reranker = stages["train_reranker"] = reranker_tasks.train_reranker_stage(
+                ctx, config.rerank, ingested, chain["retrieve"], filtered, generation
+            )
+            chain["train_reranker"] = reranker
+            reranked = stages["rerank"] = rerank_tasks.rerank_learned(
+                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered, reranker
+            )
+        else:
+            reranked = stages["rerank"] = rerank_tasks.rerank(
+                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
+            )
     metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
     registered = register_model(ctx, config, chain, promote)
     report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
     return {"artifacts": artifact_ids(stages), "report": report, "root": ctx.store.url, "model": registered}
 
 
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "kgmel": {},
-    "kgmel w/o triples": {"use_triples": False},
-    "kgmel w/o image": {"use_image": False},
-    "kgmel w/o gate": {"use_gate": False},
-}
-
-
 @flow(name="ablations", log_prints=True)
 def ablations(config: PipelineConfig) -> dict[str, Any]:
-    """Train and evaluate the retriever and its ablations on shared ingest/embed artifacts.
+    """Train and evaluate the retriever and its ablations (`kgmel_core.variants`, the `ablations` set) on
+    shared ingest/embed artifacts.
 
     Experiments only: nothing here is registered, so no ablation is ever served."""
     ctx = open_context(config, "ablations")
     ingested = ingest_dataset(ctx, config)
     results = {}
-    for label, switches in ABLATIONS.items():
-        variant = config.model_copy(update={"retriever": config.retriever.model_copy(update=switches)})
-        chain = retrieval_chain(ctx, variant, ingested, None)
+    for label, variant in variants_for("ablations").items():
+        chain = retrieval_chain(ctx, variant.config(config), ingested, None)
         results[label] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], label=label)
     combined = pl.concat([a.read("metrics") for a in results.values()]).unique(maintain_order=True)
     report = finish(ctx, "kgmel ablations", None)
@@ -267,9 +272,18 @@ def link(
         filtered = stages["filter"] = rerank_tasks.filter_stage(
             ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed
         )
-        reranked = stages["rerank"] = rerank_tasks.rerank(
-            ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
-        )
+        if config.rerank.method == "cross_encoder":
+            reranker = ctx.store.require("train_reranker", version.reranker) if version.reranker else None
+            if reranker is None:
+                raise ValueError(f"model {model or config.model!r} v{version.number} has no trained reranker: "
+                                 "set rerank.method=llm, rerank.enabled=false, or serve a version trained with one")
+            reranked = stages["rerank"] = rerank_tasks.rerank_learned(
+                ctx, config.rerank, ingested, generation, candidates, filtered, reranker, kb=kb
+            )
+        else:
+            reranked = stages["rerank"] = rerank_tasks.rerank(
+                ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
+            )
         predictions = reranked.read("predictions")
     note = f"model {model or config.model!r} v{version.number} (train {trained.key}, index {indexed.key})"
     report = finish(ctx, "kgmel link", None, [note])

@@ -17,6 +17,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def runtime(default: Any, **constraints: Any) -> Any:
+    """A setting that changes how a stage runs (speed, retries, device), never what it writes: it stays
+    out of artifact keys (`key_config`), so changing it reuses every artifact."""
+    return Field(default, json_schema_extra={"runtime": True}, **constraints)
+
+
+def key_config(section: BaseModel) -> dict[str, Any]:
+    """The settings of a section that decide what a stage writes: every field not declared `runtime`,
+    nested sections likewise."""
+    values = section.model_dump()
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("runtime"):
+            del values[name]
+        elif isinstance(getattr(section, name), BaseModel):
+            values[name] = key_config(getattr(section, name))
+    return values
+
+
 class DatasetConfig(_Section):
     path: str = "demo_data"
     name: str = "demo"
@@ -140,15 +159,15 @@ class LLMConfig(_Section):
     api_key_env: str | None = None  # name of the environment variable holding the key
     temperature: float = 0.0
     max_tokens: int = Field(256, ge=1)
-    timeout_s: float = Field(120, gt=0)
-    retries: int = Field(2, ge=0)
-    backoff_s: float = Field(1.0, ge=0)  # waits backoff_s * 2**attempt between tries
-    concurrency: int = Field(4, ge=1)
+    timeout_s: float = runtime(120, gt=0)
+    retries: int = runtime(2, ge=0)
+    backoff_s: float = runtime(1.0, ge=0)  # waits backoff_s * 2**attempt between tries
+    concurrency: int = runtime(4, ge=1)
     # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
     # A stage whose LLM calls failed (outage, timeouts) is run again by later runs, re-calling only the
     # failures (successes come from the answer cache), until none fail or it ran this many times.
-    max_stage_attempts: int = Field(3, ge=1)
+    max_stage_attempts: int = runtime(3, ge=1)
 
 
 class LLMScope(_Section):
@@ -166,24 +185,62 @@ class GenerationConfig(_Section):
     scope: LLMScope = LLMScope()
 
 
+class CrossEncoderConfig(_Section):
+    """The learned reranker (`rerank.method: cross_encoder`): a packaged sentence encoder fine-tuned as a
+    cross-encoder on the train split, the retriever's own top-ranked mistakes as its negatives."""
+
+    base: Literal["minilm", "mpnet"] = "minilm"  # mpnet needs `make mpnet`
+    max_length: int = Field(96, ge=16)  # tokens of one (mention, candidate) pair; the cost grows with it
+    max_sentence_chars: int = Field(400, ge=20)  # longer sentences keep a window around the mention (counted)
+    max_description_chars: int = Field(200, ge=0)  # of a candidate's description in its text
+    max_facts: int = Field(6, ge=0)  # the filter's facts per candidate in its text (0: none)
+    train_mentions: int = Field(4000, ge=1)  # a seeded sample of the train mentions whose gold was retrieved
+    negatives: int = Field(7, ge=1)  # wrong candidates per training mention, best-ranked first
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    batch_mentions: int = Field(8, ge=1)
+    val_mentions: int = Field(600, ge=2)  # the seeded val sample early stopping reads
+    validate_every: int = Field(125, ge=1)  # training steps between validations
+    patience: int = Field(3, ge=1)  # validations without improvement before stopping
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # resolved on the machine, then part of the key
+    device: str = runtime("auto")
+    batch_pairs: int = runtime(128, ge=1)  # pairs scored at a time
+
+
 class RerankConfig(_Section):
     enabled: bool = True
+    # cross_encoder: the learned reranker, fused with the retriever's score (a ranked list);
+    # llm: a chat LLM picks one candidate (the paper's stage 3).
+    method: Literal["cross_encoder", "llm"] = "cross_encoder"
+    cross_encoder: CrossEncoderConfig = CrossEncoderConfig()
+    # learned: the reranker's score fused with the retriever's (weights fitted on val); none: its score alone.
+    fusion: Literal["learned", "none"] = "learned"
     llm: LLMConfig = LLMConfig(max_tokens=16)
+    # The KB facts stage 3 shows of each candidate: filtered (KGMEL's filter against the mention's
+    # generated triples; mentions without them fall back to context), context (each candidate's facts
+    # most similar to the mention's sentence; needs no stage 1), first (as the KB lists them), none.
+    facts: Literal["filtered", "context", "first", "none"] = "filtered"
     filter_n: int = Field(15, ge=1)
-    max_triples_per_entity: int = Field(50, ge=0)  # facts per candidate in the prompt (0: none)
+    max_triples_per_entity: int = Field(50, ge=0)  # facts per candidate kept by the filter (0: none)
     candidates: int = Field(16, ge=1)
-    use_filter: bool = True
-    # Adaptive reranking: ask the LLM only about mentions whose retrieval margin (top-1 minus top-2 score)
-    # is below this; the rest keep retrieval's top-1. None: ask about every mention, as the paper does.
-    # Default 0 (ask about none): on 200-mention val samples the packaged 1.5B model lost HITS@1 against
-    # retrieval's top-1 at every share of mentions sent (README), so the default is the one that loses
-    # nothing. With a stronger LLM, set None or a threshold read off your own `rerank_gate_curve`.
-    margin_threshold: float | None = Field(0.0, ge=0)
-    max_description_chars: int = Field(160, ge=10)  # candidate descriptions are cut here in the prompt
+    # Adaptive reranking: rerank only mentions whose retrieval margin (top-1 minus top-2 score) is below
+    # this; the rest keep retrieval's ranking. None: rerank every mention, as the paper does. Default: None
+    # for the cross-encoder, 0 (ask about none) for the LLM method: on 200-mention val samples the
+    # packaged 1.5B model lost HITS@1 against retrieval's top-1 at every share of mentions sent (README).
+    # With a stronger LLM, set None or a threshold read off your own `rerank_gate_curve`.
+    margin_threshold: float | None = Field(None, ge=0)
+    max_description_chars: int = Field(160, ge=10)  # candidate descriptions are cut here in the LLM prompt
     # question_first: sentence and mention, then the candidates in retrieval order (measured better with the
     # packaged model); reference: the candidates first in reverse retrieval order, then the mention.
     layout: Literal["question_first", "reference"] = "question_first"
     scope: LLMScope = LLMScope()
+
+    @model_validator(mode="after")
+    def _llm_asks_none_unless_told(self) -> RerankConfig:
+        if self.method == "llm" and "margin_threshold" not in self.model_fields_set:
+            self.margin_threshold = 0.0
+        return self
 
 
 class DaskConfig(_Section):

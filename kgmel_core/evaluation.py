@@ -43,11 +43,12 @@ class Served:
 
 @dataclass
 class Reranked:
-    """Stage 3's `predictions`, and whether every in-scope mention was sent (no margin threshold), which
-    is when the adaptive-gate curve can be drawn."""
+    """Stage 3's `predictions`, whether every in-scope mention was sent (no margin threshold), which
+    is when the adaptive-gate curve can be drawn, and the learned reranker's ranked lists (`reranked`)."""
 
     predictions: pl.DataFrame
     sent_all: bool
+    ranked: pl.DataFrame | None = None
 
 
 @dataclass
@@ -117,6 +118,12 @@ def evaluate_tables(
         )
         rows += metric_rows(f"{label} (exact search, diagnostic)", splits, exact, {})
         result.stats.update(retriever_ties=ties, served_top_k=served.top_k)
+    if reranked is not None and reranked.ranked is not None:  # the reranked list, over the mentions it holds
+        listed = set(reranked.ranked["mention_id"].to_list())
+        keep = [i for i, m in enumerate(features.mentions.ids) if m in listed]
+        ranks = candidate_ranks(reranked.ranked, mentions["mention_id"][keep], mentions["gold_qid"][keep])
+        depth = int(reranked.ranked["rank"].max() or 0)
+        rows += metric_rows(f"{label} + reranker", [splits[i] for i in keep], ranks, {}, depth=depth)
     if reranked is not None:
         split_of = dict(zip(features.mentions.ids, splits, strict=True))
         rerank_rows, result.gate_curve = _rerank_rows(label, mentions, served.candidates, reranked, split_of)

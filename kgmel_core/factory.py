@@ -1,9 +1,10 @@
 """Models from their config sections, in one place (open_clip's `factory.py` is the model).
 
 What a setting means – which encoder class, which weights, which LLM server – is decided here and
-nowhere else: the frozen encoders (`EncoderSpec.of` + `create_encoder`) and a stage's LLM client
-(`open_llm`). The trained retriever saves and loads itself beside its class
-(`KGMELRetriever.save` / `.load`), as nanoGPT keeps `from_pretrained` with its model.
+nowhere else: the frozen encoders (`EncoderSpec.of` + `create_encoder`), a stage's LLM client
+(`open_llm`) and the learned reranker (`create_cross_encoder`). The trained retriever saves and loads
+itself beside its class (`KGMELRetriever.save` / `.load`), as nanoGPT keeps `from_pretrained` with its
+model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kgmel_core.config import TRAIN_ON_DATASET, EncoderConfig, LLMConfig
+from kgmel_core.config import TRAIN_ON_DATASET, CrossEncoderConfig, EncoderConfig, LLMConfig
 from kgmel_core.llm.client import LLMClient
+from kgmel_core.rerank.cross_encoder import CrossEncoder
 from kgmel_core.retrieval.device import resolve_device, resolved_precision
-from kgmel_core.retrieval.encoders import CompositeEncoder, OpenClipEncoder, SentenceTransformerTextEncoder
+from kgmel_core.retrieval.encoders import (
+    SENTENCE_ENCODERS,
+    CompositeEncoder,
+    OpenClipEncoder,
+    SentenceTransformerTextEncoder,
+)
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 
 
@@ -90,3 +97,10 @@ def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[
         extra_body={"cache_prompt": True},
     )) as client:
         yield client, False
+
+
+def create_cross_encoder(config: CrossEncoderConfig, trained: Path | None = None) -> CrossEncoder:
+    """The learned reranker: a trained one from its folder, or (`trained` None) a fresh one on the packaged
+    sentence encoder `config.base` with a new scoring head."""
+    path = trained if trained is not None else SENTENCE_ENCODERS[config.base]()[0]
+    return CrossEncoder(path, config.max_length, config.device, config.precision)

@@ -112,7 +112,7 @@ def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) ->
 def metric_tables(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> list[tuple[str, pl.DataFrame]]:
     """Retrieval rows and LLM-rerank rows as two tables: their columns differ, and one table with all of
     them is too wide to read in a terminal."""
-    is_rerank = pl.col("method").str.contains("rerank|same mentions")
+    is_rerank = pl.col("method").str.contains(r"rerank\b|same mentions")  # not "+ reranker": a ranked list
     tables = [("retrieval", wide_metrics(metrics.filter(~is_rerank), shown))]
     if metrics.filter(is_rerank).height:
         short = {"sent_to_llm": "sent", "gain_vs_top1": "gain", "gain_ci95": "ci95 ±", "margin_threshold": "threshold"}

@@ -127,11 +127,42 @@ PREDICTIONS = pa.schema(
     [
         ("mention_id", pa.string()),
         ("qid", pa.string()),
-        ("source", pa.string()),  # llm | retrieval (confident, not sent) | fallback
+        ("source", pa.string()),  # llm | reranker | retrieval (confident, not sent) | fallback
         ("reason", pa.string()),  # confident, or why a fallback happened (null for llm)
         ("call_id", pa.string()),
         ("margin", pa.float64()),  # retrieval's top-1 minus top-2 score: what the adaptive gate reads
         ("answer", pa.string()),  # the LLM's raw answer (null when it was not asked or the call failed)
+    ]
+)
+
+# Stage 3's ranked list (learned reranker): every candidate of a mention in fused-score order.
+RERANKED = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("rank", pa.int32()),
+        ("qid", pa.string()),
+        ("score", pa.float64()),  # the fused score the list is ordered by (null: not reranked, retrieval order)
+        ("reranker_score", pa.float32()),
+        ("retrieval_score", pa.float32()),
+        ("retrieval_rank", pa.int32()),
+    ]
+)
+
+# The trained reranker's score of each val (mention, candidate), kept with the model.
+RERANKER_SCORES = pa.schema([("mention_id", pa.string()), ("qid", pa.string()), ("reranker_score", pa.float32())])
+
+# Each val mention's fold and the fusion weights fitted on the other fold (what its reported rank uses).
+RERANKER_FOLDS = pa.schema(
+    [("mention_id", pa.string()), ("fold", pa.int32()), ("reranker_weight", pa.float64()),
+     ("retrieval_weight", pa.float64())]
+)
+
+RERANKER_HISTORY = pa.schema(
+    [
+        ("step", pa.int32()),
+        ("epoch", pa.int32()),
+        ("train_loss", pa.float64()),
+        ("val_hits1", pa.float64()),  # fused HITS@1 on the early-stopping sample of val
     ]
 )
 

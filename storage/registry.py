@@ -40,6 +40,7 @@ class ModelVersion:
     registered_at: str
     info: dict[str, Any] = field(default_factory=dict)
     index_history: list[str] = field(default_factory=list)
+    reranker: str | None = None  # the `train_reranker` key trained on this retriever's candidates (stage 3)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class ModelRegistry:
                     if served is None:
                         served = train
                 versions[train].index = event["index"]
+                versions[train].reranker = event.get("reranker")
             elif event["event"] == "reindex" and train in versions:
                 versions[train].index = event["index"]
             elif event["event"] == "promote" and train in versions:
@@ -137,13 +139,16 @@ class ModelRegistry:
             )
         return state
 
-    def register(self, name: str, train: str, index: str, info: dict[str, Any] | None = None) -> ModelVersion:
-        """Record a trained retriever and its index under `name`; re-registering the same one is a no-op
-        for the version list (its index is updated)."""
+    def register(self, name: str, train: str, index: str, info: dict[str, Any] | None = None,
+                 reranker: str | None = None) -> ModelVersion:
+        """Record a trained retriever, its index and the reranker trained on its candidates under `name`;
+        re-registering the same retriever is a no-op for the version list (its index and reranker are
+        updated)."""
         state = self.state(name)
         existing = next((v for v in state.versions if v.train == train), None)
-        if existing is None or existing.index != index:
-            self._append(name, {"event": "register", "train": train, "index": index, "info": info or {}})
+        if existing is None or existing.index != index or existing.reranker != reranker:
+            self._append(name, {"event": "register", "train": train, "index": index, "info": info or {},
+                                "reranker": reranker})
         return self.state(name).version(train[:20])
 
     def record_reindex(self, name: str, train: str, index: str) -> None:

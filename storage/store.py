@@ -132,6 +132,14 @@ class Artifact:
         except Exception as exc:  # a damaged file must name itself, not fail as a bare codec error
             raise ArtifactDamaged(f"artifact {self.id}: cannot read table {table!r} ({parts}): {exc}") from exc
 
+    def folder(self, name: str) -> Path:
+        """A local folder holding the files written with `ArtifactWriter.folder_path(name)`."""
+        names = [f for f in self.manifest.get("files", {}) if f.startswith(f"{name}/")]
+        if not names:
+            raise ArtifactError(f"artifact {self.id} has no folder {name!r}")
+        paths = [self.file(f) for f in names]
+        return paths[0].parents[len(Path(names[0]).parts) - 2]
+
     def file(self, name: str) -> Path:
         """A local path to one of the artifact's files (checkpoint, index). From an object store it is
         downloaded once into the local cache and checked against the manifest's sha256."""
@@ -160,6 +168,7 @@ class ArtifactWriter:
     tables: dict[str, int] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    folders: set[str] = field(default_factory=set)
     _parts: dict[str, int] = field(default_factory=dict)
 
     def write_table(self, name: str, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
@@ -183,6 +192,14 @@ class ArtifactWriter:
         path = self.tmp_path / "files" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         self.files[name] = 0
+        return path
+
+    def folder_path(self, name: str) -> Path:
+        """A folder to write a model's files into (a library's `save_pretrained`); every file in it is
+        registered on commit as `name/<file>`, and `Artifact.folder(name)` gives it back."""
+        path = self.tmp_path / "files" / name
+        path.mkdir(parents=True, exist_ok=True)
+        self.folders.add(name)
         return path
 
 
@@ -390,6 +407,10 @@ class ArtifactStore:
         writer = ArtifactWriter(stage, key, tmp)
         try:
             yield writer
+            for folder in writer.folders:
+                base = tmp / "files"
+                inside = [p for p in (base / folder).rglob("*") if p.is_file()]
+                writer.files.update({p.relative_to(base).as_posix(): 0 for p in inside})
             for name in writer.files:
                 path = tmp / "files" / name
                 if not path.exists():

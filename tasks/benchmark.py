@@ -26,12 +26,26 @@ def _rows(dataset: str, method: str, values: dict[str, float]) -> list[dict]:
             for k, v in values.items()]
 
 
+def _reranker_values(metrics: pl.DataFrame, trained: Artifact) -> dict[str, float]:
+    """A reranker variant's row: its ranked list's metrics, its paired gain over the retriever's top-1 on
+    the same mentions, and its cost (training seconds; ms per mention, from scoring every val mention)."""
+    def of(method: str) -> dict[str, float]:
+        return dict(metrics.filter(pl.col("method") == method).select("metric", "value").iter_rows())
+
+    values = of("kgmel + reranker")
+    gain = of("kgmel + rerank")
+    stats = trained.manifest["stats"]
+    values.update(gain=gain["gain_vs_top1"], ci95=gain["gain_ci95"], train_s=float(stats["train_seconds"]),
+                  ms_per_mention=1000 * stats["val_scoring_seconds"] / max(1, stats["val_mentions_scored"]))
+    return values
+
+
 @task(name="benchmark", **STAGE_TASK)
 def benchmark(
     ctx: PipelineContext, dataset: str, variants: dict[str, tuple[Artifact, Artifact]], label_only: set[str]
 ) -> Artifact:
-    """`variants`: label -> (train, evaluate) artifacts; `label_only`: labels whose entity head text is
-    the label alone (their zero-shot baseline is reported separately)."""
+    """`variants`: label -> (train or train_reranker, evaluate) artifacts; `label_only`: labels whose
+    entity head text is the label alone (their zero-shot baseline is reported separately)."""
     inputs = {}
     for label, (train, evaluate) in variants.items():
         inputs[f"train:{label}"], inputs[f"evaluate:{label}"] = train, evaluate
@@ -48,6 +62,9 @@ def benchmark(
                     values = metrics.filter(pl.col("method") == method)
                     rows += _rows(dataset, shown, dict(values.select("metric", "value").iter_rows()))
                     zero_shot_done.add(shown)
+            if train.stage == "train_reranker":
+                rows += _rows(dataset, label, _reranker_values(metrics, train))
+                continue
             values = dict(metrics.filter(pl.col("method") == label).select("metric", "value").iter_rows())
             stats = train.manifest["stats"]
             values.update(
@@ -60,8 +77,11 @@ def benchmark(
             history.append(train.read("training_history").with_columns(variant=pl.lit(label)))
         table = pl.DataFrame(rows, schema=pl.Schema(schemas.BENCHMARK))
         writer.write_table("benchmark", table, schemas.BENCHMARK)
-        curves = pl.concat(history, how="diagonal_relaxed").with_columns(pl.col("val_hits1").fill_null(float("nan")))
-        training_curves(curves, writer.file_path("training_curves.png"), f"{dataset}: training (val on the whole KB)")
+        if history:  # retriever variants
+            curves = pl.concat(history, how="diagonal_relaxed")
+            curves = curves.with_columns(pl.col("val_hits1").fill_null(float("nan")))
+            training_curves(curves, writer.file_path("training_curves.png"),
+                            f"{dataset}: training (val on the whole KB)")
         ks = table.filter(pl.col("metric").is_in([f"hits@{k}" for k in HITS_AT]) & pl.col("value").is_not_nan())
         ks = ks.select("method", k=pl.col("metric").str.strip_prefix("hits@").cast(pl.Int64), hits="value")
         hits_at_k(ks, writer.file_path("hits_at_k.png"), f"{dataset}: val HITS@k by method")

@@ -39,7 +39,9 @@ def evaluate(
                 retrieve.read("fused_mentions"), ctx.store.input(retrieve, "index").read("fused_entities"),
             )
         if rerank is not None:
-            reranked = Reranked(rerank.read("predictions"), rerank.manifest["config"].get("margin_threshold") is None)
+            ranked = rerank.read("reranked") if "reranked" in rerank.tables else None
+            sent_all = rerank.manifest["config"].get("margin_threshold") is None
+            reranked = Reranked(rerank.read("predictions"), sent_all, ranked)
         result = evaluate_tables(features, mentions, label, served, reranked)
         writer.write_table("metrics", result.metrics, schemas.METRICS)
         if result.gate_curve is not None:

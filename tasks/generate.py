@@ -6,21 +6,21 @@ import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.config import GenerationConfig
+from kgmel_core.config import GenerationConfig, key_config
 from kgmel_core.data.scope import in_scope
 from kgmel_core.llm.client import LLMRequest
 from kgmel_core.llm.parsing import parse_generation
 from kgmel_core.llm.prompts import generation_messages
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-from tasks.llm_common import ask_llm, call_stats, calls_table, llm_key_config
+from tasks.llm_common import ask_llm, call_stats, calls_table
 
 
 @task(name="generate", **STAGE_TASK)
 def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -> Artifact:
     """Stage 1: triples about each mention from the sentence (and image, with a VLM)."""
     stage_config = {
-        "llm": llm_key_config(config.llm),
+        "llm": key_config(config.llm),
         "max_triples": config.max_triples,
         "scope": config.scope.model_dump(),
     }

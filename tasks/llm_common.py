@@ -15,13 +15,6 @@ from kgmel_core.llm.client import LLMRequest, LLMResult
 from tasks.common import PipelineContext
 from tasks.parallel import map_shards
 
-# Settings that change how calls are made, not what they answer: kept out of artifact keys.
-_RUNTIME_ONLY = {"timeout_s", "retries", "backoff_s", "concurrency", "max_stage_attempts"}
-
-
-def llm_key_config(config: LLMConfig) -> dict:
-    return config.model_dump(exclude=_RUNTIME_ONLY)
-
 
 def run_llm_batch(config: LLMConfig, stage: str, cache_dir: str, requests: list[LLMRequest]) -> list[LLMResult]:
     """One batch of calls to a remote provider with its own client (a Dask worker's share)."""

@@ -3,19 +3,28 @@ mention's generated ones, then let the LLM pick one candidate."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.config import RerankConfig
+from kgmel_core.config import RerankConfig, key_config
 from kgmel_core.data.scope import in_scope
+from kgmel_core.data.texts import HeadTexts
+from kgmel_core.factory import create_cross_encoder
 from kgmel_core.llm.client import LLMRequest
 from kgmel_core.rerank.candidates import candidate_lists
 from kgmel_core.rerank.filtering import TextVectors, filter_mentions
-from kgmel_core.rerank.gate import retrieval_margins
+from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion
+from kgmel_core.rerank.gate import is_sent, retrieval_margins
+from kgmel_core.rerank.learned import predictions_from_ranking, ranked_table
 from kgmel_core.rerank.llm_choice import llm_predictions, plan_llm_rerank
+from kgmel_core.retrieval.features import mention_heads
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
-from tasks.llm_common import ask_llm, call_stats, calls_table, llm_key_config
+from tasks.llm_common import ask_llm, call_stats, calls_table
+from tasks.reranker import check_pairing, known_val_scores, stage3_groups
 
 
 def _generated(generation: Artifact | None, table: str):
@@ -39,19 +48,26 @@ def filter_stage(
     """
     inputs = {"ingest": ingest, "generation": generation, "embed": embed, "retrieve": retrieve, "kb": kb}
     inputs["kb_embed"] = kb_embed
-    stage_config = config.model_dump(include={"filter_n", "max_triples_per_entity", "candidates", "use_filter"})
-    stage_config["scope"] = config.scope.model_dump()
+    stage_config = config.model_dump(include={"filter_n", "max_triples_per_entity", "candidates", "facts"})
+    # The learned reranker trains on the train split and is fused on val: it needs their facts too.
+    every_mention = config.method == "cross_encoder"
+    stage_config["scope"] = "every mention" if every_mention else config.scope.model_dump()
 
     def build(writer):
+        mentions = ingest.read("mentions")
+        if not every_mention:
+            mentions = in_scope(mentions, config.scope)
+        heads = HeadTexts.of(embed.manifest["config"])  # the context is the mention as the retriever embedded it
         result = filter_mentions(
-            in_scope(ingest.read("mentions"), config.scope)["mention_id"].to_list(),
+            mentions,
             candidate_lists(retrieve.read("candidates"), config.candidates),
             (kb or ingest).read("kb_triples"),
             _generated(generation, "mention_triples"),
             TextVectors([a.read("text_embeddings") for a in (embed, kb_embed) if a is not None]),
+            mention_heads(mentions, heads),
+            config.facts,
             config.filter_n,
             config.max_triples_per_entity,
-            config.use_filter,
         )
         writer.write_table("filtered_triples", result.kept, schemas.FILTERED_TRIPLES)
         writer.write_table("filter_counts", result.counts, schemas.FILTER_COUNTS)
@@ -59,7 +75,7 @@ def filter_stage(
             mentions=result.counts.height,
             triples_before=int(result.counts["triples_before"].sum()),
             triples_after=int(result.counts["triples_after"].sum()),
-            mentions_without_generated_triples=result.unfiltered,
+            mentions_ranked_by_context=result.by_context,
         )
 
     return run_stage(ctx, "filter", stage_config, inputs, build)
@@ -80,7 +96,7 @@ def rerank(
     top-1, and an unusable answer falls back to it (both counted)."""
     inputs = {"ingest": ingest, "generation": generation, "retrieve": retrieve, "filter": filtered, "kb": kb}
     stage_config = {
-        "llm": llm_key_config(config.llm),
+        "llm": key_config(config.llm),
         **config.model_dump(include={"candidates", "margin_threshold", "max_description_chars", "layout"}),
         "scope": config.scope.model_dump(),
     }
@@ -114,3 +130,56 @@ def rerank(
         logger().info("rerank: %s", writer.stats)
 
     return run_stage(ctx, "rerank", stage_config, inputs, build, max_attempts=config.llm.max_stage_attempts)
+
+
+@task(name="rerank", **STAGE_TASK)
+def rerank_learned(
+    ctx: PipelineContext,
+    config: RerankConfig,
+    ingest: Artifact,
+    generation: Artifact | None,
+    retrieve: Artifact,
+    filtered: Artifact,
+    reranker: Artifact,
+    kb: Artifact | None = None,
+) -> Artifact:
+    """Stage 3 with the learned reranker: every in-scope mention retrieval is unsure about (all of them
+    without a margin threshold) gets its candidates reranked by the fused score, a ranked list
+    (`reranked`) and its top as the prediction. Val mentions are ranked with their out-of-fold fusion,
+    so what `evaluate` reports on val was not fitted on the mention itself."""
+    check_pairing(ctx, reranker, retrieve)
+    inputs = {"ingest": ingest, "generation": generation, "retrieve": retrieve, "filter": filtered,
+              "train_reranker": reranker, "kb": kb}
+    stage_config = {"method": config.method, "margin_threshold": config.margin_threshold, "fusion": config.fusion,
+                    "scope": config.scope.model_dump()}
+
+    def build(writer):
+        mentions = ingest.read("mentions")
+        scoped = in_scope(mentions, config.scope)
+        served = retrieve.read("candidates")
+        margins = dict(retrieval_margins(served).iter_rows())
+        sent = {m for m in scoped["mention_id"].to_list() if is_sent(margins.get(m, math.inf), config.margin_threshold)}
+        groups, counts = stage3_groups(config, scoped, kb or ingest, retrieve, filtered, generation)
+        known, folds = known_val_scores(ctx, reranker, retrieve, filtered)
+        todo = [g for g in groups if g.mention_id in sent and g.mention_id not in known]
+        model = create_cross_encoder(config.cross_encoder, trained=reranker.folder("reranker"))
+        fresh = dict(zip([g.mention_id for g in todo], model.score(todo, config.cross_encoder.batch_pairs,
+                                                                   progress=True), strict=True))
+        scores = [None if g.mention_id not in sent else fresh.get(g.mention_id)
+                  if g.mention_id in fresh else np.array([known[g.mention_id][q] for q in g.qids], np.float32)
+                  for g in groups]
+        overall = Fusion(**reranker.manifest["stats"]["fusion"])
+        fusions = [RERANKER_ONLY if config.fusion == "none" else folds.get(g.mention_id, overall) for g in groups]
+        ranked = ranked_table(groups, scores, fusions)
+        predictions, outcomes = predictions_from_ranking(
+            mentions["mention_id"].to_list(), set(scoped["mention_id"].to_list()), sent, ranked,
+            candidate_lists(served, config.candidates), margins,
+        )
+        writer.write_table("reranked", ranked, schemas.RERANKED)
+        writer.write_table("predictions", predictions, schemas.PREDICTIONS)
+        writer.stats.update(outcomes=outcomes, mentions=mentions.height, in_scope=scoped.height, sent=len(sent),
+                            scored_now=len(todo), scores_reused=sum(g.mention_id in known for g in groups),
+                            margin_threshold=config.margin_threshold, inputs=counts.as_stats())
+        logger().info("rerank: %s", writer.stats)
+
+    return run_stage(ctx, "rerank", stage_config, inputs, build)

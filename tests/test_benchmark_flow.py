@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 from conftest import small_config
 
-from flows.benchmark import VARIANTS, applicable, benchmark
+from flows.benchmark import benchmark
+from kgmel_core.variants import VARIANTS, missing
 from storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,8 @@ def test_benchmark_writes_a_table_and_plots_and_reuses_shared_stages(prefect_har
 
 def test_variants_that_would_repeat_another_are_skipped_with_a_reason():
     no_triples = VARIANTS["kgmel w/o triples"]
-    assert "no triples" in applicable("kgmel w/o triples", no_triples, has_triples=False, has_descriptions=True)
-    assert applicable("kgmel w/o triples", no_triples, has_triples=True, has_descriptions=True) is None
+    assert "no triples" in missing(no_triples, {"descriptions"})
+    assert missing(no_triples, {"triples", "descriptions"}) is None
     label_only = VARIANTS["kgmel, label-only entities"]
-    assert "no descriptions" in applicable("x", label_only, has_triples=True, has_descriptions=False)
+    assert "no descriptions" in missing(label_only, {"triples"})
+    assert "no triples" in missing(VARIANTS["kgmel + reranker w/o KB facts"], {"descriptions"})

@@ -26,7 +26,7 @@ def test_twenty_percent_failures_lose_no_mention_and_a_rerun_recalls_only_the_fa
         small_demo,
         tmp_path / "artifacts",
         generation={"enabled": True, "llm": LLM},
-        rerank={"enabled": True, "llm": LLM, "candidates": 4, "filter_n": 2, "margin_threshold": None},
+        rerank={"enabled": True, "method": "llm", "llm": LLM, "candidates": 4, "filter_n": 2, "margin_threshold": None},
     )
     result = full_pipeline(config)
     mentions = _read(result, "ingest", "mentions")

@@ -37,7 +37,7 @@ def linked(prefect_harness, small_demo, tmp_path_factory):
         "training": {"epochs": 3, "batch_size": 32},
         "index": {"top_k": 8},
         "generation": {"llm": LLM, "scope": {"splits": ["test"], "max_mentions": 5}},
-        "rerank": {"llm": LLM, "candidates": 4, "filter_n": 2, "margin_threshold": None,
+        "rerank": {"method": "llm", "llm": LLM, "candidates": 4, "filter_n": 2, "margin_threshold": None,
                    "scope": {"splits": ["test"], "max_mentions": 5}},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))

@@ -63,19 +63,27 @@ def _vectors(named: dict[str, list[float]]) -> TextVectors:
     return TextVectors([table, table])  # a string in two tables counts once
 
 
-def test_filter_mentions_keeps_matching_triples_and_counts_mentions_without_generated_ones():
+def test_filter_mentions_keeps_matching_triples_and_ranks_the_rest_by_their_context():
     kb = pl.DataFrame({"head_qid": ["Q1", "Q1", "Q2"], "relation": ["occupation", "sex", "occupation"],
                        "tail": ["actor", "male", "painter"]})
     generated = pl.DataFrame({"mention_id": ["m1"], "relation": ["occupation"], "tail": ["actor"]})
-    vectors = _vectors({"occupation": [1, 0], "sex": [0, 1], "actor": [1, 0], "male": [0, 1], "painter": [0.6, 0.8]})
-    result = filter_mentions(["m1", "m3"], {"m1": ["Q1", "Q2"], "m3": ["Q2"]}, kb, generated, vectors, n=1,
-                             max_per_entity=5)
-    # m1: relations top 2 of {occupation, sex}: both; tails top 1: actor -> only (Q1, occupation, actor)
-    assert result.kept.rows() == [("m1", "Q1", "occupation", "actor"), ("m3", "Q2", "occupation", "painter")]
-    assert result.counts.rows() == [("m1", 3, 1), ("m3", 1, 1)]
-    assert result.unfiltered == 1  # m3 has no generated triples: its first triples are kept
-    off = filter_mentions(["m1"], {"m1": ["Q1", "Q2"]}, kb, generated, vectors, 1, 1, use_filter=False)
-    assert off.kept.rows() == [("m1", "Q1", "occupation", "actor"), ("m1", "Q2", "occupation", "painter")]
+    vectors = _vectors({"occupation": [1, 0], "sex": [0, 1], "actor": [1, 0], "male": [0, 1], "painter": [0.6, 0.8],
+                        "x: about painting": [0, 1]})
+    mentions = pl.DataFrame({"mention_id": ["m1", "m3"]})
+    contexts = ["unused", "x: about painting"]
+    candidates = {"m1": ["Q1", "Q2"], "m3": ["Q2", "Q1"]}
+    result = filter_mentions(mentions, candidates, kb, generated, vectors, contexts, "filtered", n=1, max_per_entity=5)
+    # m1: relations top 2 of {occupation, sex}: both; tails top 1: actor -> only (Q1, occupation, actor).
+    # m3 has no generated triples: each candidate's n=1 fact most like its context (0,1): Q2's only one; for Q1
+    # sex+male (0+1 + 0+1 = 2) beats occupation+actor (0 + 0)
+    assert result.kept.rows() == [("m1", "Q1", "occupation", "actor"), ("m3", "Q2", "occupation", "painter"),
+                                  ("m3", "Q1", "sex", "male")]
+    assert result.counts.rows() == [("m1", 3, 1), ("m3", 3, 2)]
+    assert result.by_context == 1
+    first = filter_mentions(mentions[:1], candidates, kb, generated, vectors, contexts[:1], "first", 1, 1)
+    assert first.kept.rows() == [("m1", "Q1", "occupation", "actor"), ("m1", "Q2", "occupation", "painter")]
+    none = filter_mentions(mentions, candidates, kb, generated, vectors, contexts, "none", 1, 5)
+    assert none.kept.height == 0 and none.counts["triples_before"].to_list() == [3, 3]
 
 
 def test_llm_plan_sends_only_unsure_in_scope_mentions_and_predictions_count_every_outcome():

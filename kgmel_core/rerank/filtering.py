@@ -60,13 +60,18 @@ def filter_triples(
         relations = _top([t.relation_text for t in triples], mention_relations, vectors, 2 * n)
         tails = _top([t.tail_text for t in triples], mention_tails, vectors, n)
         triples = [t for t in triples if t.relation_text in relations and t.tail_text in tails]
+    return cap_per_entity(triples, max_per_entity), applied
+
+
+def cap_per_entity(triples: Sequence[Triple], k: int) -> list[Triple]:
+    """The first `k` triples of each entity, in input order."""
     per_entity: dict[str, int] = defaultdict(int)
     kept = []
     for triple in triples:
-        if per_entity[triple.qid] < max_per_entity:
+        if per_entity[triple.qid] < k:
             per_entity[triple.qid] += 1
             kept.append(triple)
-    return kept, applied
+    return kept
 
 
 class TextVectors(Mapping[str, np.ndarray]):
@@ -88,25 +93,45 @@ class TextVectors(Mapping[str, np.ndarray]):
         return len(self._row)
 
 
+def rank_by_context(triples: Sequence[Triple], context: np.ndarray, vectors: Mapping[str, np.ndarray],
+                    n: int) -> list[Triple]:
+    """Each candidate's `n` triples most similar to the mention's context (its sentence, embedded as the
+    retriever's head text), best first: a filter that needs no generated triples. A triple's score is
+    the cosine of its relation plus that of its tail, so "occupation: actor" wins for a sentence about
+    a stage production whichever entity it belongs to."""
+    scored: dict[str, list[tuple[float, int, Triple]]] = defaultdict(list)
+    for position, triple in enumerate(triples):
+        score = float(vectors[triple.relation_text] @ context + vectors[triple.tail_text] @ context)
+        scored[triple.qid].append((-score, position, triple))
+    return [t for qid in dict.fromkeys(t.qid for t in triples) for _, _, t in sorted(scored[qid])[:n]]
+
+
 @dataclass
 class FilterResult:
     kept: pl.DataFrame  # FILTERED_TRIPLES
     counts: pl.DataFrame  # FILTER_COUNTS
-    unfiltered: int  # mentions without generated triples: their candidates' first triples were kept
+    by_context: int  # mentions whose facts were ranked by their sentence (no generated triples to compare)
 
 
 def filter_mentions(
-    mention_ids: Sequence[str],
+    mentions: pl.DataFrame,
     candidates: Mapping[str, Sequence[str]],
     kb_triples: pl.DataFrame,
     mention_triples: pl.DataFrame | None,
     vectors: Mapping[str, np.ndarray],
+    context_texts: Sequence[str],
+    facts: str,
     n: int,
     max_per_entity: int,
-    use_filter: bool = True,
 ) -> FilterResult:
-    """`filter_triples` for each mention over the KB triples of its candidates, against its generated
-    triples (`mention_triples`, None: stage 1 did not run)."""
+    """The facts stage 3 shows of each mention's candidates (`facts`):
+    - `filtered`: KGMEL's filter against the mention's generated triples; a mention without any is
+      ranked by its context instead (counted);
+    - `context`: each candidate's `n` triples most similar to the mention's context;
+    - `first`: each candidate's first triples, as the KB lists them;
+    - `none`: no facts.
+    Every mode keeps at most `max_per_entity` per candidate. `context_texts`: the embedded context string
+    of each mention (row-aligned with `mentions`)."""
     by_entity: dict[str, list[Triple]] = {}
     for row in triple_texts(kb_triples).iter_rows(named=True):
         by_entity.setdefault(row["head_qid"], []).append(
@@ -116,16 +141,23 @@ def filter_mentions(
         mention_triples = pl.DataFrame(schema={"mention_id": pl.String, "relation": pl.String, "tail": pl.String})
     generated = triple_texts(mention_triples).group_by("mention_id").agg("relation_text", "tail_text")
     per_mention = {m: (r, t) for m, r, t in generated.iter_rows()}
-    kept_rows, counts, unfiltered = [], [], 0
-    for mention_id in mention_ids:
+    kept_rows, counts, by_context = [], [], 0
+    for mention_id, context in zip(mentions["mention_id"].to_list(), context_texts, strict=True):
         pool = [t for qid in candidates.get(mention_id, []) for t in by_entity.get(qid, [])]
-        relations, tails = per_mention.get(mention_id, ([], [])) if use_filter else ([], [])
-        kept, applied = filter_triples(pool, relations, tails, vectors, n, max_per_entity)
-        unfiltered += not applied
+        before = len(pool)
+        relations, tails = per_mention.get(mention_id, ([], []))
+        if facts == "none":
+            pool = []
+        elif facts == "context" or (facts == "filtered" and not relations):
+            pool = rank_by_context(pool, vectors[context], vectors, n)
+            by_context += facts == "filtered"
+        elif facts == "filtered":
+            pool, _ = filter_triples(pool, relations, tails, vectors, n, len(pool))
+        kept = cap_per_entity(pool, max_per_entity)
         kept_rows += [{"mention_id": mention_id, "qid": t.qid, "relation": t.relation, "tail": t.tail} for t in kept]
-        counts.append({"mention_id": mention_id, "triples_before": len(pool), "triples_after": len(kept)})
+        counts.append({"mention_id": mention_id, "triples_before": before, "triples_after": len(kept)})
     return FilterResult(
         pl.DataFrame(kept_rows, schema=pl.Schema(schemas.FILTERED_TRIPLES)),
         pl.DataFrame(counts, schema=pl.Schema(schemas.FILTER_COUNTS)),
-        unfiltered,
+        by_context,
     )

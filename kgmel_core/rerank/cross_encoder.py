@@ -1,0 +1,220 @@
+"""The learned reranker: a cross-encoder that reads a mention and one candidate together.
+
+The retriever embeds each side alone, so two people called "John Smith" stay close whatever the
+sentence says about one of them; a cross-encoder attends across both texts at once (BLINK's
+bi-encoder -> cross-encoder). It starts from a packaged sentence encoder (MiniLM, or mpnet) with a
+fresh linear head on the [CLS] position, one score per (mention, candidate) pair, and is fine-tuned
+on the train split with a listwise softmax over the gold entity and the retriever's own top-ranked
+wrong candidates: the negatives it will face when serving.
+
+Both texts are short by design: the cost is quadratic in their length and paid K times per mention.
+The mention is its sentence with the mention marked in place; a candidate is its label, a cut
+description and the KB facts stage 3's filter kept for this mention.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kgmel_core.config import CrossEncoderConfig
+from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
+from kgmel_core.retrieval.torch_compat import import_torchvision
+
+
+@dataclass
+class RerankGroup:
+    """One mention and its candidates, in retrieval order: what the reranker scores together."""
+
+    mention_id: str
+    mention_text: str
+    qids: list[str]
+    candidate_texts: list[str]
+    retrieval_scores: np.ndarray  # float32 [K]
+    gold: int | None = None  # position of the gold entity among the candidates; None: absent or unknown
+
+
+@dataclass
+class MentionText:
+    text: str
+    truncated: bool  # the sentence was cut to the character limit (counted by the caller)
+
+
+def mention_input(mention: str, sentence: str, max_chars: int, description: str | None = None,
+                  facts: Sequence[tuple[str, str]] = ()) -> MentionText:
+    """The sentence with the mention marked where it occurs (`... [ Jordan ] scored ...`), else the
+    mention before it; stage 1's description and triples after it when it ran. Sentences longer
+    than `max_chars` keep a window around the mention."""
+    at = sentence.find(mention) if mention else -1
+    truncated = len(sentence) > max_chars
+    if truncated:
+        start = max(0, min(at if at >= 0 else 0, len(sentence) - max_chars) - max_chars // 2)
+        sentence, at = sentence[start : start + max_chars], (at - start if at >= 0 else -1)
+        at = at if at >= 0 and at + len(mention) <= len(sentence) else -1
+    text = f"{sentence[:at]}[ {mention} ]{sentence[at + len(mention):]}" if at >= 0 else f"{mention} ; {sentence}"
+    if description:
+        text += f" ; {description}"
+    if facts:
+        text += " ; " + "; ".join(f"{relation}: {tail}" for relation, tail in facts)
+    return MentionText(text, truncated)
+
+
+def candidate_input(label: str, description: str | None, facts: Sequence[tuple[str, str]],
+                    max_description_chars: int) -> str:
+    """`label ; description ; relation: tail; ...` with the description cut at a word boundary."""
+    parts = [label]
+    if description:
+        cut = description if len(description) <= max_description_chars else (
+            description[:max_description_chars].rsplit(" ", 1)[0]
+        )
+        parts.append(cut)
+    if facts:
+        parts.append("; ".join(f"{relation}: {tail}" for relation, tail in facts))
+    return " ; ".join(parts)
+
+
+class CrossEncoder:
+    """A transformers sequence-classification model with one output, and its tokenizer."""
+
+    def __init__(self, path: str | os.PathLike[str], max_length: int, device: str = "auto",
+                 precision: str = "auto"):
+        import_torchvision()  # transformers imports torchvision when it is installed
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # a fresh head's "newly initialized" report is expected, not news
+        self.device = resolve_device(device)
+        self.precision = resolved_precision(precision, self.device)
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).to(self.device)
+
+    def _logits(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        with autocast(self.precision, self.device):
+            return self.model(**batch).logits.squeeze(-1).float()
+
+    @torch.inference_mode()
+    def score(self, groups: Sequence[RerankGroup], batch_pairs: int = 128, progress: bool = False) -> list[np.ndarray]:
+        """One score per candidate of every group. Pairs are batched across groups in order of
+        length, so a batch pads to similar lengths."""
+        self.model.eval()
+        pairs = [(g, i) for g, group in enumerate(groups) for i in range(len(group.qids))]
+        order = sorted(range(len(pairs)), key=lambda p: len(groups[pairs[p][0]].mention_text)
+                       + len(groups[pairs[p][0]].candidate_texts[pairs[p][1]]))
+        flat = np.zeros(len(pairs), np.float32)
+        steps = range(0, len(order), batch_pairs)
+        for start in tqdm(steps, desc="rerank", unit="batch", disable=not progress or len(steps) < 2):
+            chunk = order[start : start + batch_pairs]
+            firsts = [groups[pairs[p][0]].mention_text for p in chunk]
+            seconds = [groups[pairs[p][0]].candidate_texts[pairs[p][1]] for p in chunk]
+            flat[chunk] = self._logits(firsts, seconds).cpu().numpy()
+        out, at = [], 0
+        for group in groups:
+            out.append(flat[at : at + len(group.qids)])
+            at += len(group.qids)
+        return out
+
+    def listwise_loss(self, groups: Sequence[RerankGroup], negatives: int) -> torch.Tensor:
+        """Softmax cross-entropy of each group's gold against its first `negatives` wrong candidates
+        (the retriever's best-ranked mistakes), averaged over the groups."""
+        firsts, seconds, sizes = [], [], []
+        for group in groups:
+            keep = [group.gold] + [i for i in range(len(group.qids)) if i != group.gold][:negatives]
+            firsts += [group.mention_text] * len(keep)
+            seconds += [group.candidate_texts[i] for i in keep]
+            sizes.append(len(keep))
+        logits = self._logits(firsts, seconds)
+        losses = [torch.logsumexp(part, 0) - part[0] for part in torch.split(logits, sizes)]
+        return torch.stack(losses).mean()
+
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """transformers' own layout (`save_pretrained`): the folder loads back with `CrossEncoder(folder, ...)`."""
+        self.model.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+
+
+@dataclass
+class RerankerTrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per validation
+    best_step: int = 0
+    best_val_hits1: float = float("nan")
+    steps: int = 0
+    train_groups: int = 0
+    seconds: float = 0.0
+    precision: str = "fp32"
+
+
+def train_cross_encoder(
+    model: CrossEncoder,
+    train: Sequence[RerankGroup],
+    val: Sequence[RerankGroup],
+    config: CrossEncoderConfig,
+    validate: Callable[[list[np.ndarray]], float],
+    checkpoint: Path,
+) -> RerankerTrainResult:
+    """Fine-tune on `train` (groups whose gold is among the candidates), `config.epochs` passes over a
+    seeded sample of `config.train_mentions` groups, AdamW with linear warm-up and decay. Every
+    `validate_every` steps the model scores `val` and `validate(scores)` says how good that is (the
+    fused HITS@1 the stage will serve); the best model is kept in `checkpoint`, and training stops
+    after `patience` validations without improvement."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    usable = [g for g in train if g.gold is not None and len(g.qids) > 1]
+    if not usable:
+        raise ValueError("no training mention has its gold entity among its candidates: nothing to learn from")
+    sample = rng.sample(usable, min(config.train_mentions, len(usable)))
+    steps_per_epoch = math.ceil(len(sample) / config.batch_mentions)
+    total = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.model.parameters(), lr=config.lr, weight_decay=0.01)
+    warmup = max(1, total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    result = RerankerTrainResult(steps=0, train_groups=len(sample), precision=model.precision)
+    started, stale, losses = time.perf_counter(), 0, []
+    bar = tqdm(total=total, desc="train reranker", unit="step")
+    for epoch in range(config.epochs):
+        order = list(sample)
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_mentions):
+            model.model.train()
+            loss = model.listwise_loss(order[start : start + config.batch_mentions], config.negatives)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            result.steps += 1
+            bar.update()
+            last = result.steps == total
+            if result.steps % config.validate_every and not last:
+                continue
+            quality = validate(model.score(val, config.batch_pairs))
+            row = {"step": result.steps, "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                   "val_hits1": quality, "seconds": time.perf_counter() - started}
+            losses = []
+            result.history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_h1=f"{quality:.2f}")
+            if not result.best_step or quality > result.best_val_hits1:
+                result.best_step, result.best_val_hits1, stale = result.steps, quality, 0
+                model.save(checkpoint)
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        if stale >= config.patience:
+            break
+    bar.close()
+    result.seconds = time.perf_counter() - started
+    return result

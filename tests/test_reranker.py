@@ -1,0 +1,112 @@
+"""The learned reranker's pure parts: what it reads (mention and candidate texts, groups and their
+counts), the fusion against a hand computation, the ranked list and predictions."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from kgmel_core.config import CrossEncoderConfig
+from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mention_input
+from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
+from kgmel_core.rerank.groups import build_groups
+from kgmel_core.rerank.learned import fused_hits1, predictions_from_ranking, ranked_table
+
+
+def test_mention_input_marks_the_mention_in_place_or_puts_it_first():
+    assert mention_input("Jordan", "Michael Jordan scored", 400).text == "Michael [ Jordan ] scored"
+    assert mention_input("Hermann Beckerath", "Hermann von Beckerath sang", 400).text == (
+        "Hermann Beckerath ; Hermann von Beckerath sang")
+    described = mention_input("Jordan", "Jordan scored", 400, "a basketball player", [("sport", "basketball")])
+    assert described.text == "[ Jordan ] scored ; a basketball player ; sport: basketball"
+
+
+def test_a_long_sentence_keeps_a_window_around_the_mention_and_says_it_was_cut():
+    sentence = "x" * 3000 + " Obama spoke " + "y" * 2000
+    cut = mention_input("Obama", sentence, 100)
+    assert cut.truncated and "[ Obama ]" in cut.text and len(cut.text) <= 104
+    assert not mention_input("Obama", "Obama spoke", 100).truncated
+
+
+def test_candidate_input_cuts_the_description_at_a_word_and_lists_facts():
+    text = candidate_input("Ralph Meeker", "American actor of stage and screen", [("occupation", "actor")], 20)
+    assert text == "Ralph Meeker ; American actor of ; occupation: actor"
+    assert candidate_input("Iran", None, [], 20) == "Iran"
+
+
+def _groups_inputs():
+    mentions = pl.DataFrame({"mention_id": ["m1", "m2", "m3"], "mention": ["Jordan", "Iran", "Nobody"],
+                             "sentence": ["Jordan scored", "Iran voted", "Nobody came"], "split": ["val"] * 3,
+                             "gold_qid": ["Q2", "Q9", None]})
+    candidates = pl.DataFrame({"mention_id": ["m1", "m1", "m1", "m2"], "rank": [2, 1, 3, 1],
+                               "qid": ["Q2", "Q1", "Q3", "Q5"], "score": [0.8, 0.9, 0.1, 0.7]})
+    entities = pl.DataFrame({"qid": ["Q1", "Q2", "Q3", "Q5"], "label": ["Jordan", "Michael Jordan", "Jordan River",
+                                                                          "Iran"],
+                             "description": ["country", "basketball player", None, None]})
+    filtered = pl.DataFrame({"mention_id": ["m1"], "qid": ["Q2"], "relation": ["sport"], "tail": ["basketball"]})
+    return mentions, candidates, entities, filtered
+
+
+def test_groups_follow_retrieval_order_mark_gold_and_count_what_is_missing():
+    mentions, candidates, entities, filtered = _groups_inputs()
+    groups, counts = build_groups(mentions, candidates, entities, filtered, CrossEncoderConfig(), k=2)
+    assert [g.mention_id for g in groups] == ["m1", "m2"]
+    first = groups[0]
+    assert first.qids == ["Q1", "Q2"] and first.gold == 1  # rank 3 is cut at k=2
+    assert first.candidate_texts == ["Jordan ; country", "Michael Jordan ; basketball player ; sport: basketball"]
+    assert first.mention_text == "[ Jordan ] scored" and first.retrieval_scores.tolist() == pytest.approx([0.9, 0.8])
+    assert groups[1].gold is None  # Q9 was not retrieved
+    assert counts.without_candidates == 1 and counts.gold_not_retrieved == {"val": 1}
+    assert counts.candidates_without_description == 1 and counts.candidates_without_facts == 2
+
+
+def test_fusion_fit_matches_a_hand_computed_optimum():
+    # Two lists where only the reranker separates gold: the likelihood keeps growing with its weight (held
+    # by the L2 term) and gives the retriever, which points the wrong way, a negative weight.
+    reranker = [np.array([0.0, 1.0]), np.array([1.0, 0.0])]
+    retrieval = [np.array([0.9, 0.8]), np.array([0.8, 0.9])]
+    fusion = fit_fusion(reranker, retrieval, [1, 0])
+    assert fusion.reranker > 0 and fusion.retrieval < 0
+    # The fitted weights maximise the penalised likelihood: a small step either way does not improve it.
+    def objective(a, b):
+        z = [a * c + b * r for c, r in zip(reranker, retrieval, strict=True)]
+        loss = -np.mean([zi[g] - np.log(np.exp(zi).sum()) for zi, g in zip(z, [1, 0], strict=True)])
+        scale_c, scale_r = np.std(np.concatenate(reranker)), np.std(np.concatenate(retrieval))
+        return loss + 1e-3 * ((a * scale_c) ** 2 + (b * scale_r) ** 2)
+    best = objective(fusion.reranker, fusion.retrieval)
+    for da, db in ((1e-2, 0), (-1e-2, 0), (0, 1e-2), (0, -1e-2)):
+        assert objective(fusion.reranker + da, fusion.retrieval + db) >= best - 1e-6
+    assert Fusion(2.0, 10.0).apply(np.array([1.0, 0.0]), np.array([0.5, 0.7])).tolist() == [7.0, 7.0]
+
+
+def test_fusion_without_any_gold_is_the_reranker_alone_and_folds_are_stable():
+    assert fit_fusion([np.array([1.0, 2.0])], [np.array([0.3, 0.2])], [None]) == RERANKER_ONLY
+    ids = [f"m{i}" for i in range(40)]
+    assert [fold_of(m) for m in ids] == [fold_of(m) for m in ids] and {fold_of(m) for m in ids} == {0, 1}
+    rng = np.random.default_rng(0)
+    reranker = [rng.normal(size=4) for _ in ids]
+    retrieval = [rng.normal(size=4) for _ in ids]
+    gold = [int(np.argmax(c)) for c in reranker]
+    folds = out_of_fold(ids, reranker, retrieval, gold)
+    other = [i for i, m in enumerate(ids) if fold_of(m) == 1]
+    expected = fit_fusion([reranker[i] for i in other], [retrieval[i] for i in other], [gold[i] for i in other])
+    assert folds[ids.index(next(m for m in ids if fold_of(m) == 0))] == expected
+
+
+def test_ranked_table_orders_by_fused_score_and_keeps_retrieval_order_when_not_scored():
+    groups = [RerankGroup("m1", "t", ["Q1", "Q2", "Q3"], ["a", "b", "c"], np.array([0.9, 0.8, 0.1], np.float32), 1),
+              RerankGroup("m2", "t", ["Q5", "Q6"], ["a", "b"], np.array([0.7, 0.6], np.float32), 0)]
+    table = ranked_table(groups, [np.array([0.0, 2.0, 2.0], np.float32), None], [Fusion(1.0, 1.0)] * 2)
+    assert table.filter(pl.col("mention_id") == "m1")["qid"].to_list() == ["Q2", "Q3", "Q1"]
+    assert table.filter(pl.col("mention_id") == "m2")["qid"].to_list() == ["Q5", "Q6"]
+    assert table.filter(pl.col("mention_id") == "m2")["score"].null_count() == 2
+    assert fused_hits1(groups[:1], [np.array([0.0, 2.0, 2.0])], Fusion(1.0, 1.0)) == 100.0
+    assert fused_hits1(groups[:1], [np.array([0.0, 2.0, 2.0])], RERANKER_ONLY) == 100.0  # tie: first wins (Q2)
+    predictions, outcomes = predictions_from_ranking(["m1", "m2", "m3", "m4"], {"m1", "m2", "m4"}, {"m1", "m4"},
+                                                     table, {"m1": ["Q1"], "m2": ["Q5"]}, {"m1": 0.1})
+    assert predictions.select("qid", "source", "reason").rows() == [
+        ("Q2", "reranker", None), ("Q5", "retrieval", "confident"), (None, "fallback", "out_of_scope"),
+        (None, "fallback", "no_candidates")]
+    assert outcomes == {"reranker": 1, "confident": 1, "out_of_scope": 1, "no_candidates": 1}
+    assert math.isnan(fused_hits1([], [], RERANKER_ONLY))

@@ -1,0 +1,82 @@
+"""The learned reranker in the real flows, on the small demo dataset: trained and fused by full-pipeline,
+registered with its retriever, served by `link`, and never paired with another retriever's candidates."""
+
+import polars as pl
+import pytest
+from conftest import small_config
+
+from flows.pipeline import full_pipeline, link
+from storage import ArtifactStore
+from tasks import rerank as rerank_tasks
+from tasks.common import PipelineContext
+from tasks.reranker import RerankerMismatch
+
+pytestmark = pytest.mark.slow
+SMALL_RERANKER = {"rerank": {"enabled": True, "method": "cross_encoder", "candidates": 4, "facts": "context",
+                             "filter_n": 3, "cross_encoder": {"train_mentions": 48, "val_mentions": 16,
+                                                              "validate_every": 3, "max_length": 48}}}
+
+
+def _artifact(store, ids, label):
+    return store.require(*ids[label].split("/"))
+
+
+@pytest.fixture(scope="module")
+def served(prefect_harness, small_demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reranked")
+    config = small_config(small_demo, root, **SMALL_RERANKER)
+    return config, full_pipeline(config)
+
+
+def test_full_pipeline_trains_fuses_and_ranks_every_mention(served):
+    config, result = served
+    assert list(result["artifacts"])[-4:] == ["filter", "train_reranker", "rerank", "evaluate"]
+    store = ArtifactStore(config.artifacts)
+    ids = result["artifacts"]
+    mentions = _artifact(store, ids, "ingest").read("mentions")
+    ranked = _artifact(store, ids, "rerank").read("reranked")
+    assert ranked.group_by("mention_id").len()["len"].unique().to_list() == [4]
+    assert ranked["mention_id"].n_unique() == mentions.height  # no margin threshold: every mention reranked
+    predictions = _artifact(store, ids, "rerank").read("predictions")
+    assert set(predictions["source"]) == {"reranker"}
+    trained = _artifact(store, ids, "train_reranker")
+    assert {"config.json", "model.safetensors"} <= {f.split("/")[-1] for f in trained.manifest["files"]}
+    assert set(trained.manifest["stats"]["fusion"]) == {"reranker", "retrieval"}
+    val_ids = set(mentions.filter(pl.col("split") == "val")["mention_id"])
+    assert set(trained.read("reranker_folds")["mention_id"]) == val_ids  # out-of-fold fusion for each val mention
+    metrics = _artifact(store, ids, "evaluate").read("metrics")
+    assert {"kgmel + reranker", "kgmel + rerank", "kgmel top-1 (same mentions)"} <= set(metrics["method"])
+    version = store.models.require(config.model).serving
+    assert version.reranker == trained.key
+
+
+def test_link_serves_the_promoted_versions_reranker(served, prefect_harness, small_demo):
+    config, result = served
+    records = [{"id": "n1", "sentence": "A portrait of someone.", "mention": ["someone"]}]
+    linked = link(config, mentions=records)
+    store = ArtifactStore(config.artifacts)
+    reranked = _artifact(store, linked["artifacts"], "rerank")
+    assert store.input(reranked, "train_reranker").key == store.models.require(config.model).serving.reranker
+    assert linked["predictions"]["source"].to_list() == ["reranker"]
+
+
+def test_a_reranker_is_never_paired_with_another_retrievers_candidates(served, prefect_harness, small_demo):
+    config, result = served
+    other = small_config(small_demo, config.artifacts, **SMALL_RERANKER, training={"epochs": 4, "batch_size": 32,
+                                                                                    "patience": 2, "seed": 1})
+    newer = full_pipeline(other)  # v2: another retriever with its own reranker; v1 stays served
+    store = ArtifactStore(config.artifacts)
+    state = store.models.require(config.model)
+    assert [v.number for v in state.versions] == [1, 2] and state.served == 1
+    assert state.version(2).reranker != state.version(1).reranker
+    old_reranker = store.require("train_reranker", state.version(1).reranker)
+    ids = newer["artifacts"]
+    ctx = PipelineContext(store, run_log=None)
+    with pytest.raises(RerankerMismatch, match="trained on the candidates of retriever"):
+        rerank_tasks.rerank_learned.fn(ctx, other.rerank, _artifact(store, ids, "ingest"), None,
+                                       _artifact(store, ids, "retrieve"), _artifact(store, ids, "filter"),
+                                       old_reranker)
+    store.models.promote(config.model, 2)
+    linked = link(config, mentions=[{"id": "n2", "sentence": "Someone else.", "mention": ["someone"]}])
+    reranked = _artifact(store, linked["artifacts"], "rerank")
+    assert store.input(reranked, "train_reranker").key == state.version(2).reranker
