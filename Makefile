@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
 EXTRAS ?= cpu,dev,llm-local,scale
 
-.PHONY: install models mpnet demo ablations benchmark test lint serve stop bench clean
+.PHONY: install models mpnet demo ablations benchmark test test-fast lint serve stop bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ benchmark: install  ## WikiMEL, RichpediaMEL, WikiDiverse from ../shared/data: v
 test: install  ## lint + the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: install  ## lint + the tests not marked slow (pure functions; no flows, servers or models)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -142,6 +142,10 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
             reranked = stages["rerank"] = rerank_tasks.rerank_learned(
                 ctx, config.rerank, ingested, generation, chain["retrieve"], filtered, reranker
             )
+        elif config.rerank.method == "api":
+            reranked = stages["rerank"] = rerank_tasks.rerank_hosted(
+                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
+            )
         else:
             reranked = stages["rerank"] = rerank_tasks.rerank(
                 ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
@@ -279,6 +283,10 @@ def link(
                                  "set rerank.method=llm, rerank.enabled=false, or serve a version trained with one")
             reranked = stages["rerank"] = rerank_tasks.rerank_learned(
                 ctx, config.rerank, ingested, generation, candidates, filtered, reranker, kb=kb
+            )
+        elif config.rerank.method == "api":
+            reranked = stages["rerank"] = rerank_tasks.rerank_hosted(
+                ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
             )
         else:
             reranked = stages["rerank"] = rerank_tasks.rerank(

@@ -133,8 +133,8 @@ class TrainingConfig(_Section):
     device: str = "auto"
     # Training steps under bf16 autocast (fp32 weights and optimizer; validation, encoding and the index
     # stay fp32). auto: bf16 where the hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32.
-    # fp32 by default (the same config gives the same model on every machine); the benchmark configs use auto:
-    # no val HITS@1 of the three benchmarks moved by more than 0.25 points (README).
+    # fp32 by default, so the same config gives the same model on every machine; the benchmark configs use
+    # auto (its effect on quality: docs/results.md).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 
@@ -208,12 +208,25 @@ class CrossEncoderConfig(_Section):
     batch_pairs: int = runtime(128, ge=1)  # pairs scored at a time
 
 
+class RerankAPIConfig(_Section):
+    """A hosted reranker (`rerank.method: api`) through LiteLLM's rerank API: `cohere/<model>` with
+    `api_base` for any server that speaks Cohere's /v1/rerank (infinity, TEI-style), `jina_ai/…`, `voyage/…`."""
+
+    model: str = "cohere/rerank-v3.5"
+    api_base: str | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    timeout_s: float = runtime(60, gt=0)
+    retries: int = runtime(2, ge=0)
+    concurrency: int = runtime(4, ge=1)
+
+
 class RerankConfig(_Section):
     enabled: bool = True
     # cross_encoder: the learned reranker, fused with the retriever's score (a ranked list);
-    # llm: a chat LLM picks one candidate (the paper's stage 3).
-    method: Literal["cross_encoder", "llm"] = "cross_encoder"
-    cross_encoder: CrossEncoderConfig = CrossEncoderConfig()
+    # api: a hosted reranker's scores (a ranked list); llm: a chat LLM picks one candidate (the paper's stage 3).
+    method: Literal["cross_encoder", "api", "llm"] = "cross_encoder"
+    cross_encoder: CrossEncoderConfig = CrossEncoderConfig()  # also how `api` writes mention and candidate texts
+    api: RerankAPIConfig = RerankAPIConfig()
     # learned: the reranker's score fused with the retriever's (weights fitted on val); none: its score alone.
     fusion: Literal["learned", "none"] = "learned"
     llm: LLMConfig = LLMConfig(max_tokens=16)
@@ -231,8 +244,9 @@ class RerankConfig(_Section):
     # With a stronger LLM, set None or a threshold read off your own `rerank_gate_curve`.
     margin_threshold: float | None = Field(None, ge=0)
     max_description_chars: int = Field(160, ge=10)  # candidate descriptions are cut here in the LLM prompt
-    # question_first: sentence and mention, then the candidates in retrieval order (measured better with the
-    # packaged model); reference: the candidates first in reverse retrieval order, then the mention.
+    # question_first: sentence and mention, then the candidates in retrieval order (a small model leans towards
+    # what it reads first, so the order should agree with retrieval); reference: the candidates first in
+    # reverse retrieval order, then the mention (docs/results.md compares them).
     layout: Literal["question_first", "reference"] = "question_first"
     scope: LLMScope = LLMScope()
 

@@ -213,3 +213,66 @@ def vector_matrix(column: pl.Series) -> np.ndarray:
     if column.len() == 0:
         return np.zeros((0, 0), np.float32)
     return np.array(column.to_numpy(), dtype=np.float32).reshape(column.len(), -1)
+
+
+# What each stage writes, with a line on each table: docs/artifacts.md is generated from this
+# (`python scripts/artifact_docs.py`; a test fails when the page and the schemas disagree). `d` stands for
+# the embedding width.
+_D = 8
+STAGE_TABLES: dict[str, dict[str, tuple[pa.Schema, str]]] = {
+    "kb": {
+        "entities": (ENTITIES, "items of a Wikidata dump: label and description in the chosen language"),
+        "kb_triples": (KB_TRIPLES, "their claims whose value is an item, time, quantity or string"),
+        "properties": (PROPERTIES, "the dump's own property labels"),
+    },
+    "ingest": {
+        "mentions": (MENTIONS, "one row per mention; image_path null when it has none (counted)"),
+        "entities": (ENTITIES, "the KB"),
+        "kb_triples": (KB_TRIPLES, "the KB's triples, relation and tail descriptions where known"),
+        "rejected": (REJECTED, "records `dataset.bad_records: skip` dropped, with file, record, field, reason"),
+    },
+    "generate": {
+        "mention_triples": (MENTION_TRIPLES, "stage 1's (relation, tail) pairs per mention"),
+        "mention_generations": (MENTION_GENERATIONS, "per mention: type, description, status"),
+        "llm_calls": (LLM_CALLS, "every call: model, tokens, latency, status, cached, attempts"),
+    },
+    "embed": {
+        "text_embeddings": (text_embeddings(_D), "every distinct string the retriever reads, once"),
+        "image_embeddings": (image_embeddings(_D), "every distinct image, once"),
+    },
+    "train": {"training_history": (TRAINING_HISTORY, "per epoch (seconds are in the manifest's stats)")},
+    "index": {"fused_entities": (fused_entities(_D), "the trained retriever's vector of every KB entity")},
+    "retrieve": {
+        "fused_mentions": (fused_mentions(_D), "the trained retriever's vector of every mention"),
+        "candidates": (CANDIDATES, "the index's top-K per mention"),
+    },
+    "filter": {
+        "filtered_triples": (FILTERED_TRIPLES, "the KB facts stage 3 shows of each (mention, candidate)"),
+        "filter_counts": (FILTER_COUNTS, "facts per mention before and after the filter"),
+    },
+    "train_reranker": {
+        "reranker_history": (RERANKER_HISTORY, "per validation of the cross-encoder's training"),
+        "reranker_val_scores": (RERANKER_SCORES, "the trained reranker's score of every val candidate"),
+        "reranker_folds": (RERANKER_FOLDS, "each val mention's fold and its out-of-fold fusion"),
+    },
+    "rerank": {
+        "predictions": (PREDICTIONS, "one answer per mention and where it came from"),
+        "reranked": (RERANKED, "learned reranker: every candidate in fused-score order"),
+        "llm_calls": (LLM_CALLS, "LLM method: every call"),
+    },
+    "evaluate": {
+        "metrics": (METRICS, "HITS@k, MRR, counts per method and split"),
+        "rerank_gate_curve": (GATE_CURVE, "HITS@1 against the share of mentions sent to stage 3"),
+    },
+    "benchmark": {"benchmark": (BENCHMARK, "one dataset's variants on val, long format")},
+}
+
+
+def schema_markdown() -> str:
+    """The tables of STAGE_TABLES as markdown, one row per table with its columns and Arrow types."""
+    lines = ["| stage | table | columns (Arrow types) | what it holds |", "|---|---|---|---|"]
+    for stage, tables in STAGE_TABLES.items():
+        for name, (schema, note) in tables.items():
+            columns = ", ".join(f"{f.name} `{str(f.type).replace(f'[{_D}]', '[d]')}`" for f in schema)
+            lines.append(f"| `{stage}` | `{name}` | {columns} | {note} |")
+    return "\n".join(lines)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 
 import duckdb
 import polars as pl
+import tenacity
 
 from storage.registry import RegistryError
 from storage.runs import RUNS_DIR
@@ -226,29 +226,33 @@ class Catalog:
             return True
         base = self.store.fsx.base
         statements = self.statements(lambda p: os.path.relpath(p, base))
-        last: Exception | None = None
-        for attempt in range(attempts):
-            try:
-                with _lock, self.connect(read_only=False) as con:
-                    existing = [r[0] for r in con.execute(
-                        "select view_name from duckdb_views() where not internal and schema_name = 'main'"
-                    ).fetchall()]
-                    con.execute("begin").fetchall()
-                    for view in existing:
-                        con.execute(f'drop view if exists "{view}"').fetchall()
-                    for statement in statements:
-                        con.execute(statement).fetchall()
-                    con.execute("commit").fetchall()
-                return True
-            except duckdb.IOException as exc:  # the file is locked by another process
-                last = exc
-                time.sleep(0.2 * 2**attempt)
-            except duckdb.Error as exc:
-                last = exc
-                break
-        log.warning("DuckDB catalog %s not updated (%s); artifacts are unaffected, the next refresh rebuilds it",
-                    self.path, last)
-        return False
+        retrying = tenacity.Retrying(  # while another process holds the file's lock
+            stop=tenacity.stop_after_attempt(attempts), wait=tenacity.wait_exponential(multiplier=0.2),
+            retry=tenacity.retry_if_exception_type(duckdb.IOException), reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._rebuild(statements)
+        except duckdb.Error as exc:
+            log.warning("DuckDB catalog %s not updated (%s); artifacts are unaffected, the next refresh rebuilds it",
+                        self.path, exc)
+            return False
+        finally:
+            self.refresh_attempts = retrying.statistics.get("attempt_number", 0)
+        return True
+
+    def _rebuild(self, statements: list[str]) -> None:
+        with _lock, self.connect(read_only=False) as con:
+            existing = [r[0] for r in con.execute(
+                "select view_name from duckdb_views() where not internal and schema_name = 'main'"
+            ).fetchall()]
+            con.execute("begin").fetchall()
+            for view in existing:
+                con.execute(f'drop view if exists "{view}"').fetchall()
+            for statement in statements:
+                con.execute(statement).fetchall()
+            con.execute("commit").fetchall()
 
     # -- read-only queries -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
@@ -18,6 +19,7 @@ from kgmel_core.rerank.candidates import candidate_lists
 from kgmel_core.rerank.filtering import TextVectors, filter_mentions
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion
 from kgmel_core.rerank.gate import is_sent, retrieval_margins
+from kgmel_core.rerank.hosted import score_with_api
 from kgmel_core.rerank.learned import predictions_from_ranking, ranked_table
 from kgmel_core.rerank.llm_choice import llm_predictions, plan_llm_rerank
 from kgmel_core.retrieval.features import mention_heads
@@ -179,6 +181,52 @@ def rerank_learned(
         writer.write_table("predictions", predictions, schemas.PREDICTIONS)
         writer.stats.update(outcomes=outcomes, mentions=mentions.height, in_scope=scoped.height, sent=len(sent),
                             scored_now=len(todo), scores_reused=sum(g.mention_id in known for g in groups),
+                            margin_threshold=config.margin_threshold, inputs=counts.as_stats())
+        logger().info("rerank: %s", writer.stats)
+
+    return run_stage(ctx, "rerank", stage_config, inputs, build)
+
+
+@task(name="rerank", **STAGE_TASK)
+def rerank_hosted(
+    ctx: PipelineContext,
+    config: RerankConfig,
+    ingest: Artifact,
+    generation: Artifact | None,
+    retrieve: Artifact,
+    filtered: Artifact,
+    kb: Artifact | None = None,
+) -> Artifact:
+    """Stage 3 with a hosted reranker (`rerank.method: api`): every in-scope mention retrieval is unsure
+    about gets its candidates ranked by the provider's relevance scores; a failed call keeps retrieval's
+    order and is recorded in `llm_calls` and counted as a fallback."""
+    inputs = {"ingest": ingest, "generation": generation, "retrieve": retrieve, "filter": filtered, "kb": kb}
+    stage_config = {"method": config.method, "api": key_config(config.api), "candidates": config.candidates,
+                    "texts": key_config(config.cross_encoder), "margin_threshold": config.margin_threshold,
+                    "scope": config.scope.model_dump()}
+
+    def build(writer):
+        mentions = ingest.read("mentions")
+        scoped = in_scope(mentions, config.scope)
+        served = retrieve.read("candidates")
+        margins = dict(retrieval_margins(served).iter_rows())
+        sent = {m for m in scoped["mention_id"].to_list() if is_sent(margins.get(m, math.inf), config.margin_threshold)}
+        groups, counts = stage3_groups(config, scoped, kb or ingest, retrieve, filtered, generation)
+        asked = [g for g in groups if g.mention_id in sent]
+        scores, calls = score_with_api(asked, config.api)
+        by_id = dict(zip([g.mention_id for g in asked], scores, strict=True))
+        failed = {g.mention_id: row["call_id"] for g, row in zip(asked, calls, strict=True) if row["status"] != "ok"}
+        ranked = ranked_table(groups, [by_id.get(g.mention_id) for g in groups], [RERANKER_ONLY] * len(groups))
+        predictions, outcomes = predictions_from_ranking(
+            mentions["mention_id"].to_list(), set(scoped["mention_id"].to_list()), sent, ranked,
+            candidate_lists(served, config.candidates), margins, failed, source_name="api",
+        )
+        calls_frame = pl.DataFrame(calls, schema=pl.Schema(schemas.LLM_CALLS))
+        writer.write_table("reranked", ranked, schemas.RERANKED)
+        writer.write_table("predictions", predictions, schemas.PREDICTIONS)
+        writer.write_table("llm_calls", calls_frame, schemas.LLM_CALLS)
+        writer.stats.update(call_stats(calls_frame), outcomes=outcomes, model=config.api.model,
+                            mentions=mentions.height, in_scope=scoped.height, sent=len(sent),
                             margin_threshold=config.margin_threshold, inputs=counts.as_stats())
         logger().info("rerank: %s", writer.stats)
 

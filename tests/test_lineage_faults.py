@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -345,9 +344,8 @@ def test_catalog_refresh_waits_for_a_lock_held_by_another_process(served):
         stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
-    started = time.perf_counter()
     assert catalog.refresh(attempts=6)
-    assert time.perf_counter() - started > 0.3  # it waited for the lock instead of giving up
+    assert catalog.refresh_attempts > 1  # it waited for the lock instead of giving up
     holder.wait(timeout=30)
 
 

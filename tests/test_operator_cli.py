@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -60,12 +59,10 @@ def test_bad_arguments_fail_before_any_server_starts():
         (["run", "--set", "index.top_k=0"], "top_k"),
         (["benchmark", "--variant", "nope"], "unknown benchmark variant 'nope'; choose from: 'kgmel'"),
     ):
-        started = time.perf_counter()
         out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 2, (argv, out.stdout, out.stderr)
         assert message in out.stdout + out.stderr, argv
-        assert "temporary server" not in out.stdout + out.stderr
-        assert time.perf_counter() - started < 15  # no Prefect server was started (that takes ~10-20 s)
+        assert "temporary server" not in out.stdout + out.stderr  # no Prefect server was started
 
 
 def test_help_lists_choices_and_defaults():

@@ -6,11 +6,13 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+from rerank_stub import rerank_server
 
-from kgmel_core.config import CrossEncoderConfig
+from kgmel_core.config import CrossEncoderConfig, RerankAPIConfig
 from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mention_input
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
 from kgmel_core.rerank.groups import build_groups
+from kgmel_core.rerank.hosted import score_with_api
 from kgmel_core.rerank.learned import fused_hits1, predictions_from_ranking, ranked_table
 
 
@@ -110,3 +112,18 @@ def test_ranked_table_orders_by_fused_score_and_keeps_retrieval_order_when_not_s
         (None, "fallback", "no_candidates")]
     assert outcomes == {"reranker": 1, "confident": 1, "out_of_scope": 1, "no_candidates": 1}
     assert math.isnan(fused_hits1([], [], RERANKER_ONLY))
+
+
+def test_a_hosted_reranker_scores_through_litellm_and_a_provider_error_is_recorded_not_fatal():
+    groups = [RerankGroup("m1", "michael jordan scored", ["Q1", "Q2"], ["Jordan ; country",
+                                                                      "Michael Jordan ; basketball scored"],
+                          np.zeros(2, np.float32), 1),
+              RerankGroup("m2", "FAIL please", ["Q1"], ["x"], np.zeros(1, np.float32), 0)]
+    with rerank_server() as (api_base, requests):
+        scores, calls = score_with_api(groups, RerankAPIConfig(model="cohere/stub", api_base=api_base, retries=0),
+                                       progress=False)
+    assert scores[0].tolist() == pytest.approx([0.1, 0.3]) and scores[1] is None
+    assert [c["status"] for c in calls] == ["ok", "error"] and "internal error" in calls[1]["error"]
+    asked = {r["query"]: r for r in requests}  # calls run concurrently: any order
+    assert set(asked) == {"michael jordan scored", "FAIL please"}
+    assert len(asked["michael jordan scored"]["documents"]) == 2

@@ -4,8 +4,10 @@ registered with its retriever, served by `link`, and never paired with another r
 import polars as pl
 import pytest
 from conftest import small_config
+from rerank_stub import rerank_server
 
 from flows.pipeline import full_pipeline, link
+from kgmel_core.config import RerankAPIConfig
 from storage import ArtifactStore
 from tasks import rerank as rerank_tasks
 from tasks.common import PipelineContext
@@ -80,3 +82,21 @@ def test_a_reranker_is_never_paired_with_another_retrievers_candidates(served, p
     linked = link(config, mentions=[{"id": "n2", "sentence": "Someone else.", "mention": ["someone"]}])
     reranked = _artifact(store, linked["artifacts"], "rerank")
     assert store.input(reranked, "train_reranker").key == state.version(2).reranker
+
+
+def test_link_with_a_hosted_reranker_ranks_by_its_scores_and_counts_a_provider_error(served, prefect_harness):
+    config, _ = served
+    with rerank_server() as (api_base, requests):
+        hosted = config.model_copy(update={"rerank": config.rerank.model_copy(update={
+            "method": "api", "api": RerankAPIConfig(model="cohere/stub", api_base=api_base, retries=0)})})
+        linked = link(hosted, mentions=[
+            {"id": "h1", "sentence": "A portrait of someone.", "mention": ["someone"]},
+            {"id": "h2", "sentence": "FAIL to rank this.", "mention": ["this"]},
+        ])
+    predictions = linked["predictions"].sort("mention_id")
+    assert predictions.select("source", "reason").rows() == [("api", None), ("fallback", "call_failed")]
+    store = ArtifactStore(config.artifacts)
+    reranked = _artifact(store, linked["artifacts"], "rerank")
+    assert reranked.manifest["stats"]["calls_failed"] == 1 and len(requests) == 2
+    calls = reranked.read("llm_calls")
+    assert calls["status"].to_list().count("error") == 1

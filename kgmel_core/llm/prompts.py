@@ -10,7 +10,7 @@ Generation: three sections, a coarse entity type, a one-line description, then t
 Rerank: each candidate as `QID: Label, description [filtered triples]`, and the mention with its
 sentence, generated description and triples; the answer is one QID. Two layouts: the reference's
 (candidates first, in reverse retrieval order, then the mention) and `question_first` (the default,
-measured better with the small packaged model; see `rerank_messages`).
+better for a small model; see `rerank_messages`).
 """
 
 from __future__ import annotations
@@ -127,10 +127,9 @@ def rerank_messages(
 
     `reference`: the candidates first, in reverse retrieval order (the retriever's first choice
     last, next to the question), then the sentence and what is known about the mention.
-    `question_first`: the sentence and mention first, then the candidates in retrieval order. With
-    the packaged 1.5B model the reference layout lost to retrieval's own top-1 (8 vs 14 right of 24
-    unsure WikiMEL val mentions) while this one matched it (15 of 24): the small model leans
-    towards the candidates it reads first, so the order must agree with retrieval.
+    `question_first`: the sentence and mention first, then the candidates in retrieval order: a
+    small model leans towards the candidates it reads first, so the order should agree with retrieval
+    (the two layouts compared with the packaged model: docs/results.md).
     """
     about = [f"Mention description: {mention_description}"] if mention_description else []
     if mention_triples:

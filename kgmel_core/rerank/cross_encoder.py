@@ -138,6 +138,15 @@ class CrossEncoder:
         losses = [torch.logsumexp(part, 0) - part[0] for part in torch.split(logits, sizes)]
         return torch.stack(losses).mean()
 
+    def train_step(self, optimizer: torch.optim.Optimizer, groups: Sequence[RerankGroup], negatives: int) -> float:
+        """One optimisation step on the listwise loss of `groups`; returns the loss."""
+        self.model.train()
+        loss = self.listwise_loss(groups, negatives)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
     def save(self, folder: str | os.PathLike[str]) -> None:
         """transformers' own layout (`save_pretrained`): the folder loads back with `CrossEncoder(folder, ...)`."""
         self.model.save_pretrained(str(folder))
@@ -188,13 +197,8 @@ def train_cross_encoder(
         order = list(sample)
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_mentions):
-            model.model.train()
-            loss = model.listwise_loss(order[start : start + config.batch_mentions], config.negatives)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            losses.append(model.train_step(optimizer, order[start : start + config.batch_mentions], config.negatives))
             schedule.step()
-            losses.append(loss.item())
             result.steps += 1
             bar.update()
             last = result.steps == total

@@ -93,9 +93,12 @@ def folds_table(fusions: Mapping[str, Fusion]) -> pl.DataFrame:
 
 def predictions_from_ranking(mention_ids: Sequence[str], in_scope_ids: set[str], sent: set[str],
                              ranked: pl.DataFrame, candidates: Mapping[str, list[str]],
-                             margins: Mapping[str, float]) -> tuple[pl.DataFrame, dict[str, int]]:
+                             margins: Mapping[str, float], failed: Mapping[str, str] | None = None,
+                             source_name: str = "reranker") -> tuple[pl.DataFrame, dict[str, int]]:
     """One PREDICTIONS row per mention: the top of its reranked list, retrieval's top-1 when it was not
-    sent (confident, or out of scope), and how many ended each way."""
+    sent (confident, or out of scope) or its reranking call failed (`failed`: mention -> call id), and
+    how many ended each way."""
+    failed = failed or {}
     top = dict(ranked.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
     rows, outcomes = [], {}
     for mid in mention_ids:
@@ -106,10 +109,12 @@ def predictions_from_ranking(mention_ids: Sequence[str], in_scope_ids: set[str],
             source, reason, qid = "retrieval", "confident", top1
         elif mid not in top:
             source, reason, qid = "fallback", "no_candidates", top1
+        elif mid in failed:
+            source, reason, qid = "fallback", "call_failed", top1
         else:
-            source, reason, qid = "reranker", None, top[mid]
+            source, reason, qid = source_name, None, top[mid]
         outcomes[reason or source] = outcomes.get(reason or source, 0) + 1
-        rows.append({"mention_id": mid, "qid": qid, "source": source, "reason": reason, "call_id": None,
+        rows.append({"mention_id": mid, "qid": qid, "source": source, "reason": reason, "call_id": failed.get(mid),
                      "margin": margins.get(mid), "answer": None})
     return pl.DataFrame(rows, schema=pl.Schema(schemas.PREDICTIONS)), outcomes
 

@@ -17,8 +17,7 @@ def resolve_device(device: str) -> str:
 
 def has_native_bf16(device: str) -> bool:
     """True where bf16 matrix products run in hardware: a CUDA GPU with bf16, or a CPU with AMX tiles
-    (oneDNN uses them; ~3.5x a fp32 linear layer on 2 Sapphire Rapids cores, measured). Elsewhere bf16
-    is emulated and slower than fp32."""
+    (oneDNN uses them). Elsewhere bf16 is emulated and slower than fp32."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent = no AMX

