@@ -76,7 +76,7 @@ def main() -> None:
     for precision in args.precisions:
         for batch in args.batches:
             fresh = create_cross_encoder(ce.model_copy(update={"precision": precision}))
-            optimizer = torch.optim.AdamW(fresh.model.parameters(), lr=ce.lr)
+            optimizer = fresh.optimizer(ce.lr)
             pairs, elapsed = 0, 0.0
             for step in range(args.steps):
                 groups = sample[step * batch : (step + 1) * batch]

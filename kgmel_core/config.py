@@ -200,7 +200,7 @@ class CrossEncoderConfig(_Section):
     lr: float = Field(5e-5, gt=0)
     batch_mentions: int = Field(8, ge=1)
     val_mentions: int = Field(600, ge=2)  # the seeded val sample early stopping reads
-    validate_every: int = Field(125, ge=1)  # training steps between validations
+    validate_every: int = Field(250, ge=1)  # training steps between validations (and one at the end)
     patience: int = Field(3, ge=1)  # validations without improvement before stopping
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # resolved on the machine, then part of the key
