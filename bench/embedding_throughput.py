@@ -58,13 +58,12 @@ def _images(folder: Path, n: int, size: int) -> list[str]:
 def _dataset_strings(name: str, n: int, seed: int = 0) -> list[str]:
     """A seeded sample of the distinct strings the embed stage encodes for a shared dataset."""
     from kgmel_core.config import load_config
-    from kgmel_core.data.datasets import read_dataset
+    from kgmel_core.data.datasets import DatasetLayout, read_dataset
     from kgmel_core.data.texts import HeadTexts
     from kgmel_core.retrieval.features import texts_to_embed
-    from tasks.ingest import layout_for
 
     config = load_config(Path("configs") / f"{name}.yaml")
-    data = read_dataset(layout_for(config.dataset), bad_records=config.dataset.bad_records)
+    data = read_dataset(DatasetLayout.of(config.dataset), bad_records=config.dataset.bad_records)
     strings = texts_to_embed(data.mentions, data.entities, data.kb_triples, HeadTexts.of(config.encoder.model_dump()))
     return random.Random(seed).sample(strings, min(n, len(strings)))
 

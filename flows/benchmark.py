@@ -14,14 +14,12 @@ from typing import Any
 import polars as pl
 from prefect import flow
 
+from flows.chains import finish, ingest_dataset, retrieval_chain, stage3
 from flows.context import open_context
-from flows.pipeline import finish, ingest_dataset, retrieval_chain
 from kgmel_core.config import PipelineConfig
 from kgmel_core.variants import VARIANTS, missing, variants_for
 from tasks import benchmark as benchmark_tasks
 from tasks import evaluate as evaluate_tasks
-from tasks import rerank as rerank_tasks
-from tasks import reranker as reranker_tasks
 
 BENCHMARK_METRICS = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr", "gain", "ci95", "train_s",
                      "s_per_epoch", "epochs", "ms_per_mention")
@@ -62,13 +60,11 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
                 label_only.add(label)
             continue
         chain = retrieval_chain(ctx, config, ingested, None)  # the default retriever's candidates
-        filtered = rerank_tasks.filter_stage(ctx, chosen.rerank, ingested, None, chain["embed"], chain["retrieve"])
-        trained = reranker_tasks.train_reranker_stage(ctx, chosen.rerank, ingested, chain["retrieve"], filtered)
-        reranked = rerank_tasks.rerank_learned(ctx, chosen.rerank, ingested, None, chain["retrieve"], filtered, trained)
+        third = stage3(ctx, chosen.rerank, ingested, None, chain["embed"], chain["retrieve"], train_reranker=True)
         evaluated = evaluate_tasks.evaluate(
-            ctx, ingested, chain["embed"], chain["retrieve"], reranked, label="kgmel", splits=["val"]
+            ctx, ingested, chain["embed"], chain["retrieve"], third["rerank"], label="kgmel", splits=["val"]
         )
-        results[label] = (trained, evaluated)
+        results[label] = (third["train_reranker"], evaluated)
     report_artifact = benchmark_tasks.benchmark(ctx, config.dataset.name, results, label_only)
     plots = [name for name in ("training_curves.png", "hits_at_k.png") if name in report_artifact.manifest["files"]]
     files = ", ".join(str(report_artifact.file(name)) for name in plots)

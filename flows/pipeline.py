@@ -7,22 +7,19 @@ from typing import Any, Literal
 import polars as pl
 from prefect import flow
 
+from flows.benchmark import benchmark
+from flows.chains import artifact_ids, finish, ingest_dataset, retrieval_chain, stage3
 from flows.context import open_context
-from flows.summary import RunSummary, skip_warnings
 from kgmel_core.config import EncoderConfig, LLMScope, PipelineConfig, explicit_differences, load_config
 from kgmel_core.variants import variants_for
 from storage import Artifact
 from storage.registry import ModelVersion
-from tasks import clip_bootstrap as bootstrap_tasks
 from tasks import embed as embed_tasks
 from tasks import evaluate as evaluate_tasks
 from tasks import generate as generate_tasks
 from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
 from tasks import kb as kb_tasks
-from tasks import rerank as rerank_tasks
-from tasks import reranker as reranker_tasks
-from tasks import train as train_tasks
 from tasks.common import PipelineContext, logger
 
 
@@ -47,57 +44,12 @@ def on_runner(flow_fn: Any, config: PipelineConfig) -> Any:
     return flow_fn.with_options(task_runner=runner)
 
 
-def ingest_dataset(ctx: PipelineContext, config: PipelineConfig) -> Artifact:
-    """The dataset's mentions and KB; the KB from a Wikidata dump (stage `kb`) when `kb.dump` is set."""
-    kb = kb_tasks.kb(ctx, config.kb) if config.kb.dump else None
-    return ingest_tasks.ingest(ctx, config.dataset, kb)
-
-
-def _bootstrap(ctx: PipelineContext, config: PipelineConfig, ingest: Artifact) -> Artifact | None:
-    if config.encoder.bootstraps_clip:
-        return bootstrap_tasks.clip_bootstrap(
-            ctx, ingest, epochs=config.encoder.bootstrap_epochs, seed=config.training.seed
-        )
-    return None
-
-
-def retrieval_chain(
-    ctx: PipelineContext, config: PipelineConfig, ingest: Artifact, generation: Artifact | None
-) -> dict[str, Artifact]:
-    """embed -> train -> index -> retrieve (shared by full-pipeline and the ablation study)."""
-    bootstrap = _bootstrap(ctx, config, ingest)
-    embedded = embed_tasks.embed(ctx, config.encoder, ingest, generation, bootstrap)
-    trained = train_tasks.train(ctx, config.retriever, config.training, config.encoder, ingest, embedded, generation)
-    indexed = index_tasks.index(ctx, config.index, trained, ingest, embedded)
-    candidates = index_tasks.retrieve(ctx, config.index, indexed, trained, ingest, embedded, generation)
-    chain = {"clip_bootstrap": bootstrap} if bootstrap is not None else {}
-    return {**chain, "embed": embedded, "train": trained, "index": indexed, "retrieve": candidates}
-
-
-def artifact_ids(stages: dict[str, Artifact]) -> dict[str, str]:
-    """`{label: "stage/key"}`: where each artifact of a run lives under the store root."""
-    return {label: artifact.id for label, artifact in stages.items()}
-
-
-def finish(ctx: PipelineContext, title: str, metrics: Artifact | None, notes: list[str] = ()) -> RunSummary:
-    """The run's summary: published as the flow run's Prefect artifact, returned for the terminal."""
-    records = ctx.run_log.records
-    report = RunSummary(
-        title,
-        str(ctx.catalog.path),
-        list(records),
-        [*notes, *skip_warnings(ctx.store, records)],
-        metrics.read("metrics") if metrics is not None else None,
-    )
-    report.publish()
-    return report
-
-
-def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact], promote: bool) -> str:
-    """Register what full-pipeline trained and indexed under the config's model name; one summary line."""
+def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact],
+                   reranker: Artifact | None, promote: bool) -> str:
+    """Register what full-pipeline trained and indexed (and the reranker trained on its candidates) under
+    the config's model name; one summary line."""
     registry = ctx.store.models
     info = {"dataset": config.dataset.name, "run_id": ctx.run_log.run_id}
-    reranker = chain.get("train_reranker")
     version = registry.register(config.model, chain["train"].key, chain["index"].key, info,
                                 reranker=reranker.key if reranker is not None else None)
     if promote:
@@ -124,34 +76,18 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
     retriever_generation = generation if config.retriever.use_mention_triples else None
     chain = retrieval_chain(ctx, config, ingested, retriever_generation)
     stages.update(chain)
-    reranked = None
+    reranked = reranker = None
     if config.rerank.enabled:  # with stage 1's triples and descriptions when generation ran
         embedded = chain["embed"]
         if generation is not None and retriever_generation is None:  # filtering embeds the generated triples
             embedded = stages["embed_generated"] = embed_tasks.embed(
                 ctx, config.encoder, ingested, generation, chain.get("clip_bootstrap")
             )
-        filtered = stages["filter"] = rerank_tasks.filter_stage(
-            ctx, config.rerank, ingested, generation, embedded, chain["retrieve"]
-        )
-        if config.rerank.method == "cross_encoder":
-            reranker = stages["train_reranker"] = reranker_tasks.train_reranker_stage(
-                ctx, config.rerank, ingested, chain["retrieve"], filtered, generation
-            )
-            chain["train_reranker"] = reranker
-            reranked = stages["rerank"] = rerank_tasks.rerank_learned(
-                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered, reranker
-            )
-        elif config.rerank.method == "api":
-            reranked = stages["rerank"] = rerank_tasks.rerank_hosted(
-                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
-            )
-        else:
-            reranked = stages["rerank"] = rerank_tasks.rerank(
-                ctx, config.rerank, ingested, generation, chain["retrieve"], filtered
-            )
+        third = stage3(ctx, config.rerank, ingested, generation, embedded, chain["retrieve"], train_reranker=True)
+        stages.update(third)
+        reranked, reranker = third["rerank"], third.get("train_reranker")
     metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
-    registered = register_model(ctx, config, chain, promote)
+    registered = register_model(ctx, config, chain, reranker, promote)
     report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
     return {"artifacts": artifact_ids(stages), "report": report, "root": ctx.store.url, "model": registered}
 
@@ -273,26 +209,16 @@ def link(
     )
     predictions = None
     if config.rerank.enabled:
-        filtered = stages["filter"] = rerank_tasks.filter_stage(
-            ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed
-        )
+        reranker = None
         if config.rerank.method == "cross_encoder":
-            reranker = ctx.store.require("train_reranker", version.reranker) if version.reranker else None
-            if reranker is None:
+            if not version.reranker:
                 raise ValueError(f"model {model or config.model!r} v{version.number} has no trained reranker: "
                                  "set rerank.method=llm, rerank.enabled=false, or serve a version trained with one")
-            reranked = stages["rerank"] = rerank_tasks.rerank_learned(
-                ctx, config.rerank, ingested, generation, candidates, filtered, reranker, kb=kb
-            )
-        elif config.rerank.method == "api":
-            reranked = stages["rerank"] = rerank_tasks.rerank_hosted(
-                ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
-            )
-        else:
-            reranked = stages["rerank"] = rerank_tasks.rerank(
-                ctx, config.rerank, ingested, generation, candidates, filtered, kb=kb
-            )
-        predictions = reranked.read("predictions")
+            reranker = ctx.store.require("train_reranker", version.reranker)
+        third = stage3(ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed,
+                       reranker=reranker)
+        stages.update(third)
+        predictions = third["rerank"].read("predictions")
     note = f"model {model or config.model!r} v{version.number} (train {trained.key}, index {indexed.key})"
     report = finish(ctx, "kgmel link", None, [note])
     return {
@@ -348,8 +274,6 @@ def kgmel(
     elif job == "kb":
         result = on_runner(kb_build, config)(config)
     elif job == "benchmark":
-        from flows.benchmark import benchmark
-
         result = on_runner(benchmark, config)(config, variants=variants)
     else:
         result = on_runner(ablations, config)(config)

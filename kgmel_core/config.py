@@ -59,6 +59,8 @@ class KBConfig(_Section):
     partitions: int = Field(1, ge=1)  # byte ranges of an uncompressed dump parsed in parallel
 
 
+RerankLayout = Literal["question_first", "reference"]  # how the LLM method's prompt orders its parts
+
 # `clip_pretrained` value: a tiny open_clip stand-in trained on the dataset itself (offline demos, tests).
 TRAIN_ON_DATASET = "train-on-dataset"
 
@@ -247,7 +249,7 @@ class RerankConfig(_Section):
     # question_first: sentence and mention, then the candidates in retrieval order (a small model leans towards
     # what it reads first, so the order should agree with retrieval); reference: the candidates first in
     # reverse retrieval order, then the mention (docs/results.md compares them).
-    layout: Literal["question_first", "reference"] = "question_first"
+    layout: RerankLayout = "question_first"
     scope: LLMScope = LLMScope()
 
     @model_validator(mode="after")

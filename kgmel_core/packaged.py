@@ -96,11 +96,8 @@ def part_files(model: PackagedModel) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def join_parts(parts: list[Path], target: Path, size: int, sha256: str) -> Path:

@@ -34,7 +34,6 @@ from storage.store import MANIFEST, Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 CATALOG_FILE = "kgmel.duckdb"
-KB_TABLES = ("entities", "kb_triples", "fused_entities")
 # Runs whose outputs are "current": what the pipeline served. Experiments (ablations, benchmarks)
 # appear in the history views only.
 CURRENT_FLOWS = ("full-pipeline", "link", "reindex-kb")

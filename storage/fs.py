@@ -71,9 +71,6 @@ class StoreFS:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
-    def isdir(self, path: str) -> bool:
-        return self.fs.isdir(path)
-
     def entries(self, folder: str, dirs: bool) -> list[str]:
         """Names (not paths) of the folders or files directly in `folder`; [] when it is absent."""
         try:
@@ -84,13 +81,6 @@ class StoreFS:
         names = [posixpath.basename(e["name"].rstrip("/")) for e in listing if e.get("type") == wanted]
         return sorted(n for n in names if n)
 
-    def files_below(self, folder: str) -> list[str]:
-        """Paths of every file under `folder`, recursively, sorted."""
-        try:
-            return sorted(self.fs.find(folder))
-        except FileNotFoundError:
-            return []
-
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as handle:
             return handle.read()
@@ -99,11 +89,8 @@ class StoreFS:
         return self.read_bytes(path).decode()
 
     def sha256(self, path: str) -> str:
-        digest = hashlib.sha256()
         with self.fs.open(path, "rb") as handle:
-            while block := handle.read(8 << 20):
-                digest.update(block)
-        return digest.hexdigest()
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def signature(self, path: str) -> list:
         """[size, what changes when the file is rewritten]; FileNotFoundError when absent."""
@@ -113,9 +100,6 @@ class StoreFS:
         info = self.fs.info(path)
         return [int(info["size"]), str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")]
 
-    def size(self, path: str) -> int:
-        return int(self.signature(path)[0])
-
     def read_table(self, paths: list[str]) -> pa.Table:
         tables = [pq.read_table(p if self.local else p, filesystem=None if self.local else self.fs) for p in paths]
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
@@ -124,14 +108,7 @@ class StoreFS:
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         if self.local:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, data)
         else:
             self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
 
@@ -164,3 +141,14 @@ class StoreFS:
         else:
             self.fs.copy(source, target, recursive=True)
             self.fs.rm(source, recursive=True)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a local file whole or not at all: a temp file beside it, fsynced, then renamed over it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

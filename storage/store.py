@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import StoreFS
+from storage.fs import StoreFS, write_atomic
 from storage.registry import ModelRegistry
 
 MANIFEST = "manifest.json"
@@ -74,12 +74,9 @@ def artifact_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_digest(content: Mapping[str, Mapping[str, Any]]) -> str:
@@ -302,7 +299,7 @@ class ArtifactStore:
             checked[rel] = signature
         if checked != known:
             with contextlib.suppress(OSError):  # a read-only store is verified again next time
-                _write_text_atomic(stat_cache, json.dumps(checked))
+                write_atomic(stat_cache, json.dumps(checked).encode())
         return Artifact(stage, key, folder, manifest, self)
 
     def require(self, stage: str, key: str) -> Artifact:
@@ -461,7 +458,7 @@ class ArtifactStore:
         final prefix, the manifest last (until then the prefix is not trusted by any reader)."""
         final = self.path(stage, key)
         if self.fsx.local:
-            _write_text_atomic(tmp / MANIFEST, manifest)
+            write_atomic(tmp / MANIFEST, manifest.encode())
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(Path(final).parent)
@@ -499,16 +496,6 @@ def _read_json(path: Path) -> dict:
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

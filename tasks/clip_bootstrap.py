@@ -13,7 +13,7 @@ from tasks.common import STAGE_TASK, PipelineContext, run_stage
 
 
 @task(name="clip_bootstrap", **STAGE_TASK)
-def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int = 40, seed: int = 0) -> Artifact:
+def clip_bootstrap(ctx: PipelineContext, ingest: Artifact, epochs: int, seed: int) -> Artifact:
     """Train the tiny stand-in CLIP on the KB's (text, image) pairs and the train mentions' pairs."""
 
     def build(writer):

@@ -16,23 +16,11 @@ from storage.store import canonical_json, folder_fingerprint
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 
-def layout_for(config: DatasetConfig) -> DatasetLayout:
-    return DatasetLayout(
-        root=Path(config.path).resolve(),
-        mentions_file=config.mentions_file,
-        mention_image_dir=config.mention_image_dir,
-        kb_entities_file=config.kb_entities_file,
-        kb_image_dir=config.kb_image_dir,
-        kb_triples_file=config.kb_triples_file,
-        property_labels_file=config.property_labels_file,
-    )
-
-
 @task(name="ingest", **STAGE_TASK)
 def ingest(ctx: PipelineContext, config: DatasetConfig, kb: Artifact | None = None) -> Artifact:
     """The dataset's mentions, and its KB from its `kb/` files or, given a `kb` artifact (built from a
     Wikidata dump), from that."""
-    layout = layout_for(config)
+    layout = DatasetLayout.of(config)
     sources = {str(path.relative_to(layout.root)): file_sha256(path) for path in layout.input_files()}
     sources["mention_images"] = folder_fingerprint(layout.root / layout.mention_image_dir)
     sources["kb_images"] = folder_fingerprint(layout.root / layout.kb_image_dir)

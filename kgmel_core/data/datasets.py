@@ -21,7 +21,7 @@ import io
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,13 +29,13 @@ import polars as pl
 from PIL import Image
 
 from kgmel_core import schemas
+from kgmel_core.config import DatasetConfig
 
 SPLITS = ("train", "val", "test")
 # When an id is listed in several splits, the evaluation split wins so training never sees it.
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
 log = logging.getLogger(__name__)
 _QID = re.compile(r"^Q\d+$")
-_PID = re.compile(r"^P\d+$")
 
 
 class DatasetError(ValueError):
@@ -69,16 +69,27 @@ class Rejects:
         return pl.DataFrame(self.rows, schema=pl.Schema(schemas.REJECTED))
 
 
+def _default(name: str) -> Any:
+    return DatasetConfig.model_fields[name].default  # the `dataset.*` settings declare the defaults
+
+
 @dataclass(frozen=True)
 class DatasetLayout:
+    """Where a dataset's files are: the `dataset.*` path settings resolved against its root."""
+
     root: Path
-    mentions_file: str | None = None  # default: the one JSON list beside splits.json
+    mentions_file: str | None = _default("mentions_file")  # None: the one JSON list beside splits.json
     splits_file: str = "splits.json"
-    mention_image_dir: str = "mention_images"
-    kb_entities_file: str = "kb/entities.json"
-    kb_image_dir: str = "kb/images"
-    kb_triples_file: str = "kb/triples.tsv"
-    property_labels_file: str = "PID2Label.tsv"
+    mention_image_dir: str = _default("mention_image_dir")
+    kb_entities_file: str = _default("kb_entities_file")
+    kb_image_dir: str = _default("kb_image_dir")
+    kb_triples_file: str = _default("kb_triples_file")
+    property_labels_file: str = _default("property_labels_file")
+
+    @classmethod
+    def of(cls, config: DatasetConfig) -> DatasetLayout:
+        names = {f.name for f in fields(cls)} - {"root"}
+        return cls(root=Path(config.path).resolve(), **config.model_dump(include=names))
 
     def resolve_mentions_file(self) -> Path:
         if self.mentions_file:
@@ -123,10 +134,6 @@ def _require_str(value: Any, where: str, field_name: str, allow_empty: bool = Fa
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
         raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string, got {value!r}", field_name)
     return value
-
-
-def image_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass

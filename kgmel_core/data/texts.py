@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kgmel_core.config import EncoderConfig
+
 
 def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -27,8 +29,8 @@ class HeadTexts:
     The reference encodes the mention as `mention: <VLM description>`.
     """
 
-    mention: str = "mention_sentence"
-    entity: str = "label_description"
+    mention: str = EncoderConfig.model_fields["mention_text"].default  # the settings' defaults, declared there
+    entity: str = EncoderConfig.model_fields["entity_text"].default
 
     @classmethod
     def of(cls, encoder: Mapping[str, Any]) -> HeadTexts:

@@ -16,7 +16,9 @@ better for a small model; see `rerank_messages`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
+from kgmel_core.config import RerankLayout
 from kgmel_core.llm.client import image_data_url
 
 # ~20 frequent Wikidata properties the reference prompt steers towards.
@@ -79,7 +81,7 @@ GENERATION_SYSTEM = (
 RERANK_SYSTEM = (
     "You link an entity mention to a knowledge base. Reply with the QID of the right candidate only."
 )
-RERANK_LAYOUTS = ("question_first", "reference")
+RERANK_LAYOUTS = get_args(RerankLayout)
 
 def generation_messages(
     sentence: str, mention: str, image_path: str | None, max_triples: int, send_image: bool

@@ -9,6 +9,7 @@ which precision made a vector, so fp32 and bf16 vectors never mix (speed and agr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,14 @@ class Encoder(Protocol):
     def encode_images(self, paths: Sequence[str]) -> np.ndarray: ...
 
 
+@functools.cache
+def open_clip_with_kgmel_configs():
+    """open_clip, with the architectures defined here (the tiny stand-in CLIP) registered once."""
+    open_clip = import_open_clip()
+    open_clip.add_model_config(CLIP_CONFIG_DIR)
+    return open_clip
+
+
 def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
@@ -48,11 +57,8 @@ def _precision_suffix(precision: str) -> str:
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
 
 
 class OpenClipEncoder:
@@ -66,8 +72,7 @@ class OpenClipEncoder:
         device: str = "auto",
         precision: str = "fp32",
     ):
-        open_clip = import_open_clip()
-        open_clip.add_model_config(CLIP_CONFIG_DIR)
+        open_clip = open_clip_with_kgmel_configs()
         self.device = resolve_device(device)
         self.batch_size = batch_size
         pretrained = clip_pretrained or None

@@ -14,13 +14,12 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from kgmel_core.retrieval.encoders import CLIP_CONFIG_DIR
-from kgmel_core.retrieval.torch_compat import import_open_clip
+from kgmel_core.retrieval.encoders import open_clip_with_kgmel_configs
+from kgmel_core.retrieval.training import seed_everything
 
 TINY_CLIP_MODEL = "kgmel-tiny-clip"
 
@@ -30,7 +29,7 @@ def train_tiny_clip(
     image_paths: Sequence[str],
     out_path: Path,
     *,
-    epochs: int = 30,
+    epochs: int,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
@@ -38,11 +37,8 @@ def train_tiny_clip(
     """Fit the tiny CLIP on aligned (text, image) pairs and save a checkpoint open_clip can load."""
     if len(texts) != len(image_paths) or not texts:
         raise ValueError(f"need equal, non-zero numbers of texts and images, got {len(texts)} and {len(image_paths)}")
-    open_clip = import_open_clip()
-    open_clip.add_model_config(CLIP_CONFIG_DIR)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    open_clip = open_clip_with_kgmel_configs()
+    seed_everything(seed)
     root = logging.getLogger()
     quiet = _DropMessage("No pretrained weights loaded")  # random init is the point here, not a problem
     root.addFilter(quiet)
