@@ -16,7 +16,7 @@ from prefect import flow
 
 from flows.chains import finish, ingest_dataset, retrieval_chain, stage3
 from flows.context import open_context
-from kgmel_core.config import PipelineConfig
+from kgmel_core.config import LLMScope, PipelineConfig
 from kgmel_core.variants import VARIANTS, missing, variants_for
 from tasks import benchmark as benchmark_tasks
 from tasks import evaluate as evaluate_tasks
@@ -60,7 +60,8 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
                 label_only.add(label)
             continue
         chain = retrieval_chain(ctx, config, ingested, None)  # the default retriever's candidates
-        third = stage3(ctx, chosen.rerank, ingested, None, chain["embed"], chain["retrieve"], train_reranker=True)
+        val_only = chosen.rerank.model_copy(update={"scope": LLMScope(splits=["val"])})  # what the table reports
+        third = stage3(ctx, val_only, ingested, None, chain["embed"], chain["retrieve"], train_reranker=True)
         evaluated = evaluate_tasks.evaluate(
             ctx, ingested, chain["embed"], chain["retrieve"], third["rerank"], label="kgmel", splits=["val"]
         )

@@ -76,16 +76,17 @@ class EncoderConfig(_Section):
     image_encoder: Literal["open_clip", "none"] = "open_clip"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
-    batch_size: int = Field(256, ge=1)
-    device: str = "auto"
+    batch_size: int = runtime(256, ge=1)
+    device: str = runtime("auto")
     # The encoders' forward pass under bf16 autocast (vectors normalised in fp32). auto: bf16 where the
     # hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32. The resolved precision is part of
     # the embed artifact's key and the embedding cache's encoder identity.
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     mention_text: Literal["mention_sentence", "mention_only"] = "mention_sentence"
     entity_text: Literal["label_description", "label"] = "label_description"
-    # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP.
-    bootstrap_epochs: int = Field(40, ge=1)
+    # clip_pretrained=train-on-dataset only: epochs of the tiny stand-in CLIP (its own stage's setting: the
+    # encoder stages see it through that stage's artifact).
+    bootstrap_epochs: int = runtime(40, ge=1)
 
     @property
     def bootstraps_clip(self) -> bool:
@@ -132,7 +133,7 @@ class TrainingConfig(_Section):
     hard_negatives: int = Field(0, ge=0)
     hard_negative_pool: int = Field(16, ge=1)
     seed: int = 0
-    device: str = "auto"
+    device: str = runtime("auto")
     # Training steps under bf16 autocast (fp32 weights and optimizer; validation, encoding and the index
     # stay fp32). auto: bf16 where the hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32.
     # fp32 by default, so the same config gives the same model on every machine; the benchmark configs use
@@ -197,6 +198,9 @@ class CrossEncoderConfig(_Section):
     max_description_chars: int = Field(200, ge=0)  # of a candidate's description in its text
     max_facts: int = Field(6, ge=0)  # the filter's facts per candidate in its text (0: none)
     train_mentions: int = Field(4000, ge=1)  # a seeded sample of the train mentions whose gold was retrieved
+    # The share of that sample taken from the mentions whose gold the retriever put least ahead of its best
+    # wrong candidate (its mistakes and near-ties); the rest is drawn at random.
+    hard_share: float = Field(0.0, ge=0, le=1)
     negatives: int = Field(7, ge=1)  # wrong candidates per training mention, best-ranked first
     epochs: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)

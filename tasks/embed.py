@@ -10,7 +10,7 @@ import pyarrow as pa
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.config import EncoderConfig
+from kgmel_core.config import EncoderConfig, key_config
 from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.factory import EncoderSpec, create_encoder, encode_images_with, encode_texts_with
 from kgmel_core.retrieval.features import texts_to_embed
@@ -35,7 +35,7 @@ def embed(
     sources = {}
     if not uses_bootstrap and Path(config.clip_pretrained).is_file():
         sources["clip_weights"] = file_sha256(Path(config.clip_pretrained))
-    stage_config = config.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
+    stage_config = key_config(config)
     # `auto` means different vectors on different machines: the key holds what it resolved to here.
     stage_config["precision"] = spec.precision
 

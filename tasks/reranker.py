@@ -3,18 +3,49 @@ early-stopped and fused on val (see `kgmel_core.rerank.learned`)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import RerankConfig, key_config
+from kgmel_core.data.scope import in_scope
 from kgmel_core.factory import create_cross_encoder
+from kgmel_core.rerank.cross_encoder import RerankGroup
 from kgmel_core.rerank.fusion import Fusion
-from kgmel_core.rerank.groups import build_groups
+from kgmel_core.rerank.gate import is_sent, retrieval_margins
+from kgmel_core.rerank.groups import GroupCounts, build_groups
 from kgmel_core.rerank.learned import folds_table, scores_table, train_reranker
 from kgmel_core.retrieval.device import resolve_device, resolved_precision
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
+
+
+@dataclass
+class Stage3Mentions:
+    """What a ranking rerank stage works on: the mentions, those in scope, the served candidates and
+    margins, the mentions the gate sends, and the in-scope mentions' groups."""
+
+    mentions: pl.DataFrame
+    scoped: pl.DataFrame
+    candidates: pl.DataFrame
+    margins: dict[str, float]
+    sent: set[str]
+    groups: list[RerankGroup]
+    counts: GroupCounts
+
+
+def stage3_mentions(config: RerankConfig, ingest: Artifact, retrieve: Artifact, filtered: Artifact,
+                    generation: Artifact | None, kb: Artifact | None) -> Stage3Mentions:
+    mentions = ingest.read("mentions")
+    scoped = in_scope(mentions, config.scope)
+    served = retrieve.read("candidates")
+    margins = dict(retrieval_margins(served).iter_rows())
+    sent = {m for m in scoped["mention_id"].to_list() if is_sent(margins.get(m, math.inf), config.margin_threshold)}
+    groups, counts = stage3_groups(config, scoped, kb or ingest, retrieve, filtered, generation)
+    return Stage3Mentions(mentions, scoped, served, margins, sent, groups, counts)
 
 
 def stage3_groups(config: RerankConfig, mentions: pl.DataFrame, kb: Artifact, retrieve: Artifact,

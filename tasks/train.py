@@ -7,7 +7,7 @@ import torch
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.config import EncoderConfig, RetrieverConfig, TrainingConfig
+from kgmel_core.config import EncoderConfig, RetrieverConfig, TrainingConfig, key_config
 from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import Features, subset_side
 from kgmel_core.retrieval.model import KGMELRetriever
@@ -15,11 +15,6 @@ from kgmel_core.retrieval.training import seed_everything, train_retriever
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.inputs import load_features
-
-
-def encoder_key_config(encoder: EncoderConfig) -> dict:
-    """The encoder settings that decide what vectors a model sees (not batch size or device)."""
-    return encoder.model_dump(exclude={"batch_size", "device", "bootstrap_epochs"})
 
 
 def split_rows(features: Features, split: str) -> torch.Tensor:
@@ -40,8 +35,8 @@ def train(
     and `link` take those settings from the model they serve, not from a live config."""
     config = {
         "retriever": retriever.model_dump(),
-        "training": training.model_dump(exclude={"device"}),
-        "encoder": encoder_key_config(encoder),
+        "training": key_config(training),
+        "encoder": key_config(encoder),
     }
 
     def build(writer):

@@ -1,7 +1,7 @@
-"""Fault injection against the artifact lineage: each test reproduces one way a skeptical operator broke
-the pipeline (issue "Lineage and integrity", observations 1-12) and checks it is now caught or served
-correctly. Corrupt, truncate, bit-flip, delete, garbage manifests, temp leftovers, outages, hostile
-paths, write attempts through `query`."""
+"""Fault injection against the artifact lineage, grouped by the guarantee under test: what is served,
+what a key covers, what is trusted, what survives failures, what queries may do. Corrupt, truncate,
+bit-flip, delete, garbage manifests, temp leftovers, outages, hostile paths, write attempts through
+`query`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def served(prefect_harness, small_demo, tmp_path_factory):
     return config, full_pipeline(config)
 
 
-# 1. Wrong model served ------------------------------------------------------------------------------
+# Wrong model served ------------------------------------------------------------------------------
 
 
 def test_reindex_and_link_serve_the_promoted_model_after_ablations_and_another_dataset(
@@ -106,7 +106,7 @@ def test_registry_serves_the_first_version_until_another_is_promoted_and_keeps_t
     assert [e["event"] for e in registry.history("m")] == ["register", "register", "reindex", "promote"]
 
 
-# 2. Settings drift --------------------------------------------------------------------------------
+# Settings drift --------------------------------------------------------------------------------
 
 
 def test_reindex_refuses_a_config_that_contradicts_the_served_models_encoder(served):
@@ -132,7 +132,7 @@ def test_link_encodes_mentions_with_the_served_models_settings_not_the_defaults(
     assert embedded.manifest["config"]["text_encoder"] == "minilm"  # what the model was trained with
 
 
-# 3. Code is in the key ---------------------------------------------------------------------------
+# Code is in the key ---------------------------------------------------------------------------
 
 
 def _digest_in_copy(tmp_path: Path, module: str) -> str:
@@ -167,7 +167,7 @@ def test_a_code_change_rebuilds_its_stage_and_what_follows(served, monkeypatch):
     assert again["artifacts"]["train"] != first["artifacts"]["train"]
 
 
-# 4. Forced rebuilds propagate by content ------------------------------------------------------------
+# Forced rebuilds propagate by content ------------------------------------------------------------
 
 
 def test_forced_rebuild_with_other_content_gives_later_stages_new_keys(prefect_harness, small_demo, tmp_path,
@@ -191,7 +191,7 @@ def test_forced_rebuild_with_other_content_gives_later_stages_new_keys(prefect_h
         assert changed["artifacts"][stage] != first["artifacts"][stage], stage
 
 
-# 5. Damaged artifacts are never trusted ------------------------------------------------------------
+# Damaged artifacts are never trusted ------------------------------------------------------------
 
 
 def _store_with_table(tmp_path, rows=200):
@@ -239,7 +239,7 @@ def test_damaged_artifact_is_rebuilt_by_the_next_run_and_quarantined(served):
     assert quarantined and "replaced by a rebuild" in (quarantined[0] / "QUARANTINED.txt").read_text()
 
 
-# 6 + 7. Damage elsewhere is not fatal; unfinished folders are invisible ---------------------------
+# Damage elsewhere is not fatal; unfinished folders are invisible ---------------------------
 
 
 def test_garbage_manifest_truncated_part_and_temp_leftovers_do_not_break_a_run(served):
@@ -260,7 +260,7 @@ def test_garbage_manifest_truncated_part_and_temp_leftovers_do_not_break_a_run(s
     assert "deadbeef" not in catalog.query("select key from manifests")["key"].to_list()
 
 
-# 8. LLM failures are re-attempted, bounded, and say why -----------------------------------------
+# LLM failures are re-attempted, bounded, and say why -----------------------------------------
 
 
 LLM = {"model": "fake/model", "timeout_s": 3, "retries": 0, "backoff_s": 0.0, "concurrency": 8}
@@ -286,7 +286,7 @@ def test_outage_then_recovery_recalls_the_failed_calls_within_the_attempt_bound(
     assert recovered.calls == calls.height
 
 
-# 9. Queries are read-only ----------------------------------------------------------------------------
+# Queries are read-only ----------------------------------------------------------------------------
 
 
 def test_query_cannot_write_artifacts_or_read_outside_the_store(served):
@@ -310,7 +310,7 @@ def test_query_cannot_write_artifacts_or_read_outside_the_store(served):
     assert main(["query", f"copy (select 1) to '{target}'", "--artifacts", str(config.artifacts)]) == 2
 
 
-# 10. Paths stay inside their folder; odd characters in the root are harmless ------------------------
+# Paths stay inside their folder; odd characters in the root are harmless ------------------------
 
 
 @pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "link-out.png"])
@@ -332,7 +332,7 @@ def test_glob_characters_in_the_artifact_root_are_harmless(prefect_harness, smal
     assert Catalog(ArtifactStore(config.artifacts)).query("select count(*) as n from candidates")["n"][0] > 0
 
 
-# 11. Catalog updates survive a lock held elsewhere ----------------------------------------------------
+# Catalog updates survive a lock held elsewhere ----------------------------------------------------
 
 
 def test_catalog_refresh_waits_for_a_lock_held_by_another_process(served):
@@ -357,7 +357,7 @@ def test_a_query_never_locks_the_catalog_file(served):
         assert catalog.refresh(attempts=1)
 
 
-# 12. Headline metrics are what was served ------------------------------------------------------------
+# Headline metrics are what was served ------------------------------------------------------------
 
 
 def test_headline_hits_come_from_served_candidates_not_exact_search(prefect_harness, small_demo, tmp_path,

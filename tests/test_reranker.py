@@ -13,7 +13,7 @@ from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mentio
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
 from kgmel_core.rerank.groups import build_groups
 from kgmel_core.rerank.hosted import score_with_api
-from kgmel_core.rerank.learned import fused_hits1, predictions_from_ranking, ranked_table
+from kgmel_core.rerank.learned import fused_hits1, merged_scores, predictions_from_ranking, ranked_table
 
 
 def test_mention_input_marks_the_mention_in_place_or_puts_it_first():
@@ -127,3 +127,9 @@ def test_a_hosted_reranker_scores_through_litellm_and_a_provider_error_is_record
     asked = {r["query"]: r for r in requests}  # calls run concurrently: any order
     assert set(asked) == {"michael jordan scored", "FAIL please"}
     assert len(asked["michael jordan scored"]["documents"]) == 2
+
+
+def test_scores_come_from_this_run_or_from_training_and_none_where_the_gate_kept_retrieval():
+    groups = [RerankGroup(m, "t", ["Q1", "Q2"], ["a", "b"], np.zeros(2, np.float32)) for m in ("m1", "m2", "m3")]
+    merged = merged_scores(groups, {"m1", "m2"}, {"m1": np.array([1.0, 2.0])}, {"m2": {"Q2": 5.0, "Q1": 4.0}})
+    assert merged[0].tolist() == [1.0, 2.0] and merged[1].tolist() == [4.0, 5.0] and merged[2] is None

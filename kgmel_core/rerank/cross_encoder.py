@@ -160,6 +160,22 @@ class CrossEncoder:
         self.tokenizer.save_pretrained(str(folder))
 
 
+def gold_margin(group: RerankGroup) -> float:
+    """How far the retriever put the gold entity ahead of its best wrong candidate (negative: behind)."""
+    others = np.delete(group.retrieval_scores, group.gold)
+    return float(group.retrieval_scores[group.gold] - others.max())
+
+
+def training_sample(usable: Sequence[RerankGroup], n: int, hard_share: float, rng: random.Random) -> list[RerankGroup]:
+    """`n` training mentions: a `hard_share` of them those whose gold the retriever put least ahead (the
+    mistakes and near-ties the reranker is for), the rest a random draw of the others (so it still sees
+    what an easy list looks like)."""
+    n = min(n, len(usable))
+    hard = sorted(usable, key=gold_margin)[: round(hard_share * n)]
+    chosen = {id(g) for g in hard}
+    return hard + rng.sample([g for g in usable if id(g) not in chosen], n - len(hard))
+
+
 @dataclass
 class RerankerTrainResult:
     history: list[dict] = field(default_factory=list)  # one row per validation
@@ -189,7 +205,7 @@ def train_cross_encoder(
     usable = [g for g in train if g.gold is not None and len(g.qids) > 1]
     if not usable:
         raise ValueError("no training mention has its gold entity among its candidates: nothing to learn from")
-    sample = rng.sample(usable, min(config.train_mentions, len(usable)))
+    sample = training_sample(usable, config.train_mentions, config.hard_share, rng)
     steps_per_epoch = math.ceil(len(sample) / config.batch_mentions)
     total = steps_per_epoch * config.epochs
     optimizer = model.optimizer(config.lr)

@@ -85,6 +85,21 @@ def ranked_table(groups: Sequence[RerankGroup], scores: Sequence[np.ndarray | No
     return pl.DataFrame(rows, schema=pl.Schema(schemas.RERANKED))
 
 
+def merged_scores(groups: Sequence[RerankGroup], sent: set[str], fresh: Mapping[str, np.ndarray],
+                  known: Mapping[str, Mapping[str, float]]) -> list[np.ndarray | None]:
+    """Each group's reranker scores: scored now (`fresh`), or kept from training (`known`: mention ->
+    qid -> score); None for a mention the gate did not send."""
+    out: list[np.ndarray | None] = []
+    for group in groups:
+        if group.mention_id not in sent:
+            out.append(None)
+        elif group.mention_id in fresh:
+            out.append(fresh[group.mention_id])
+        else:
+            out.append(np.array([known[group.mention_id][q] for q in group.qids], np.float32))
+    return out
+
+
 def folds_table(fusions: Mapping[str, Fusion]) -> pl.DataFrame:
     rows = [{"mention_id": m, "fold": fold_of(m), "reranker_weight": f.reranker, "retrieval_weight": f.retrieval}
             for m, f in fusions.items()]
