@@ -200,7 +200,7 @@ class CrossEncoderConfig(_Section):
     train_mentions: int = Field(4000, ge=1)  # a seeded sample of the train mentions whose gold was retrieved
     # The share of that sample taken from the mentions whose gold the retriever put least ahead of its best
     # wrong candidate (its mistakes and near-ties); the rest is drawn at random.
-    hard_share: float = Field(0.0, ge=0, le=1)
+    hard_share: float = Field(0.75, ge=0, le=1)
     negatives: int = Field(7, ge=1)  # wrong candidates per training mention, best-ranked first
     epochs: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)
