@@ -20,6 +20,7 @@ from tasks import generate as generate_tasks
 from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
 from tasks import kb as kb_tasks
+from tasks import reranker as reranker_tasks
 from tasks.common import PipelineContext, logger
 
 
@@ -215,6 +216,7 @@ def link(
                 raise ValueError(f"model {model or config.model!r} v{version.number} has no trained reranker: "
                                  "set rerank.method=llm, rerank.enabled=false, or serve a version trained with one")
             reranker = ctx.store.require("train_reranker", version.reranker)
+            config = config.model_copy(update={"rerank": reranker_tasks.as_trained(ctx, config.rerank, reranker)})
         third = stage3(ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed,
                        reranker=reranker)
         stages.update(third)

@@ -23,7 +23,7 @@ from kgmel_core.retrieval.features import mention_heads
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.llm_common import ask_llm, call_stats, calls_table
-from tasks.reranker import check_pairing, known_val_scores, stage3_mentions
+from tasks.reranker import as_trained, check_pairing, known_val_scores, stage3_mentions
 
 
 def _generated(generation: Artifact | None, table: str):
@@ -147,6 +147,7 @@ def rerank_learned(
     (`reranked`) and its top as the prediction. Val mentions are ranked with their out-of-fold fusion,
     so what `evaluate` reports on val was not fitted on the mention itself."""
     check_pairing(ctx, reranker, retrieve)
+    config = as_trained(ctx, config, reranker)  # texts and K exactly as the reranker learned them
     inputs = {"ingest": ingest, "generation": generation, "retrieve": retrieve, "filter": filtered,
               "train_reranker": reranker, "kb": kb}
     stage_config = {"method": config.method, "margin_threshold": config.margin_threshold, "fusion": config.fusion,

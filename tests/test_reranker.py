@@ -29,12 +29,16 @@ def test_a_long_sentence_keeps_a_window_around_the_mention_and_says_it_was_cut()
     cut = mention_input("Obama", sentence, 100)
     assert cut.truncated and "[ Obama ]" in cut.text and len(cut.text) <= 104
     assert not mention_input("Obama", "Obama spoke", 100).truncated
+    at_the_end = mention_input("Obama", "x" * 3000 + " Obama", 100)
+    assert at_the_end.truncated and at_the_end.text.endswith("[ Obama ]")
 
 
 def test_candidate_input_cuts_the_description_at_a_word_and_lists_facts():
     text = candidate_input("Ralph Meeker", "American actor of stage and screen", [("occupation", "actor")], 20)
     assert text == "Ralph Meeker ; American actor of ; occupation: actor"
     assert candidate_input("Iran", None, [], 20) == "Iran"
+    assert candidate_input("Ralph Meeker", "American actor", [("occupation", "actor")], 0) == (
+        "Ralph Meeker ; occupation: actor")  # no description wanted: no empty part either
 
 
 def _groups_inputs():

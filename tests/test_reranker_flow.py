@@ -60,6 +60,11 @@ def test_link_serves_the_promoted_versions_reranker(served, prefect_harness, sma
     reranked = _artifact(store, linked["artifacts"], "rerank")
     assert store.input(reranked, "train_reranker").key == store.models.require(config.model).serving.reranker
     assert linked["predictions"]["source"].to_list() == ["reranker"]
+    # a live config that says otherwise does not change how the served reranker reads (K, texts)
+    other = config.model_copy(update={"rerank": config.rerank.model_copy(update={
+        "candidates": 2, "cross_encoder": config.rerank.cross_encoder.model_copy(update={"max_facts": 0})})})
+    again = link(other, mentions=records)
+    assert _artifact(store, again["artifacts"], "rerank").read("reranked").height == 4
 
 
 def test_a_reranker_is_never_paired_with_another_retrievers_candidates(served, prefect_harness, small_demo):

@@ -57,7 +57,7 @@ def mention_input(mention: str, sentence: str, max_chars: int, description: str 
     at = sentence.find(mention) if mention else -1
     truncated = len(sentence) > max_chars
     if truncated:
-        start = max(0, min(at if at >= 0 else 0, len(sentence) - max_chars) - max_chars // 2)
+        start = min(max(0, (at if at >= 0 else 0) - max_chars // 2), len(sentence) - max_chars)
         sentence, at = sentence[start : start + max_chars], (at - start if at >= 0 else -1)
         at = at if at >= 0 and at + len(mention) <= len(sentence) else -1
     text = f"{sentence[:at]}[ {mention} ]{sentence[at + len(mention):]}" if at >= 0 else f"{mention} ; {sentence}"
@@ -72,7 +72,7 @@ def candidate_input(label: str, description: str | None, facts: Sequence[tuple[s
                     max_description_chars: int) -> str:
     """`label ; description ; relation: tail; ...` with the description cut at a word boundary."""
     parts = [label]
-    if description:
+    if description and max_description_chars:
         cut = description if len(description) <= max_description_chars else (
             description[:max_description_chars].rsplit(" ", 1)[0]
         )
