@@ -1,24 +1,22 @@
 """Models from their config sections, in one place (open_clip's `factory.py` is the model).
 
-What a setting means – which encoder class, which weights, which LLM server – is decided here and
-nowhere else: the frozen encoders (`EncoderSpec.of` + `create_encoder`), a stage's LLM client
-(`open_llm`) and the learned reranker (`create_cross_encoder`). The trained retriever saves and loads
-itself beside its class (`KGMELRetriever.save` / `.load`), as nanoGPT keeps `from_pretrained` with its
-model.
+What a setting means – which encoder class, which weights – is decided here and nowhere else: the
+frozen encoders (`EncoderSpec.of` + `create_encoder`) and the learned reranker (`create_cross_encoder`).
+A stage's LLM client opens in `kgmel_core.llm.open.open_llm`, beside the client: a module's code
+identity includes everything it imports, so stage 1 must not import the retrieval models. The trained
+retriever saves and loads itself beside its class (`KGMELRetriever.save` / `.load`), as nanoGPT keeps
+`from_pretrained` with its model.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kgmel_core.config import TRAIN_ON_DATASET, CrossEncoderConfig, EncoderConfig, LLMConfig
-from kgmel_core.llm.client import LLMClient
+from kgmel_core.config import TRAIN_ON_DATASET, CrossEncoderConfig, EncoderConfig
 from kgmel_core.rerank.cross_encoder import CrossEncoder
 from kgmel_core.retrieval.device import resolve_device, resolved_precision
 from kgmel_core.retrieval.encoders import (
@@ -78,25 +76,6 @@ def encode_texts_with(spec: EncoderSpec, texts: list[str]) -> np.ndarray:
 
 def encode_images_with(spec: EncoderSpec, paths: list[str]) -> np.ndarray:
     return create_encoder(spec).encode_images(paths, progress=False)
-
-
-@contextmanager
-def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[tuple[LLMClient, bool]]:
-    """A client for the configured model, and whether images are sent. `model: local` starts the packaged
-    model's llama.cpp server for the duration of the block (text-only: it never gets an image)."""
-    if config.model != "local":
-        with closing(LLMClient(config, stage, cache_dir)) as client:
-            yield client, config.vision != "no"
-        return
-    if config.vision == "yes":
-        raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
-    from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
-
-    with local_llm_server(parallel=config.concurrency) as api_base, closing(LLMClient(
-        config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
-        extra_body={"cache_prompt": True},
-    )) as client:
-        yield client, False
 
 
 def create_cross_encoder(config: CrossEncoderConfig, trained: Path | None = None) -> CrossEncoder:

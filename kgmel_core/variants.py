@@ -49,9 +49,10 @@ VARIANTS: dict[str, Variant] = {
         {"rerank": {"enabled": True, "method": "cross_encoder", "fusion": "none"}}, _uses("benchmark"),
         stage="reranker",
     ),
-    "kgmel + reranker w/o KB facts": Variant(
-        {"rerank": {"enabled": True, "method": "cross_encoder", "facts": "none"}}, _uses("reranker-facts"),
-        stage="reranker", needs=frozenset({"triples"}),
+    "kgmel + reranker w/o KB facts": Variant(  # candidates as label + description, as a KB without triples
+        {"rerank": {"enabled": True, "method": "cross_encoder", "facts": "none",
+                    "cross_encoder": {"max_description_chars": 200}}},
+        _uses("reranker-facts"), stage="reranker", needs=frozenset({"triples"}),
     ),
     "kgmel + reranker, first KB facts": Variant(
         {"rerank": {"enabled": True, "method": "cross_encoder", "facts": "first"}}, _uses("reranker-facts"),

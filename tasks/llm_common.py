@@ -10,8 +10,8 @@ import polars as pl
 
 from kgmel_core import schemas
 from kgmel_core.config import LLMConfig
-from kgmel_core.factory import open_llm
 from kgmel_core.llm.client import LLMRequest, LLMResult
+from kgmel_core.llm.open import open_llm
 from tasks.common import PipelineContext
 from tasks.parallel import map_shards
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from conftest import small_config
 from fake_llm import FakeLLM, install
 
@@ -181,7 +182,9 @@ def test_forced_rebuild_with_other_content_gives_later_stages_new_keys(prefect_h
 
     def other_numerics(model, *args, **kwargs):  # e.g. a GPU run: same config, other weights
         result = real(model, *args, **kwargs)
-        result.state_dict = {k: v + 1e-3 for k, v in result.state_dict.items()}
+        with torch.no_grad():  # the task saves the model train_retriever leaves behind
+            for weight in model.parameters():
+                weight.add_(1e-3)
         return result
 
     monkeypatch.setattr(train_task, "train_retriever", other_numerics)
