@@ -2,14 +2,7 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# Offline, quiet, and patient on 2 cores (see ../shared/platform-notes.md).
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export LITELLM_LOCAL_MODEL_COST_MAP := True
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export TOKENIZERS_PARALLELISM := false
+# The offline environment (no hub downloads, no telemetry) is set by kgmel itself: kgmel_core/environment.py.
 EXTRAS ?= cpu,dev,llm-local,scale
 
 .PHONY: install models mpnet demo ablations benchmark test test-fast lint serve stop bench clean

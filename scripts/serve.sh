@@ -14,8 +14,7 @@ BIN="${KGMEL_BIN:-$PWD/.venv/bin}"
 PORT="${KGMEL_PREFECT_PORT:-4200}"
 STATE="${PREFECT_HOME:-$HOME/.prefect}/kgmel-serve"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 TOKENIZERS_PARALLELISM=false
+eval "$("$BIN/python" -m kgmel_core.environment)"  # the server never imports kgmel: give it the offline settings
 SETTINGS="$PWD/prefect.toml"
 MARK="# written by scripts/serve.sh (make serve); removed by make stop"
 mkdir -p "$STATE"

@@ -18,6 +18,7 @@ from kgmel_core.data.texts import HeadTexts
 from kgmel_core.retrieval.features import subset_side
 from kgmel_core.retrieval.index import (
     build_index_from_shards,
+    candidates_table,
     load_index,
     save_index,
     search,
@@ -106,18 +107,9 @@ def retrieve(
         else:
             faiss_index, device = to_search_device(load_index(index_artifact.file("entities.faiss")), config)
             scores, ids = search(faiss_index, vectors, config.top_k)
-        k = ids.shape[1]
-        frame = pl.DataFrame(
-            {
-                "mention_id": np.repeat(np.array(features.mentions.ids, dtype=object), k).tolist(),
-                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(vectors)),
-                "row": ids.reshape(-1),
-                "score": scores.reshape(-1).astype(np.float32),
-            }
-        ).filter(pl.col("row") >= 0)
-        frame = frame.with_columns(qid=pl.Series(qids, dtype=pl.String).gather(frame["row"]))
+        frame = candidates_table(features.mentions.ids, scores, ids, qids)
         writer.write_table("candidates", frame, schemas.CANDIDATES)
-        writer.stats.update(mentions=len(vectors), top_k=k, search_device=device)
+        writer.stats.update(mentions=len(vectors), top_k=ids.shape[1], search_device=device)
 
     inputs = {"index": index_artifact, "train": train, "ingest": ingest, "embed": embed, "generation": generation}
     return run_stage(ctx, "retrieve", config.model_dump(include={"top_k"}), inputs, build)

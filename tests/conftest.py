@@ -1,19 +1,9 @@
-import os
+from pathlib import Path
 
-# Offline and quiet before anything imports Prefect, LiteLLM or Hugging Face.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset  # noqa: E402
+# Importing kgmel_core sets the offline environment (kgmel_core/environment.py) before Prefect is imported.
+from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMALL_DEMO = DemoSpec(groups=12, distractors=6, seed=3)

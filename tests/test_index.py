@@ -5,6 +5,7 @@ from kgmel_core.config import IndexConfig
 from kgmel_core.retrieval.index import (
     build_index,
     build_index_from_shards,
+    candidates_table,
     load_index,
     plan_index,
     save_index,
@@ -68,3 +69,15 @@ def test_k_larger_than_kb_and_gpu_modes():
         with pytest.raises(RuntimeError, match="sees no GPU"):
             to_search_device(index, IndexConfig(use_gpu="always"))
         assert to_search_device(index, IndexConfig(use_gpu="auto"))[1] == "cpu"
+
+
+def test_candidates_table_numbers_ranks_from_one_and_drops_faiss_padding():
+    scores = np.array([[0.9, 0.5, -1.0], [0.8, 0.7, 0.1]], dtype=np.float32)
+    rows = np.array([[2, 0, -1], [1, 2, 0]])  # FAISS pads a short answer with row -1
+    table = candidates_table(["m1", "m2"], scores, rows, ["Q10", "Q11", "Q12"])
+    assert table.columns == ["mention_id", "rank", "qid", "score"]
+    assert table.select("mention_id", "rank", "qid").rows() == [
+        ("m1", 1, "Q12"), ("m1", 2, "Q10"), ("m2", 1, "Q11"), ("m2", 2, "Q12"), ("m2", 3, "Q10"),
+    ]
+    assert table["score"].to_list()[:2] == pytest.approx([0.9, 0.5])
+    assert candidates_table([], np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), ["Q10"]).height == 0

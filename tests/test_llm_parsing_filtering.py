@@ -1,6 +1,9 @@
 import numpy as np
+import polars as pl
 import pytest
 
+from kgmel_core.llm.client import LLMResult
+from kgmel_core.llm.generation import generation_requests, generation_tables
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.llm.prompts import (
     GENERATION_SYSTEM,
@@ -58,6 +61,30 @@ def test_generation_parser_reads_type_description_and_caps():
     )
     assert parsed.entity_type == "city" and parsed.description == "capital of France"
     assert parsed.triples[0] == ("instance of", "city") and len(parsed.triples) == 4
+
+
+def test_generation_tables_give_every_mention_one_row_with_its_outcome():
+    mentions = pl.DataFrame({
+        "mention_id": ["ok", "garbled", "failed", "never_asked"],
+        "mention": ["Obama", "Obama", "Obama", "Obama"],
+        "sentence": ["Obama spoke."] * 4,
+        "image_path": [None] * 4,
+    })
+    results = [
+        LLMResult("ok", "person\n- Obama | occupation | politician", {"call_id": "c1"}),
+        LLMResult("garbled", "I am not sure.", {"call_id": "c2"}),
+        LLMResult("failed", None, {"call_id": "c3", "error": "RateLimitError: slow down"}),
+    ]
+    triples, generations = generation_tables(mentions, results, max_triples=8)
+    assert triples.rows() == [("ok", "instance of", "person", "c1"), ("ok", "occupation", "politician", "c1")]
+    rows = {r["mention_id"]: r for r in generations.iter_rows(named=True)}
+    assert [rows[m]["status"] for m in mentions["mention_id"]] == ["ok", "parse_failed", "call_failed", "skipped"]
+    assert rows["ok"]["entity_type"] == "person" and rows["ok"]["n_triples"] == 2
+    assert rows["garbled"]["raw_text"] == "I am not sure."  # kept for inspection
+    assert rows["failed"]["raw_text"] == "RateLimitError: slow down" and rows["failed"]["call_id"] == "c3"
+    assert rows["never_asked"]["call_id"] is None and rows["never_asked"]["n_triples"] == 0
+    requests = generation_requests(mentions.head(2), max_triples=8, send_images=False)
+    assert [r.key for r in requests] == ["ok", "garbled"] and "Obama spoke." in str(requests[0].messages)
 
 
 CANDS = [("Q41421", "Michael Jordan"), ("Q810", "Jordan"), ("Q3", "Jordan River")]

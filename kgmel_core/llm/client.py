@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list download at import
+import diskcache
+import litellm
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tqdm.auto import tqdm
 
-import diskcache  # noqa: E402
-import litellm  # noqa: E402
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from kgmel_core.config import LLMConfig  # noqa: E402
+from kgmel_core.config import LLMConfig
 
 # httpx's own transport: LiteLLM's aiohttp transport leaves sessions open when an event loop ends.
 litellm.disable_aiohttp_transport = True

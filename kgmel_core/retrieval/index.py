@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from kgmel_core.config import IndexConfig
 
@@ -152,3 +153,22 @@ def _cached_index(path: str):
 def search_file(path: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """`search` with the index read from `path` once per process: a shard of queries on a Dask worker."""
     return search(_cached_index(path), queries, k)
+
+
+def candidates_table(mention_ids: list[str], scores: np.ndarray, rows: np.ndarray, qids: list[str]) -> pl.DataFrame:
+    """FAISS's answer as `candidates` rows (mention, rank from 1, qid, score). FAISS pads a short answer
+    (fewer indexed entities than k, or an IVF probe that found fewer) with row -1: those are dropped, not
+    turned into a candidate."""
+    k = rows.shape[1]
+    frame = pl.DataFrame(
+        {
+            "mention_id": np.repeat(np.array(mention_ids, dtype=object), k).tolist(),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(mention_ids)),
+            "row": rows.reshape(-1),
+            "score": scores.reshape(-1).astype(np.float32),
+        },
+        schema={"mention_id": pl.String, "rank": pl.Int32, "row": pl.Int64, "score": pl.Float32},
+    ).filter(pl.col("row") >= 0)
+    return frame.with_columns(qid=pl.Series(qids, dtype=pl.String).gather(frame["row"])).select(
+        "mention_id", "rank", "qid", "score"
+    )
