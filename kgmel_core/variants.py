@@ -13,7 +13,7 @@ from kgmel_core.config import PipelineConfig, deep_merge
 @dataclass(frozen=True)
 class Variant:
     overrides: dict[str, Any]
-    uses: frozenset[str]  # which comparisons list it: ablations, benchmark, speed
+    uses: frozenset[str]  # which comparisons list it: ablations, benchmark, retriever-study, reranker-facts, speed
     stage: Literal["retriever", "reranker"] = "retriever"
     needs: frozenset[str] = field(default_factory=frozenset)  # what the data must hold: triples, descriptions, images
 
@@ -32,15 +32,16 @@ VARIANTS: dict[str, Variant] = {
                                  needs=frozenset({"triples"})),
     "kgmel w/o image": Variant({"retriever": {"use_image": False}}, _uses("ablations"), needs=frozenset({"images"})),
     "kgmel w/o gate": Variant({"retriever": {"use_gate": False}}, _uses("ablations")),  # no images: it gates nothing
-    "kgmel w/o names": Variant({"retriever": {"use_name": False}}, _uses("benchmark")),
+    # The retriever's design study: opt-in (`kgmel benchmark --variant`), so `make benchmark` stays under an hour.
+    "kgmel w/o names": Variant({"retriever": {"use_name": False}}, _uses("retriever-study")),
     "kgmel, paper architecture": Variant(  # no name view, random init, reference top-p, the paper's lr
         {"retriever": {"init": "paper", "use_name": False, "top_p_renormalize": False},
          "training": {"lr": 1e-3, "hard_negatives": 0}},
-        _uses("benchmark"),
+        _uses("retriever-study"),
     ),
-    "kgmel, label-only entities": Variant(LABEL_ONLY, _uses("benchmark"), needs=frozenset({"descriptions"})),
+    "kgmel, label-only entities": Variant(LABEL_ONLY, _uses("retriever-study"), needs=frozenset({"descriptions"})),
     "kgmel w/o triples, label-only entities": Variant(
-        deep_merge(LABEL_ONLY, {"retriever": {"use_triples": False}}), _uses("benchmark"),
+        deep_merge(LABEL_ONLY, {"retriever": {"use_triples": False}}), _uses("retriever-study"),
         needs=frozenset({"triples", "descriptions"}),
     ),
     "kgmel + reranker": Variant({"rerank": {"enabled": True, "method": "cross_encoder"}}, _uses("benchmark"),
