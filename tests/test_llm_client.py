@@ -99,6 +99,19 @@ def test_api_base_is_part_of_the_cache_key(tmp_path):
     assert fake.calls == 4  # another server is another model: no answer is reused across them
 
 
+def test_the_same_served_model_hits_the_cache_on_a_new_port(tmp_path):
+    """The packaged model's server binds a random port on each start: the cache follows the model file."""
+    fake = FakeLLM()
+    install(fake)
+    packaged = "packaged:model.gguf:0123abcd"
+    settings = LLMConfig(model="fake/model", timeout_s=3, retries=0, backoff_s=0.0)
+    for port in (41001, 52002):
+        client = LLMClient(settings, "generate", tmp_path / "cache", api_base=f"http://127.0.0.1:{port}/v1",
+                           served_by=packaged)
+        results = client.run(_requests(2), progress=False)
+    assert fake.calls == 2 and all(r.call["cached"] for r in results)
+
+
 def test_a_call_waiting_to_retry_gives_its_concurrency_slot_to_others(tmp_path):
     class FirstCallFails(FakeLLM):
         async def acompletion(self, *args, **kwargs):

@@ -3,7 +3,7 @@
 Bounded concurrency, a per-call time limit (`asyncio.wait_for`: LiteLLM's own `timeout=` is not
 enforced for every provider), retries with exponential back-off on transient errors only (tenacity;
 a call waiting to retry gives its concurrency slot to others), and a disk cache keyed by
-(model, api_base, messages, params) so a re-run makes no call. Every call, cached or
+(model, server, messages, params) so a re-run makes no call. Every call, cached or
 failed, yields one `llm_calls` row. A failed call is a recorded result, never an exception: the
 stages decide what a failure means (a recorded parse failure, a retrieval fallback).
 """
@@ -80,10 +80,14 @@ class LLMClient:
         api_base: str | None = None,
         model: str | None = None,
         extra_body: dict[str, Any] | None = None,
+        served_by: str | None = None,
     ):
+        """`served_by`: what answers, for the cache key, where `api_base` does not say it – the packaged
+        model's server binds a new port on every start, but serves the same model file."""
         self.config, self.stage = config, stage
         self.model = model or config.model
         self.api_base = api_base or config.api_base
+        self.served_by = served_by or self.api_base
         self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.params: dict[str, Any] = {"temperature": config.temperature, "max_tokens": config.max_tokens}
         self.extra_body = extra_body  # provider-specific request fields (llama.cpp: cache_prompt)
@@ -123,9 +127,7 @@ class LLMClient:
         return choice.message.content or ""
 
     async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
-        digest = prompt_hash(
-            self.model, request.messages, {**self.params, "api_base": self.api_base}
-        )
+        digest = prompt_hash(self.model, request.messages, {**self.params, "api_base": self.served_by})
         call = {
             "call_id": f"{self.stage}-{digest[:16]}",
             "stage": self.stage,
