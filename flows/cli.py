@@ -70,6 +70,19 @@ def _config(config: Path | None, overrides: list[str] | None) -> tuple[PipelineC
         raise UserError(f"invalid config: {exc}") from None
 
 
+def _preflight_dataset(loaded: PipelineConfig, job: str) -> None:
+    """Jobs that ingest the dataset check its files before Prefect starts; `reindex-kb` only its KB
+    files (none when the KB comes from a Wikidata dump)."""
+    from kgmel_core.data.datasets import DatasetError, DatasetLayout
+
+    if job == Job.reindex_kb and loaded.kb.dump:
+        return
+    try:
+        DatasetLayout.of(loaded.dataset).preflight(kb_only=job == Job.reindex_kb)
+    except DatasetError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _store(artifacts: str | None, config: Path | None):
     """The artifact store named by --artifacts, else by the config, else ./artifacts (a folder or a URL)."""
     from storage import ArtifactStore
@@ -125,7 +138,8 @@ def run(
     promote: Annotated[bool, typer.Option(help="Serve the model this run trains (full-pipeline).")] = False,
 ) -> None:
     """Run a job locally: the same flow the deployments run."""
-    _, overrides = _config(config, set_)
+    loaded, overrides = _config(config, set_)
+    _preflight_dataset(loaded, job.value)
     _run_flow(job=job.value, config_path=str(config) if config else None, overrides=overrides, model=model,
               promote=promote)
 
@@ -172,14 +186,16 @@ def link(
 @app.command()
 def reindex(config: ConfigOption = None, set_: SetOption = None, model: ModelOption = None) -> None:
     """Re-read the KB and rebuild the served model's index (what the nightly deployment runs)."""
-    _, overrides = _config(config, set_)
+    loaded, overrides = _config(config, set_)
+    _preflight_dataset(loaded, Job.reindex_kb)
     _run_flow(job="reindex-kb", config_path=str(config) if config else None, overrides=overrides, model=model)
 
 
 @app.command()
 def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train and evaluate the retriever and its ablations (no triples / image / gate); nothing is served."""
-    _, overrides = _config(config, set_)
+    loaded, overrides = _config(config, set_)
+    _preflight_dataset(loaded, Job.ablations)
     _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
 
 
@@ -220,7 +236,8 @@ def benchmark_command(
     offered = {**variants_for("benchmark"), **variants_for("retriever-study"), **variants_for("reranker-facts")}
     if unknown := [v for v in variant or [] if v not in offered]:
         raise UserError(f"unknown benchmark variant {unknown[0]!r}; choose from: " + ", ".join(map(repr, offered)))
-    _, overrides = _config(config, set_)
+    loaded, overrides = _config(config, set_)
+    _preflight_dataset(loaded, "benchmark")
     _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides,
               variants=variant or None)
 

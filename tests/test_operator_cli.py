@@ -58,6 +58,9 @@ def test_bad_arguments_fail_before_any_server_starts():
         (["run", "--config", "/no/such.yaml"], "does not exist"),
         (["run", "--set", "index.top_k=0"], "top_k"),
         (["benchmark", "--variant", "nope"], "unknown benchmark variant 'nope'; choose from: 'kgmel'"),
+        (["run", "--set", "dataset.path=/no/such/folder"], "dataset.path: /no/such/folder does not exist"),
+        (["ablations", "--set", "dataset.path=/no/such/folder"], "dataset.path: /no/such/folder does not exist"),
+        (["run", "--set", "dataset.path=README.md"], "is a file, not a folder"),
     ):
         out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 2, (argv, out.stdout, out.stderr)

@@ -91,6 +91,19 @@ class DatasetLayout:
         names = {f.name for f in fields(cls)} - {"root"}
         return cls(root=Path(config.path).resolve(), **config.model_dump(include=names))
 
+    def preflight(self, kb_only: bool = False) -> None:
+        """The files a run will read exist: checked before Prefect starts, so a typo in `dataset.path`
+        fails in a second with the setting's name instead of inside the ingest stage."""
+        if not self.root.is_dir():
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise DatasetError(f"dataset.path: {self.root} {what}")
+        if kb_only:  # the KB files are optional (a KB can come from the mentions' own entity records)
+            return
+        if not (self.root / self.splits_file).is_file():
+            raise DatasetError(f"dataset.path: {self.root} has no {self.splits_file}")
+        if not self.resolve_mentions_file().is_file():
+            raise DatasetError(f"dataset.mentions_file: {self.resolve_mentions_file()} does not exist")
+
     def resolve_mentions_file(self) -> Path:
         if self.mentions_file:
             return self.root / self.mentions_file
