@@ -38,6 +38,12 @@ class Job(StrEnum):
     ablations = "ablations"
 
 
+class Output(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML config file (configs/*.yaml)."),
@@ -167,6 +173,8 @@ def link(
         raise UserError(f"{mentions_file}: not valid JSON ({exc})") from None
     if not isinstance(records, list):
         raise UserError(f"{mentions_file}: expected a JSON list of sentence records")
+    if not records:
+        raise UserError(f"{mentions_file}: the list is empty: no sentence records to link")
     result = _run_flow(
         job="link",
         config_path=str(config) if config else None,
@@ -247,7 +255,7 @@ def query(
     sql: Annotated[str, typer.Argument(help="SELECT or EXPLAIN; views as in the README.")],
     artifacts: ArtifactsOption = None,
     config: ConfigOption = None,
-    output: Annotated[str, typer.Option(help="table | csv | json")] = "table",
+    output: Annotated[Output, typer.Option(help="How to print the rows.")] = Output.table,
 ) -> None:
     """Run a read-only SQL query over the artifact catalog (DuckDB)."""
     from storage import Catalog, QueryRefused
@@ -259,9 +267,13 @@ def query(
         raise UserError(str(exc)) from None
     except Exception as exc:  # DuckDB's own message (unknown view or column) is what the user needs
         raise UserError(f"query failed: {exc}") from None
-    if output == "csv":
+    if output == Output.csv:
+        nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+        if nested:  # CSV has no lists: say which columns, instead of polars' traceback
+            raise UserError(f"--output csv cannot hold the nested columns {nested}: leave them out, turn them "
+                            "into text in the SQL (e.g. to_json(vector)), or use --output json")
         sys.stdout.write(frame.write_csv())
-    elif output == "json":
+    elif output == Output.json:
         sys.stdout.write(frame.write_json())
     else:
         import polars as pl

@@ -18,16 +18,29 @@ SUMMARY_ARTIFACT_KEY = "kgmel-run-summary"
 
 
 def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]:
-    """Loud notes for LLM stages of this run that asked the LLM nothing, or whose calls failed."""
+    """Loud notes: skipped records, mentions read lossily (not in their sentence, no image), LLM stages that
+    asked nothing or whose calls failed."""
     warnings = []
     for record in records:
-        if record.status != "ok" or record.stage not in ("ingest", "generate", "rerank"):
+        if record.status != "ok" or record.stage not in ("ingest", "ingest_link", "generate", "rerank"):
             continue
         stats = store.require(record.stage, record.key).manifest["stats"]
         if stats.get("rejected_records"):
             warnings.append(
                 f"WARNING {record.stage}: {stats['rejected_records']} bad records skipped "
                 "(dataset.bad_records=skip); each is in the `rejected` table with file, record, field and reason"
+            )
+        if stats.get("mentions_not_in_sentence"):
+            warnings.append(
+                f"NOTE {record.stage}: {stats['mentions_not_in_sentence']} mentions do not occur in their sentence "
+                f"(kept, e.g. {stats['mentions_not_in_sentence_examples'][0]})"
+            )
+        if record.stage == "ingest_link" and stats.get("mentions_without_image"):
+            why = "no image folder was given (kgmel link --image-dir, or the link deployment's image_dir)" if not \
+                stats.get("image_dir") else f"their image is not in {stats['image_dir']}"
+            warnings.append(
+                f"WARNING ingest_link: {stats['mentions_without_image']} of {stats.get('mentions')} mentions are "
+                f"linked from text alone: {why}"
             )
         asked, total = stats.get("in_scope"), stats.get("mentions")
         if asked == 0 and total:

@@ -10,7 +10,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
-from kgmel_core.data.datasets import DatasetLayout, read_dataset, read_mentions
+from kgmel_core.data.datasets import DatasetError, DatasetLayout, read_dataset, read_mentions
 from storage import Artifact, file_sha256
 from storage.store import canonical_json, folder_fingerprint
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
@@ -67,10 +67,12 @@ def ingest_link_mentions(
 
     def build(writer):
         mentions, stats = read_mentions(path, None, folder, records=records, require_gold=False)
+        if mentions.height == 0:  # an empty artifact would only fail later, in embed, with Arrow's words
+            raise DatasetError(f"{path or 'records'}: no mentions to link ({stats['sentences']} sentence records)")
         writer.write_table("mentions", mentions, schemas.MENTIONS)
         writer.write_table("entities", pl.DataFrame(schema=pl.Schema(schemas.ENTITIES)), schemas.ENTITIES)
         writer.write_table("kb_triples", pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES)), schemas.KB_TRIPLES)
-        writer.stats.update(stats)
+        writer.stats.update(stats, image_dir=str(folder) if folder else None)
 
     config = {"image_dir": str(folder) if folder else None}
     return run_stage(ctx, "ingest_link", config, {}, build, sources=sources)

@@ -178,6 +178,8 @@ def test_unusable_images_count_as_no_image_and_are_named(tmp_path, small_demo):
         "text.jpg": "Mini.json: record 2 (id=2)",
         "truncated.jpg": "Mini.json: record 3 (id=3)",
     }
+    reasons = {Path(e["file"]).name: e["reason"] for e in ds.stats["bad_mention_image_examples"]}
+    assert "BytesIO" not in str(reasons) and "text.jpg" in reasons["text.jpg"]  # the file, not PIL's buffer
 
 
 def test_bad_records_fail_by_default_and_skip_files_each_one_in_rejected(tmp_path):
@@ -197,3 +199,64 @@ def test_bad_records_fail_by_default_and_skip_files_each_one_in_rejected(tmp_pat
         ("triples.tsv", "2", "Q76", "relation"),
     ]
     assert ds.rejected["reason"].str.contains("must be a non-empty string").sum() == 2
+
+
+def test_a_qid_repeated_in_the_dict_form_is_refused_or_rejected_never_overwritten(tmp_path):
+    layout = _dataset(tmp_path, [GOOD], entities={})
+    (tmp_path / "kb" / "entities.json").write_text(  # JSON keeps the last of two equal keys, silently
+        '{"Q76": {"label": "Barack Obama", "description": "president"}, "Q76": {"label": "Impostor"}}'
+    )
+    with pytest.raises(DatasetError, match=r"entities.json: entity 1 \(qid=Q76\): duplicate field 'qid'"):
+        read_dataset(layout)
+    ds = read_dataset(layout, bad_records="skip")
+    assert ds.entities.select("qid", "label", "description").rows() == [("Q76", "Barack Obama", "president")]
+    assert ds.rejected.select("file", "record", "record_id", "field").rows() == [("entities.json", "1", "Q76", "qid")]
+
+
+def test_a_field_repeated_inside_a_record_or_entity_or_splits_is_refused(tmp_path):
+    for name, text, message in (
+        ("Mini.json", '[{"id": 7, "sentence": "Obama spoke.", "sentence": "Other.", "mention": ["Obama"], '
+                      '"entity": ["Barack Obama"], "answer": ["Q76"]}]',
+         r"record 0 \(id=7\): field 'sentence' appears more than once"),
+        ("kb/entities.json", '{"Q76": {"label": "Barack Obama", "label": "Impostor"}}',
+         r"entity 0 \(qid=Q76\): field 'label' appears more than once"),
+        ("splits.json", '{"train": [7], "train": []}', "split 'train' is listed more than once"),
+    ):
+        folder = tmp_path / name.replace("/", "_")
+        folder.mkdir()
+        _dataset(folder, [GOOD], entities={"Q76": {"label": "Barack Obama"}})
+        (folder / name).write_text(text)
+        with pytest.raises(DatasetError, match=message):
+            read_dataset(DatasetLayout(folder))
+
+
+def test_mentions_missing_from_their_sentence_are_kept_counted_and_named(tmp_path):
+    records = [GOOD, {**GOOD, "id": 8, "mention": ["Hermann Beckerath"], "sentence": "Hermann von Beckerath."}]
+    ds = read_dataset(_dataset(tmp_path, records))
+    assert ds.mentions.height == 2  # benchmarks normalise surfaces: such a mention is still linkable
+    assert ds.stats["mentions_not_in_sentence"] == 1
+    [example] = ds.stats["mentions_not_in_sentence_examples"]
+    assert example == "Mini.json: record 1 (id=8): mention[0] 'Hermann Beckerath'"
+
+
+def test_a_link_request_without_mentions_fails_in_ingest_naming_it(tmp_path):
+    """Not an empty artifact that embed later rejects with "list_size needs to be a strict positive integer"."""
+    from storage import ArtifactStore, RunLog
+    from tasks.common import PipelineContext, StageFailed
+    from tasks.ingest import ingest_link_mentions
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    ctx = PipelineContext(store, RunLog(store, "t", "test"))
+    with pytest.raises(StageFailed, match=r"DatasetError: records: no mentions to link \(0 sentence records\)"):
+        ingest_link_mentions.fn(ctx, records=[])
+    assert store.keys("ingest_link") == []  # nothing published
+
+
+def test_a_triples_line_with_too_many_fields_is_named_by_line(tmp_path):
+    triples = "Q76\tP31\thuman\nQ76\tP39\tPresident\textra\nQ76\tP69\tHarvard\n"
+    layout = _dataset(tmp_path, [GOOD], entities={"Q76": {"label": "Obama"}}, triples=triples)
+    with pytest.raises(DatasetError, match=r"triples.tsv: line 2: expected 3 tab-separated fields .* found 4"):
+        read_dataset(layout)
+    ds = read_dataset(layout, bad_records="skip")
+    assert ds.kb_triples.select("relation", "tail").rows() == [("P31", "human"), ("P69", "Harvard")]
+    assert ds.rejected.select("file", "record", "field").rows() == [("triples.tsv", "2", "line")]

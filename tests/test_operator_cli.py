@@ -61,6 +61,7 @@ def test_bad_arguments_fail_before_any_server_starts():
         (["run", "--set", "dataset.path=/no/such/folder"], "dataset.path: /no/such/folder does not exist"),
         (["ablations", "--set", "dataset.path=/no/such/folder"], "dataset.path: /no/such/folder does not exist"),
         (["run", "--set", "dataset.path=README.md"], "is a file, not a folder"),
+        (["query", "select 1", "--output", "xml"], "is not one of"),
     ):
         out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 2, (argv, out.stdout, out.stderr)
@@ -105,6 +106,24 @@ def test_a_stage_that_skips_every_mention_says_so(linked, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "WARNING generate: none of the 2 mentions is in the configured LLM scope" in out
+    # new.json names no image and no --image-dir was given: text-only linking is said, not silent
+    assert "WARNING ingest_link: 2 of 2 mentions are linked from text alone: no image folder was given" in out
+
+
+def test_csv_output_of_a_nested_column_names_it(linked, capsys):
+    folder, _ = linked
+    argv = ["query", "select mention_id, vector from fused_mentions limit 2", "--artifacts", str(folder / "artifacts")]
+    assert main([*argv, "--output", "csv"]) == 2
+    assert "--output csv cannot hold the nested columns ['vector']" in capsys.readouterr().out
+    assert main([*argv, "--output", "json"]) == 0
+
+
+def test_linking_an_empty_list_is_refused_before_any_server_starts(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    out = subprocess.run([*KGMEL, "link", str(empty)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "no sentence records to link" in out.stdout + out.stderr
+    assert "temporary server" not in out.stdout + out.stderr
 
 
 def _documented_queries() -> list[str]:
