@@ -76,11 +76,27 @@ def _config(config: Path | None, overrides: list[str] | None) -> tuple[PipelineC
         raise UserError(f"invalid config: {exc}") from None
 
 
+def _preflight_artifacts(loaded: PipelineConfig) -> None:
+    """A local artifacts root must be a folder this user can write (or a path one can be made at):
+    otherwise every stage would fail on its first write, after Prefect started. Object-store URLs are
+    checked by their first write."""
+    if "://" in loaded.artifacts:
+        return
+    root = Path(loaded.artifacts).resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"artifacts: {root} is a file, not a folder")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == root else f" (its nearest existing folder {existing})"
+        raise UserError(f"artifacts: {root} is not writable{where}")
+
+
 def _preflight_dataset(loaded: PipelineConfig, job: str) -> None:
     """Jobs that ingest the dataset check its files before Prefect starts; `reindex-kb` only its KB
     files (none when the KB comes from a Wikidata dump)."""
     from kgmel_core.data.datasets import DatasetError, DatasetLayout
 
+    _preflight_artifacts(loaded)
     if job == Job.reindex_kb and loaded.kb.dump:
         return
     try:
@@ -167,6 +183,7 @@ def link(
 ) -> None:
     """Link new mentions against the served model's index (no retraining) and print the predictions."""
     loaded, overrides = _config(config, set_)
+    _preflight_artifacts(loaded)
     try:
         records = json.loads(mentions_file.read_text())
     except json.JSONDecodeError as exc:

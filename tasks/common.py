@@ -7,6 +7,7 @@ when inputs change and change back, and by verifying the artifact's files before
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,9 +30,13 @@ class StageFailed(RuntimeError):
 # wrong path only delays the message that names it.
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError, MemoryError)
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# A full disk, a read-only file system, a quota: a retry seconds later meets the same wall.
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return False
     return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, PERMANENT_OS_ERRORS)
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 from pathlib import Path
@@ -113,3 +114,6 @@ def test_a_wrong_path_is_not_a_transient_error_but_a_disk_hiccup_is():
     assert not is_transient(PermissionError("denied"))
     assert is_transient(OSError("disk hiccup")) and is_transient(TimeoutError())
     assert not is_transient(ValueError("bad input"))
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):  # a full disk or a read-only root does not heal
+        assert not is_transient(OSError(code, os.strerror(code)))
+    assert is_transient(OSError(errno.EIO, "I/O error"))
