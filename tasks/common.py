@@ -89,6 +89,17 @@ def _reattempt(existing: Artifact, max_attempts: int | None) -> int | None:
     return attempt + 1 if failed and max_attempts and attempt < max_attempts else None
 
 
+def _record_outcome(ctx: PipelineContext, record: StageRecord) -> None:
+    """A failed stage's record, written where possible. On a full disk its write fails too: the stage's
+    own error must still be the one raised, so this one is logged (the record stays in memory, where
+    the run summary reads it) instead of replacing it."""
+    try:
+        ctx.run_log.add(record)
+    except OSError as exc:
+        logger().error("stage %s %s (%s); its run-log record could not be written: %s",
+                       record.stage, record.status, record.error, exc)
+
+
 def run_stage(
     ctx: PipelineContext,
     stage: str,
@@ -144,8 +155,12 @@ def run_stage(
             build(writer)
     except Exception as exc:
         seconds = time.perf_counter() - started
-        ctx.run_log.add(StageRecord(stage, key, False, 0, seconds, "failed", f"{type(exc).__name__}: {exc}", note))
+        _record_outcome(ctx, StageRecord(stage, key, False, 0, seconds, "failed", f"{type(exc).__name__}: {exc}", note))
         raise StageFailed(f"stage {stage!r} (artifact key {key}) failed: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: the run log says so too
+        seconds = time.perf_counter() - started
+        _record_outcome(ctx, StageRecord(stage, key, False, 0, seconds, "interrupted", type(exc).__name__, note))
+        raise
     artifact = ctx.store.require(stage, key)
     seconds = time.perf_counter() - started
     failed = int(artifact.manifest["stats"].get("calls_failed", 0) or 0)

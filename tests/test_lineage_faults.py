@@ -263,6 +263,47 @@ def test_garbage_manifest_truncated_part_and_temp_leftovers_do_not_break_a_run(s
     assert "deadbeef" not in catalog.query("select key from manifests")["key"].to_list()
 
 
+# Every stage outcome reaches the run log, interruptions and failures on a full disk included --------
+
+
+def _stage_ctx(tmp_path):
+    from storage import RunLog
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    return common.PipelineContext(store, RunLog(store, "run-1", "test"))
+
+
+def test_an_interrupted_stage_is_recorded_and_the_interruption_propagates(tmp_path):
+    ctx = _stage_ctx(tmp_path)
+
+    def build(writer):
+        raise KeyboardInterrupt  # what SIGINT raises; Prefect's SIGTERM handler raises a BaseException too
+
+    with pytest.raises(KeyboardInterrupt):
+        common.run_stage(ctx, "embed", {}, {}, build)
+    runs = pl.read_parquet(tmp_path / "artifacts" / "_runs" / "run-1.parquet")
+    assert runs.select("stage", "status", "error").rows() == [("embed", "interrupted", "KeyboardInterrupt")]
+    assert ctx.store.keys("embed") == []  # and nothing half-written was published
+
+
+def test_a_failure_whose_record_cannot_be_written_still_raises_its_own_error(tmp_path, monkeypatch):
+    import errno
+
+    ctx = _stage_ctx(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ctx.store.fsx, "write_parquet_atomic", disk_full)
+
+    def build(writer):
+        raise ValueError("record 3: field 'answer' is not a QID")
+
+    with pytest.raises(common.StageFailed, match="ValueError: record 3: field 'answer' is not a QID"):
+        common.run_stage(ctx, "ingest", {}, {}, build)
+    assert [(r.stage, r.status) for r in ctx.run_log.records] == [("ingest", "failed")]  # kept for the summary
+
+
 # LLM failures are re-attempted, bounded, and say why -----------------------------------------
 
 
