@@ -14,10 +14,13 @@ store, a per-URL folder of `~/.cache/kgmel/stores/` for a remote one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import posixpath
+import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -144,11 +147,49 @@ class StoreFS:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a local file whole or not at all: a temp file beside it, fsynced, then renamed over it."""
+    """Write a local file whole or not at all: a temp file beside it, fsynced, then renamed over it.
+    A failed write (a full disk) removes its temp file; one left by a killed process names that
+    process, so `sweep_stale_temp_files` can tell it from a live writer's."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = f"{os.fspath(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_temp_files(folder: Path, min_age_s: float = 600.0) -> int:
+    """Remove the temp files of `write_atomic` under `folder` whose writer process is gone (killed
+    mid-write); a live writer's – another run on this machine – is never touched. A write takes
+    seconds, so files younger than `min_age_s` are left too: on a store shared by several machines a
+    process id says nothing about another machine's writers. Returns the count removed."""
+    removed, now = 0, time.time()
+    for path in folder.rglob("*.tmp") if folder.is_dir() else []:
+        match = _TEMP_NAME.search(path.name)
+        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+            removed += 1
+    return removed

@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import StoreFS, write_atomic
+from storage.fs import StoreFS, sweep_stale_temp_files, write_atomic
 from storage.registry import ModelRegistry
 
 MANIFEST = "manifest.json"
@@ -470,7 +470,7 @@ class ArtifactStore:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def sweep_temporaries(self, older_than_s: float = 3600) -> int:
-        """Remove temp folders left by crashed runs (never trusted anyway); returns how many.
+        """Remove temp folders and files left by crashed runs (never trusted anyway); returns how many.
 
         Only old ones: a concurrent run on the same store may be writing a young one right now.
         """
@@ -487,6 +487,10 @@ class ArtifactStore:
             if tmp.stat().st_mtime < cutoff:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed += 1
+        if self.fsx.local:  # temp files of single-file writes (run log, embedding cache, stat caches)
+            for folder in self.fsx.entries(self.fsx.base, dirs=True):
+                if folder.startswith("_"):
+                    removed += sweep_stale_temp_files(Path(self.fsx.join(folder)))
         return removed
 
 

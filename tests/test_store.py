@@ -117,3 +117,38 @@ def test_a_wrong_path_is_not_a_transient_error_but_a_disk_hiccup_is():
     for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):  # a full disk or a read-only root does not heal
         assert not is_transient(OSError(code, os.strerror(code)))
     assert is_transient(OSError(errno.EIO, "I/O error"))
+
+
+def test_a_write_that_fails_on_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
+    from storage import fs
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        fs.write_atomic(tmp_path / "_runs" / "run.parquet", b"rows")
+    assert list((tmp_path / "_runs").iterdir()) == []
+
+
+def test_the_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
+    import subprocess
+    import sys
+
+    from storage.fs import sweep_stale_temp_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    cache = tmp_path / "_embedding_cache" / "text"
+    cache.mkdir(parents=True)
+    orphan = cache / f"part-1.parquet.{dead_pid}-0123abcd.tmp"  # its writer was killed mid-write
+    live = cache / f"part-2.parquet.{os.getppid()}-0123abcd.tmp"  # another run, still writing
+    young = cache / f"part-3.parquet.{dead_pid}-4567abcd.tmp"  # maybe another machine's, seconds old
+    other = cache / "notes.tmp"  # not ours: no writer named
+    for path in (orphan, live, young, other):
+        path.write_bytes(b"partial")
+    old = os.path.getmtime(orphan) - 3600
+    for path in (orphan, live, other):
+        os.utime(path, (old, old))
+    assert sweep_stale_temp_files(tmp_path) == 1
+    assert not orphan.exists() and live.exists() and young.exists() and other.exists()
