@@ -35,6 +35,11 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
                 f"NOTE {record.stage}: {stats['mentions_not_in_sentence']} mentions do not occur in their sentence "
                 f"(kept, e.g. {stats['mentions_not_in_sentence_examples'][0]})"
             )
+        if stats.get("sentences_cut"):
+            warnings.append(
+                f"NOTE {record.stage}: {stats['sentences_cut']} sentences longer than dataset.max_sentence_chars="
+                f"{stats.get('max_sentence_chars')} were cut to a window around their first mention"
+            )
         if record.stage == "ingest_link" and stats.get("mentions_without_image"):
             why = "no image folder was given (kgmel link --image-dir, or the link deployment's image_dir)" if not \
                 stats.get("image_dir") else f"their image is not in {stats['image_dir']}"

@@ -47,6 +47,9 @@ class DatasetConfig(_Section):
     property_labels_file: str = "PID2Label.tsv"
     # A malformed record stops ingest (fail), or is filed in the `rejected` table and counted (skip).
     bad_records: Literal["fail", "skip"] = "fail"
+    # A longer sentence is cut to this many characters around its first mention (counted): a 1 MB
+    # "sentence" would otherwise cost minutes and a GB in every text stage for what a window carries.
+    max_sentence_chars: int = Field(5000, ge=200)
 
 
 class KBConfig(_Section):

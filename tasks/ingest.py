@@ -27,7 +27,7 @@ def ingest(ctx: PipelineContext, config: DatasetConfig, kb: Artifact | None = No
 
     def build(writer):
         tables = (kb.read("entities"), kb.read("kb_triples")) if kb is not None else None
-        dataset = read_dataset(layout, config.bad_records, tables)
+        dataset = read_dataset(layout, config.bad_records, tables, config.max_sentence_chars)
         writer.write_table("mentions", dataset.mentions, schemas.MENTIONS)
         writer.write_table("rejected", dataset.rejected, schemas.REJECTED)
         writer.write_table("entities", dataset.entities, schemas.ENTITIES)

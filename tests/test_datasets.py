@@ -260,3 +260,25 @@ def test_a_triples_line_with_too_many_fields_is_named_by_line(tmp_path):
     ds = read_dataset(layout, bad_records="skip")
     assert ds.kb_triples.select("relation", "tail").rows() == [("P31", "human"), ("P69", "Harvard")]
     assert ds.rejected.select("file", "record", "field").rows() == [("triples.tsv", "2", "line")]
+
+
+def test_a_huge_sentence_is_cut_to_a_window_around_its_mention_and_counted(tmp_path):
+    filler = "word " * 200_000  # a 1 MB "sentence"
+    record = {**GOOD, "sentence": f"{filler}Obama spoke in Berlin. {filler}"}
+    ds = read_dataset(_dataset(tmp_path, [record]), max_sentence_chars=1000)
+    [sentence] = ds.mentions["sentence"].to_list()
+    assert len(sentence) == 1000 and "Obama spoke in Berlin." in sentence
+    assert ds.stats["sentences_cut"] == 1 and ds.stats["mentions_not_in_sentence"] == 0
+
+
+@pytest.mark.parametrize(("sentence", "expected"), [
+    ("abcdefghij", "abcdefghij"),  # short enough: untouched
+    ("0123456789MENTION0123456789", "89MENTION0"),  # centred on the mention
+    ("MENTION0123456789", "MENTION012"),  # at the start
+    ("0123456789MENTION", "789MENTION"),  # at the end: the last max_chars
+    ("no such words here", "no such wo"),  # absent: the start
+])
+def test_sentence_window(sentence, expected):
+    from kgmel_core.data.datasets import sentence_window
+
+    assert sentence_window(sentence, "mention", 10) == expected

@@ -247,6 +247,19 @@ def read_property_labels(path: Path) -> dict[str, tuple[str, str]]:
     return {row[0]: (row[1], row[2] or "") for row in table.iter_rows()}
 
 
+MAX_SENTENCE_CHARS = DatasetConfig.model_fields["max_sentence_chars"].default
+
+
+def sentence_window(sentence: str, mention: str, max_chars: int) -> str:
+    """At most `max_chars` of `sentence`, centred on the first occurrence of `mention` (the start when
+    it does not occur): the words around a mention are what the encoders and the reranker read."""
+    if len(sentence) <= max_chars:
+        return sentence
+    at = sentence.lower().find(mention.lower())
+    start = 0 if at < 0 else max(0, min(at + len(mention) // 2 - max_chars // 2, len(sentence) - max_chars))
+    return sentence[start : start + max_chars]
+
+
 def _mention_rows(
     record: Any,
     index: int,
@@ -257,6 +270,7 @@ def _mention_rows(
     seen_ids: set[str],
     stats: dict[str, Any],
     require_gold: bool,
+    max_sentence_chars: int = MAX_SENTENCE_CHARS,
 ) -> list[dict[str, Any]]:
     """The mention rows of one sentence record; raises DatasetError naming record and field."""
     where = f"{file}: record {index}"
@@ -297,6 +311,9 @@ def _mention_rows(
             message = f"{where}: field 'answer[{i}]' must be a Wikidata QID like Q42, got {qid!r}"
             raise DatasetError(message, f"answer[{i}]")
     image_path, image_hash = _image(image_dir, record.get("imgPath"), where, "imgPath", images)
+    if len(sentence) > max_sentence_chars:
+        stats["sentences_cut"] += 1
+        sentence = sentence_window(sentence, lists["mention"][0] if lists["mention"] else "", max_sentence_chars)
     for i, mention in enumerate(lists["mention"]):
         if mention.lower() not in sentence.lower():  # kept (see read_mentions), but never unnoticed
             stats["mentions_not_in_sentence"] += 1
@@ -329,6 +346,7 @@ def read_mentions(
     records: list | None = None,
     require_gold: bool = True,
     rejects: Rejects | None = None,
+    max_sentence_chars: int = MAX_SENTENCE_CHARS,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Mentions from a MIMIC JSON file (or the same records given directly).
 
@@ -344,13 +362,15 @@ def read_mentions(
         raise DatasetError(f"{path}: expected a JSON list of sentence records")
     rows = []
     stats: dict[str, Any] = {"sentences": len(records), "sentences_without_split": 0, "mentions_without_image": 0,
-                             "mentions_not_in_sentence": 0, "mentions_not_in_sentence_examples": []}
+                             "mentions_not_in_sentence": 0, "mentions_not_in_sentence_examples": [],
+                             "sentences_cut": 0, "max_sentence_chars": max_sentence_chars}
     images = ImageCheck()
     seen_ids: set[str] = set()
     for index, record in enumerate(records):
         record_id = str(record["id"]) if isinstance(record, dict) and "id" in record else None
         try:
-            rows += _mention_rows(record, index, path.name, splits, image_dir, images, seen_ids, stats, require_gold)
+            rows += _mention_rows(record, index, path.name, splits, image_dir, images, seen_ids, stats, require_gold,
+                                  max_sentence_chars)
         except DatasetError as exc:
             rejects.handle(exc, path.name, index, record_id)
     stats["mentions"] = len(rows)
@@ -498,6 +518,7 @@ def read_dataset(
     layout: DatasetLayout,
     bad_records: BadRecordPolicy = "fail",
     kb: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    max_sentence_chars: int = MAX_SENTENCE_CHARS,
 ) -> Dataset:
     """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats).
 
@@ -510,7 +531,8 @@ def read_dataset(
     rejects = Rejects(bad_records)
     splits, split_stats = read_splits(root / layout.splits_file)
     mentions, mention_stats = read_mentions(
-        layout.resolve_mentions_file(), splits, root / layout.mention_image_dir, rejects=rejects
+        layout.resolve_mentions_file(), splits, root / layout.mention_image_dir, rejects=rejects,
+        max_sentence_chars=max_sentence_chars,
     )
     stats: dict[str, Any] = {**split_stats, **mention_stats}
     entities_path = root / layout.kb_entities_file
