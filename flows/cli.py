@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -366,12 +368,23 @@ def demo_data(
     console.print(generate_demo_dataset(out, DemoSpec(seed=seed)))
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Usage errors (unknown option or choice, missing file) are typer's: exit 2 with its
-    message. Known user errors print one line: exit 2 for arguments, 1 for what a run found."""
+    message. Known user errors print one line: exit 2 for arguments, 1 for what a run found.
+
+    SIGTERM ends the process as an exception, not by the signal's default action: only a normal exit
+    runs the `atexit` hooks that stop the temporary Prefect server (a uvicorn process that would
+    otherwise outlive the run) and Dask's local cluster. Prefect's flow engine re-sends the signal to
+    the handler it found, which is this one."""
     from kgmel_core.data.datasets import DatasetError
     from storage import ArtifactError, RegistryError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app(args=argv)
     except SystemExit as exc:  # typer's standalone mode: --help, usage errors, typer.Exit

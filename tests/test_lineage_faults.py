@@ -304,6 +304,37 @@ def test_a_failure_whose_record_cannot_be_written_still_raises_its_own_error(tmp
     assert [(r.stage, r.status) for r in ctx.run_log.records] == [("ingest", "failed")]  # kept for the summary
 
 
+def test_sigterm_ends_the_run_stops_its_temporary_server_and_logs_the_stage(small_demo, tmp_path):
+    """Prefect re-sends SIGTERM to the handler it found; with the default one the process died without
+    its atexit hooks, and the temporary server (uvicorn) outlived the run."""
+    import re
+    import signal
+    import socket
+    import time
+
+    import yaml
+
+    endless = small_config(small_demo, tmp_path / "artifacts", training={"epochs": 100_000, "patience": 100_000})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(endless.model_dump(mode="json")))
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", "run.yaml"], cwd=tmp_path,
+                               stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while "stage train: building" not in log.read_text() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert run.poll() is None, log.read_text()[-3000:]
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    port = int(re.search(r"temporary server on http://127.0.0.1:(\d+)", log.read_text()).group(1))
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing answers there any more
+    runs = pl.read_parquet(tmp_path / "artifacts" / "_runs" / "*.parquet")
+    assert runs.filter(pl.col("stage") == "train").select("status", "error").rows() == [
+        ("interrupted", "TerminationSignal")
+    ]
+
+
 # LLM failures are re-attempted, bounded, and say why -----------------------------------------
 
 
