@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -78,6 +79,9 @@ def _config(config: Path | None, overrides: list[str] | None) -> tuple[PipelineC
         raise UserError(f"invalid config: {exc}") from None
 
 
+MIN_FREE_BYTES = 256 * 2**20
+
+
 def _preflight_artifacts(loaded: PipelineConfig) -> None:
     """A local artifacts root must be a folder this user can write (or a path one can be made at):
     otherwise every stage would fail on its first write, after Prefect started. Object-store URLs are
@@ -88,9 +92,13 @@ def _preflight_artifacts(loaded: PipelineConfig) -> None:
     if root.exists() and not root.is_dir():
         raise UserError(f"artifacts: {root} is a file, not a folder")
     existing = next(p for p in (root, *root.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == root else f" (its nearest existing folder {existing})"
+    where = "" if existing == root else f" (its nearest existing folder {existing})"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"artifacts: {root} is not writable{where}")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"artifacts: only {free / 2**20:.0f} MiB free at {root}{where}; kgmel needs at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB (the demo writes ~32 MiB, the three benchmarks ~3.2 GiB)")
 
 
 def _preflight_dataset(loaded: PipelineConfig, job: str) -> None:

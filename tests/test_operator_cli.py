@@ -140,3 +140,14 @@ def test_every_query_in_the_readme_and_docs_runs_as_written(linked):
     catalog = Catalog(ArtifactStore(folder / "artifacts"))
     for sql in queries:
         catalog.query(sql.replace('\\"', '"'))  # raises on an unknown view or column
+
+
+def test_a_nearly_full_disk_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys):
+    import shutil as real_shutil
+
+    from flows import cli
+
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    assert main(["run", "--set", f"artifacts={tmp_path / 'artifacts'}"]) == 2
+    assert "artifacts: only 1 MiB free" in capsys.readouterr().out
