@@ -282,3 +282,13 @@ def test_sentence_window(sentence, expected):
     from kgmel_core.data.datasets import sentence_window
 
     assert sentence_window(sentence, "mention", 10) == expected
+
+
+def test_a_repeated_triple_is_refused_or_rejected_not_counted_twice(tmp_path):
+    triples = "Q76\tP31\thuman\nQ76\tP69\tHarvard\nQ76\tP31\thuman\n"
+    layout = _dataset(tmp_path, [GOOD], entities={"Q76": {"label": "Obama"}}, triples=triples)
+    with pytest.raises(DatasetError, match=r"triples.tsv: line 3: duplicate of line 1 \(Q76, P31, human\)"):
+        read_dataset(layout)
+    ds = read_dataset(layout, bad_records="skip")
+    assert ds.kb_triples.select("relation", "tail").rows() == [("P31", "human"), ("P69", "Harvard")]
+    assert ds.rejected.select("record", "field").rows() == [("3", "line")]

@@ -491,7 +491,15 @@ def read_kb_triples(
             f"{path}: line {row['line']}: bad triple {row} (head must be a QID; no empty fields)", problem
         )
         rejects.handle(error, path.name, row["line"], row["head_qid"])
-    raw = with_row.join(bad.select("line"), on="line", how="anti").drop("line")
+    good = with_row.join(bad.select("line"), on="line", how="anti")
+    repeats = good.with_columns(first_line=pl.col("line").min().over(TRIPLE_COLUMNS)).filter(
+        pl.col("line") != pl.col("first_line")
+    )
+    for row in repeats.iter_rows(named=True):  # a repeated fact would count twice in every triple stage
+        error = DatasetError(f"{path}: line {row['line']}: duplicate of line {row['first_line']} "
+                             f"({row['head_qid']}, {row['relation']}, {row['tail']})", "line")
+        rejects.handle(error, path.name, row["line"], row["head_qid"])
+    raw = good.join(repeats.select("line"), on="line", how="anti").drop("line")
     unknown_head = raw.filter(~pl.col("head_qid").is_in(list(known_qids)))
     raw = raw.filter(pl.col("head_qid").is_in(list(known_qids)))
     labels = pl.DataFrame(
