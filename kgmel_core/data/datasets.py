@@ -150,6 +150,15 @@ def _repeated_keys(obj: Any) -> list[str]:
     return sorted({k for k in keys if keys.count(k) > 1})
 
 
+def _check_unique(obj: dict, key_field: str, key: str, seen: set[str], where: str) -> None:
+    """A record names each field once, and its key (sentence id, QID) is new in its file."""
+    if repeated := _repeated_keys(obj):
+        raise DatasetError(f"{where}: field {repeated[0]!r} appears more than once", repeated[0])
+    if key in seen:
+        raise DatasetError(f"{where}: duplicate field {key_field!r}", key_field)
+    seen.add(key)
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict:
     return _ObjectWithDuplicates(pairs) if len({k for k, _ in pairs}) < len(pairs) else dict(pairs)
 
@@ -280,11 +289,7 @@ def _mention_rows(
         raise DatasetError(f"{where}: missing field 'id'", "id")
     sid = str(record["id"])
     where = f"{file}: record {index} (id={sid})"
-    if repeated := _repeated_keys(record):
-        raise DatasetError(f"{where}: field {repeated[0]!r} appears more than once", repeated[0])
-    if sid in seen_ids:
-        raise DatasetError(f"{where}: duplicate field 'id'", "id")
-    seen_ids.add(sid)
+    _check_unique(record, "id", sid, seen_ids, where)
     sentence = _require_str(record.get("sentence"), where, "sentence")
     lists = {}
     for name in ("mention", "entity", "answer"):
@@ -394,11 +399,7 @@ def _entity_row(item: Any, index: int, file: str, image_dir: Path, images: Image
     if not _QID.match(qid):
         raise DatasetError(f"{where}: field 'qid' must be a Wikidata QID like Q42, got {item.get('qid')!r}", "qid")
     where = f"{file}: entity {index} (qid={qid})"
-    if repeated := _repeated_keys(item):
-        raise DatasetError(f"{where}: field {repeated[0]!r} appears more than once", repeated[0])
-    if qid in seen:
-        raise DatasetError(f"{where}: duplicate field 'qid'", "qid")
-    seen.add(qid)
+    _check_unique(item, "qid", qid, seen, where)
     label = _require_str(item.get("label"), where, "label")
     description = item.get("description") or ""
     _require_str(description, where, "description", allow_empty=True)
