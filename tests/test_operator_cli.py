@@ -151,3 +151,13 @@ def test_a_nearly_full_disk_is_refused_before_prefect_starts(tmp_path, monkeypat
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
     assert main(["run", "--set", f"artifacts={tmp_path / 'artifacts'}"]) == 2
     assert "artifacts: only 1 MiB free" in capsys.readouterr().out
+
+
+def test_the_documented_plain_duckdb_snippet_reads_the_catalog(linked):
+    """The catalog's views hold paths relative to the store root: the docs show how plain DuckDB opens them."""
+    folder, _ = linked
+    text = (ROOT / "docs" / "artifacts.md").read_text()
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "duckdb.connect" in block]
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=folder, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "predicted_label" in out.stdout
