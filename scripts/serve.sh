@@ -59,9 +59,10 @@ printf '%s\n[api]\nurl = "%s"\n' "$MARK" "$PREFECT_API_URL" >"$SETTINGS"
 "$BIN/prefect" --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
 PATH="$BIN:$PATH" setsid "$BIN/prefect" worker start --pool kgmel-local --type process >"$STATE/worker.log" 2>&1 &
 echo $! >"$STATE/worker.pid"
+CRON=$(sed -n 's/^ *- cron: *"\(.*\)".*/\1/p' prefect.yaml | head -n 1)  # the schedule as deployed, not as first written
 cat <<MSG
 Prefect UI:   http://127.0.0.1:${PORT}
-Deployments:  kgmel/full-pipeline, kgmel/reindex-kb (nightly 02:00 UTC), kgmel/link
+Deployments:  kgmel/full-pipeline, kgmel/reindex-kb (cron "${CRON}" UTC, from prefect.yaml), kgmel/link
 Run:          prefect deployment run kgmel/full-pipeline --watch
 Settings:     $SETTINGS (this folder's prefect/kgmel commands use the server; your profile is untouched)
 Logs:         $STATE/{server,worker,deploy}.log      Stop: make stop
