@@ -6,11 +6,12 @@ model never invalidates trained retrievers or embeddings.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Section(BaseModel):
@@ -336,7 +337,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data = loaded
     if overrides:
         data = deep_merge(data, overrides)
-    return PipelineConfig.model_validate(data)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        hints = [hint for error in exc.errors() if (hint := _did_you_mean(error["loc"])) is not None]
+        if not hints:
+            raise
+        raise ValueError(f"{exc}\n" + "\n".join(hints)) from None
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str | None:
+    """For a misspelt setting (pydantic's "Extra inputs are not permitted"), the settings it may mean."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    if loc[-1] in model.model_fields:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=3, cutoff=0.6)
+    where = ".".join(map(str, loc[:-1]))
+    return f"{'.'.join(map(str, loc))}: no such setting" + (
+        f"; did you mean {', '.join(f'{where}.{c}' if where else c for c in close)}?" if close else ""
+    )
 
 
 def parse_override(text: str) -> dict[str, Any]:

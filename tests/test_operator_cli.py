@@ -62,6 +62,7 @@ def test_bad_arguments_fail_before_any_server_starts():
         (["ablations", "--set", "dataset.path=/no/such/folder"], "dataset.path: /no/such/folder does not exist"),
         (["run", "--set", "dataset.path=README.md"], "is a file, not a folder"),
         (["query", "select 1", "--output", "xml"], "is not one of"),
+        (["run", "--set", "training.epoch=10"], "training.epoch: no such setting; did you mean training.epochs?"),
         (["run", "--set", "artifacts=README.md"], "artifacts: " + str(ROOT / "README.md") + " is a file, not a folder"),
     ):
         out = subprocess.run([*KGMEL, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
