@@ -47,7 +47,7 @@ def evaluate(
         if result.gate_curve is not None:
             writer.write_table("rerank_gate_curve", result.gate_curve, schemas.GATE_CURVE)
         writer.stats.update(result.stats)
-        logger().info("metrics:\n%s", metrics_markdown(result.metrics))
+        logger().debug("metrics:\n%s", metrics_markdown(result.metrics))  # the run summary shows them once
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
     return run_stage(ctx, "evaluate", {"label": label, "splits": evaluated_splits}, inputs, build)
