@@ -170,6 +170,9 @@ class LLMConfig(_Section):
     retries: int = runtime(2, ge=0)
     backoff_s: float = runtime(1.0, ge=0)  # waits backoff_s * 2**attempt between tries
     concurrency: int = runtime(4, ge=1)
+    # CPU threads of the packaged model's llama.cpp server (None: every core). Lower it when another
+    # CPU-bound job shares the machine: oversubscribed llama.cpp threads slow each call many times over.
+    threads: int | None = runtime(None, ge=1)
     # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
     # A stage whose LLM calls failed (outage, timeouts) is run again by later runs, re-calling only the

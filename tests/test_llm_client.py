@@ -133,3 +133,22 @@ def test_a_hang_is_recorded_as_a_timeout_with_a_message(tmp_path):
     install(FakeLLM(timeout_rate=1.0))
     result = _client(tmp_path, retries=0, timeout_s=0.1).run(_requests(1), progress=False)[0]
     assert result.call["status"] == "timeout" and "no answer within timeout_s=0.1 s" in result.call["error"]
+
+
+def test_the_thread_setting_reaches_the_local_server(tmp_path, monkeypatch):
+    import contextlib
+
+    from kgmel_core.llm import local
+    from kgmel_core.llm.open import open_llm
+
+    started = {}
+
+    @contextlib.contextmanager
+    def fake_server(**settings):
+        started.update(settings)
+        yield "http://127.0.0.1:1/v1"
+
+    monkeypatch.setattr(local, "local_llm_server", fake_server)
+    with open_llm(LLMConfig(model="local", threads=1, concurrency=2), "generate", tmp_path) as (client, images):
+        assert client.served_by.startswith("packaged:") and images is False
+    assert started == {"parallel": 2, "threads": 1}

@@ -26,7 +26,7 @@ def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[
         raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
     from kgmel_core.llm.local import LOCAL_MODEL, LOCAL_MODEL_NAME, local_llm_server
 
-    with local_llm_server(parallel=config.concurrency) as api_base, closing(LLMClient(
+    with local_llm_server(parallel=config.concurrency, threads=config.threads) as api_base, closing(LLMClient(
         config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
         extra_body={"cache_prompt": True}, served_by=f"packaged:{LOCAL_MODEL.file_name}:{LOCAL_MODEL.sha256}",
     )) as client:
