@@ -30,6 +30,7 @@ from PIL import Image
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
+from kgmel_core.data.texts import window_start
 
 SPLITS = ("train", "val", "test")
 # When an id is listed in several splits, the evaluation split wins so training never sees it.
@@ -262,10 +263,8 @@ MAX_SENTENCE_CHARS = DatasetConfig.model_fields["max_sentence_chars"].default
 def sentence_window(sentence: str, mention: str, max_chars: int) -> str:
     """At most `max_chars` of `sentence`, centred on the first occurrence of `mention` (the start when
     it does not occur): the words around a mention are what the encoders and the reranker read."""
-    if len(sentence) <= max_chars:
-        return sentence
     at = sentence.lower().find(mention.lower())
-    start = 0 if at < 0 else max(0, min(at + len(mention) // 2 - max_chars // 2, len(sentence) - max_chars))
+    start = window_start(len(sentence), at + len(mention) // 2 if at >= 0 else 0, max_chars)
     return sentence[start : start + max_chars]
 
 

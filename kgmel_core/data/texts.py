@@ -14,6 +14,12 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def window_start(length: int, centre: int, max_chars: int) -> int:
+    """Where a `max_chars` window of a `length`-character text starts so that position `centre` is as
+    near its middle as the text allows: a long sentence is cut to the words around its mention."""
+    return min(max(0, centre - max_chars // 2), max(0, length - max_chars))
+
+
 def with_description(name: str, description: str | None) -> str:
     """`name: description` as the reference encodes relations, tails and entities; bare name if none."""
     return f"{name}: {description}" if description else name

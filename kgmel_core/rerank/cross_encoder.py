@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kgmel_core.config import CrossEncoderConfig
+from kgmel_core.data.texts import window_start
 from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_torchvision
 
@@ -57,7 +58,7 @@ def mention_input(mention: str, sentence: str, max_chars: int, description: str 
     at = sentence.find(mention) if mention else -1
     truncated = len(sentence) > max_chars
     if truncated:
-        start = min(max(0, (at if at >= 0 else 0) - max_chars // 2), len(sentence) - max_chars)
+        start = window_start(len(sentence), max(at, 0), max_chars)
         sentence, at = sentence[start : start + max_chars], (at - start if at >= 0 else -1)
         at = at if at >= 0 and at + len(mention) <= len(sentence) else -1
     text = f"{sentence[:at]}[ {mention} ]{sentence[at + len(mention):]}" if at >= 0 else f"{mention} ; {sentence}"
