@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -147,8 +148,7 @@ class _ObjectWithDuplicates(dict):
 def _repeated_keys(obj: Any) -> list[str]:
     if not isinstance(obj, _ObjectWithDuplicates):
         return []
-    keys = [k for k, _ in obj.pairs]
-    return sorted({k for k in keys if keys.count(k) > 1})
+    return sorted(k for k, n in Counter(k for k, _ in obj.pairs).items() if n > 1)
 
 
 def _check_unique(obj: dict, key_field: str, key: str, seen: set[str], where: str) -> None:
@@ -318,8 +318,9 @@ def _mention_rows(
     if len(sentence) > max_sentence_chars:
         stats["sentences_cut"] += 1
         sentence = sentence_window(sentence, lists["mention"][0] if lists["mention"] else "", max_sentence_chars)
+    lowered = sentence.lower()
     for i, mention in enumerate(lists["mention"]):
-        if mention.lower() not in sentence.lower():  # kept (see read_mentions), but never unnoticed
+        if mention.lower() not in lowered:  # kept (see read_mentions), but never unnoticed
             stats["mentions_not_in_sentence"] += 1
             if len(stats["mentions_not_in_sentence_examples"]) < 20:
                 stats["mentions_not_in_sentence_examples"].append(f"{where}: mention[{i}] {mention[:80]!r}")
