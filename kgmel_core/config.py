@@ -24,17 +24,26 @@ def runtime(default: Any, **constraints: Any) -> Any:
     return Field(default, json_schema_extra={"runtime": True}, **constraints)
 
 
+def _is_runtime(field: Any) -> bool:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return bool(extra.get("runtime"))
+
+
 def key_config(section: BaseModel) -> dict[str, Any]:
     """The settings of a section that decide what a stage writes: every field not declared `runtime`,
     nested sections likewise."""
     values = section.model_dump()
     for name, field in type(section).model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get("runtime"):
+        if _is_runtime(field):
             del values[name]
         elif isinstance(getattr(section, name), BaseModel):
             values[name] = key_config(getattr(section, name))
     return values
+
+
+def runtime_values(section: BaseModel) -> dict[str, Any]:
+    """The section's own `runtime` settings: what a served model takes from the live config."""
+    return {name: getattr(section, name) for name, field in type(section).model_fields.items() if _is_runtime(field)}
 
 
 class DatasetConfig(_Section):

@@ -10,7 +10,7 @@ import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
-from kgmel_core.config import CrossEncoderConfig, RerankConfig, key_config
+from kgmel_core.config import CrossEncoderConfig, RerankConfig, key_config, runtime_values
 from kgmel_core.data.scope import in_scope
 from kgmel_core.factory import create_cross_encoder
 from kgmel_core.rerank.cross_encoder import RerankGroup
@@ -118,13 +118,13 @@ def check_pairing(ctx: PipelineContext, reranker: Artifact, retrieve: Artifact) 
 
 def as_trained(ctx: PipelineContext, config: RerankConfig, reranker: Artifact) -> RerankConfig:
     """The rerank settings with the trained reranker's own: its text settings and candidate count, and
-    the fact filter of the `filter` artifact it learned from (the live config's runtime settings, device
-    and batch size, kept). A served reranker reads new mentions exactly as it was trained to, whatever
+    the fact filter of the `filter` artifact it learned from (the live config's `runtime` settings – device,
+    batch size – kept). A served reranker reads new mentions exactly as it was trained to, whatever
     the config says now."""
     trained = reranker.manifest["config"]
     facts = ctx.store.input(reranker, "filter").manifest["config"]
-    live = config.cross_encoder.model_dump(include={"device", "batch_pairs"})
-    cross_encoder = CrossEncoderConfig.model_validate({**trained["cross_encoder"], **live})
+    cross_encoder = CrossEncoderConfig.model_validate({**trained["cross_encoder"],
+                                                       **runtime_values(config.cross_encoder)})
     return config.model_copy(update={
         "cross_encoder": cross_encoder, "candidates": trained["candidates"],
         **{k: facts[k] for k in ("facts", "filter_n", "max_triples_per_entity")},
