@@ -101,9 +101,9 @@ def _preflight_artifacts(loaded: PipelineConfig) -> None:
                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB (the demo writes ~32 MiB, the three benchmarks ~3.2 GiB)")
 
 
-def _preflight_dataset(loaded: PipelineConfig, job: str) -> None:
-    """Jobs that ingest the dataset check its files before Prefect starts; `reindex-kb` only its KB
-    files (none when the KB comes from a Wikidata dump)."""
+def _preflight(loaded: PipelineConfig, job: str) -> None:
+    """Before Prefect starts: the artifacts root, and the dataset files the job reads (`reindex-kb`: only
+    its folder, nothing when the KB comes from a Wikidata dump)."""
     from kgmel_core.data.datasets import DatasetError, DatasetLayout
 
     _preflight_artifacts(loaded)
@@ -171,7 +171,7 @@ def run(
 ) -> None:
     """Run a job locally: the same flow the deployments run."""
     loaded, overrides = _config(config, set_)
-    _preflight_dataset(loaded, job.value)
+    _preflight(loaded, job.value)
     _run_flow(job=job.value, config_path=str(config) if config else None, overrides=overrides, model=model,
               promote=promote)
 
@@ -222,7 +222,7 @@ def link(
 def reindex(config: ConfigOption = None, set_: SetOption = None, model: ModelOption = None) -> None:
     """Re-read the KB and rebuild the served model's index (what the nightly deployment runs)."""
     loaded, overrides = _config(config, set_)
-    _preflight_dataset(loaded, Job.reindex_kb)
+    _preflight(loaded, Job.reindex_kb)
     _run_flow(job="reindex-kb", config_path=str(config) if config else None, overrides=overrides, model=model)
 
 
@@ -230,7 +230,7 @@ def reindex(config: ConfigOption = None, set_: SetOption = None, model: ModelOpt
 def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train and evaluate the retriever and its ablations (no triples / image / gate); nothing is served."""
     loaded, overrides = _config(config, set_)
-    _preflight_dataset(loaded, Job.ablations)
+    _preflight(loaded, Job.ablations)
     _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
 
 
@@ -272,7 +272,7 @@ def benchmark_command(
     if unknown := [v for v in variant or [] if v not in offered]:
         raise UserError(f"unknown benchmark variant {unknown[0]!r}; choose from: " + ", ".join(map(repr, offered)))
     loaded, overrides = _config(config, set_)
-    _preflight_dataset(loaded, "benchmark")
+    _preflight(loaded, "benchmark")
     _run_flow(job="benchmark", config_path=str(config) if config else None, overrides=overrides,
               variants=variant or None)
 

@@ -30,8 +30,9 @@ class StageFailed(RuntimeError):
 # wrong path only delays the message that names it.
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError, MemoryError)
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-# A full disk, a read-only file system, a quota: a retry seconds later meets the same wall.
-PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+# A full disk, a read-only file system, a quota: a retry seconds later meets the same wall (EACCES and
+# EPERM arrive as PermissionError, above).
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 
 
 def is_transient(exc: BaseException) -> bool:
