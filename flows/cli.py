@@ -376,6 +376,14 @@ def demo_data(
     console.print(generate_demo_dataset(out, DemoSpec(seed=seed)))
 
 
+def _print_error(exc: BaseException) -> None:
+    """One line, never wrapped at the terminal's width (it is read, grepped and tested whole), and its
+    text printed as is: a message quoting `[brackets]` is not rich markup."""
+    from rich.markup import escape
+
+    console.print(f"[red]kgmel: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -398,17 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer's standalone mode: --help, usage errors, typer.Exit
         return exc.code if isinstance(exc.code, int) else 0
     except UserError as exc:
-        console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+        _print_error(exc)
         return 2
     except (RegistryError, ArtifactError, DatasetError, ValueError) as exc:
         # ValueError covers a config the served model contradicts (ServedModelMismatch)
-        console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+        _print_error(exc)
         return 1
     except Exception as exc:
         from tasks.common import StageFailed
 
         if isinstance(exc, StageFailed):  # the flow logged the traceback; one line here
-            console.print(f"[red]kgmel: error:[/red] {exc}", highlight=False)
+            _print_error(exc)
             return 1
         raise
     return 0

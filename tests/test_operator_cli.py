@@ -162,3 +162,15 @@ def test_the_documented_plain_duckdb_snippet_reads_the_catalog(linked):
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=folder, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "predicted_label" in out.stdout
+
+
+def test_an_error_is_one_line_on_a_narrow_terminal():
+    """Rich would wrap it at the terminal's width (a long path broke the message across lines)."""
+    import os
+
+    long_path = "/no/such/" + "deeply/nested/" * 6 + "folder"
+    env = {**os.environ, "COLUMNS": "40"}
+    out = subprocess.run([*KGMEL, "run", "--set", f"dataset.path={long_path}"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 2
+    assert f"kgmel: error: dataset.path: {long_path} does not exist\n" in out.stdout
