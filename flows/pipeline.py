@@ -11,6 +11,7 @@ from flows.benchmark import benchmark
 from flows.chains import artifact_ids, finish, ingest_dataset, retrieval_chain, stage3
 from flows.context import open_context
 from kgmel_core.config import EncoderConfig, LLMScope, PipelineConfig, explicit_differences, load_config
+from kgmel_core.data.datasets import InputLimits
 from kgmel_core.variants import variants_for
 from storage import Artifact
 from storage.registry import ModelVersion
@@ -198,7 +199,8 @@ def link(
         raise RuntimeError(f"index {indexed.key} was not built with model {version.train}: registry out of step")
     encoder, bootstrap = served_encoder(ctx, config, trained)
     kb, kb_embed = ctx.store.input(indexed, "ingest"), ctx.store.input(indexed, "embed")
-    ingested = ingest_tasks.ingest_link_mentions(ctx, mentions_file, mentions, image_dir)
+    ingested = ingest_tasks.ingest_link_mentions(ctx, InputLimits.of(config.dataset), mentions_file, mentions,
+                                                 image_dir)
     stages: dict[str, Artifact] = {"ingest_link": ingested, "index": indexed}
     generation = None
     if config.generation.enabled:

@@ -40,6 +40,12 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
                 f"NOTE {record.stage}: {stats['sentences_cut']} sentences longer than dataset.max_sentence_chars="
                 f"{stats.get('max_sentence_chars')} were cut to a window around their first mention"
             )
+        for side in ("mention", "entity"):
+            if stats.get(f"{side}_images_over_max_pixels"):
+                warnings.append(
+                    f"NOTE {record.stage}: {stats[f'{side}_images_over_max_pixels']} {side} images larger than "
+                    "dataset.max_image_pixels count as no image (named in the stage's stats)"
+                )
         if record.stage == "ingest_link" and stats.get("mentions_without_image"):
             why = "no image folder was given (kgmel link --image-dir, or the link deployment's image_dir)" if not \
                 stats.get("image_dir") else f"their image is not in {stats['image_dir']}"

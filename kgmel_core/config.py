@@ -60,6 +60,12 @@ class DatasetConfig(_Section):
     # A longer sentence is cut to this many characters around its first mention (counted): a 1 MB
     # "sentence" would otherwise cost minutes and a GB in every text stage for what a window carries.
     max_sentence_chars: int = Field(5000, ge=200)
+    # A file with more mentions is refused before any row is built (ingest and `kgmel link`): rows, embeddings
+    # and candidates all grow with it, and a wrong file is cheaper to name than to embed for hours.
+    max_mentions: int = runtime(1_000_000, ge=1)
+    # A larger image is counted as no image (named in the stats) instead of being decoded: pixels cost memory
+    # three bytes each. The cap is PIL's own decompression-bomb limit, which every later stage still applies.
+    max_image_pixels: int = Field(89_478_485, ge=1, le=89_478_485)
 
 
 class KBConfig(_Section):

@@ -10,7 +10,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import DatasetConfig
-from kgmel_core.data.datasets import DatasetError, DatasetLayout, read_dataset, read_mentions
+from kgmel_core.data.datasets import DatasetError, DatasetLayout, InputLimits, read_dataset, read_mentions
 from storage import Artifact, file_sha256
 from storage.store import canonical_json, folder_fingerprint
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
@@ -27,7 +27,7 @@ def ingest(ctx: PipelineContext, config: DatasetConfig, kb: Artifact | None = No
 
     def build(writer):
         tables = (kb.read("entities"), kb.read("kb_triples")) if kb is not None else None
-        dataset = read_dataset(layout, config.bad_records, tables, config.max_sentence_chars)
+        dataset = read_dataset(layout, config.bad_records, tables, InputLimits.of(config))
         writer.write_table("mentions", dataset.mentions, schemas.MENTIONS)
         writer.write_table("rejected", dataset.rejected, schemas.REJECTED)
         writer.write_table("entities", dataset.entities, schemas.ENTITIES)
@@ -43,6 +43,7 @@ def ingest(ctx: PipelineContext, config: DatasetConfig, kb: Artifact | None = No
 @task(name="ingest_link_mentions", **STAGE_TASK)
 def ingest_link_mentions(
     ctx: PipelineContext,
+    limits: InputLimits,
     mentions_file: str | None = None,
     records: list[dict] | None = None,
     image_dir: str | None = None,
@@ -66,7 +67,7 @@ def ingest_link_mentions(
         sources = {"records": hashlib.sha256(canonical_json(records).encode()).hexdigest(), "images": images}
 
     def build(writer):
-        mentions, stats = read_mentions(path, None, folder, records=records, require_gold=False)
+        mentions, stats = read_mentions(path, None, folder, records=records, require_gold=False, limits=limits)
         if mentions.height == 0:  # an empty artifact would only fail later, in embed, with Arrow's words
             raise DatasetError(f"{path or 'records'}: no mentions to link ({stats['sentences']} sentence records)")
         writer.write_table("mentions", mentions, schemas.MENTIONS)
@@ -74,5 +75,7 @@ def ingest_link_mentions(
         writer.write_table("kb_triples", pl.DataFrame(schema=pl.Schema(schemas.KB_TRIPLES)), schemas.KB_TRIPLES)
         writer.stats.update(stats, image_dir=str(folder) if folder else None)
 
-    config = {"image_dir": str(folder) if folder else None}
+    # max_mentions refuses or changes nothing, so it stays out of the key like the ingest stage's runtime settings
+    config = {"image_dir": str(folder) if folder else None, "max_sentence_chars": limits.max_sentence_chars,
+              "max_image_pixels": limits.max_image_pixels}
     return run_stage(ctx, "ingest_link", config, {}, build, sources=sources)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED, SMALL_DEMO
 
-from kgmel_core.data.datasets import DatasetError, DatasetLayout, read_dataset
+from kgmel_core.data.datasets import DatasetError, DatasetLayout, InputLimits, read_dataset
 from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
 
 
@@ -248,8 +248,46 @@ def test_a_link_request_without_mentions_fails_in_ingest_naming_it(tmp_path):
     store = ArtifactStore(tmp_path / "artifacts")
     ctx = PipelineContext(store, RunLog(store, "t", "test"))
     with pytest.raises(StageFailed, match=r"DatasetError: records: no mentions to link \(0 sentence records\)"):
-        ingest_link_mentions.fn(ctx, records=[])
+        ingest_link_mentions.fn(ctx, InputLimits(), records=[])
     assert store.keys("ingest_link") == []  # nothing published
+
+
+def test_a_file_with_more_mentions_than_max_mentions_is_refused_before_any_row_is_built(tmp_path):
+    from kgmel_core.data.datasets import read_mentions
+
+    records = [{**GOOD, "id": i, "mention": ["Obama", "Obama"], "entity": ["a", "b"], "answer": ["Q76", "Q76"]}
+               for i in range(3)]
+    layout = _dataset(tmp_path, records)
+    assert read_dataset(layout, limits=InputLimits(max_mentions=6)).mentions.height == 6
+    with pytest.raises(DatasetError, match=r"Mini.json: 6 mentions, over dataset.max_mentions=5"):
+        read_dataset(layout, bad_records="skip", limits=InputLimits(max_mentions=5))  # the file, not a record
+    with pytest.raises(DatasetError, match=r"<records>: 6 mentions, over dataset.max_mentions=5"):
+        read_mentions(None, None, None, records=records, require_gold=False, limits=InputLimits(max_mentions=5))
+
+
+def test_an_image_over_max_image_pixels_counts_as_no_image_without_being_decoded(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "mention_images"
+    images.mkdir()
+    Image.new("RGB", (40, 30)).save(images / "small.png")
+    Image.new("RGB", (50, 30)).save(images / "large.png")  # 1,500 pixels
+    records = [{**GOOD, "id": i, "imgPath": name} for i, name in enumerate(["small.png", "large.png"])]
+    ds = read_dataset(_dataset(tmp_path, records), limits=InputLimits(max_image_pixels=1200))
+    assert [Path(p).name for p in ds.mentions["image_path"].drop_nulls()] == ["small.png"]
+    assert ds.stats["mention_images_over_max_pixels"] == 1 and ds.stats["bad_mention_images"] == 1
+    [example] = ds.stats["bad_mention_image_examples"]
+    assert example["record"] == "Mini.json: record 1 (id=1)"
+    assert "50x30 pixels, over dataset.max_image_pixels=1,200" in example["reason"]
+    assert read_dataset(_dataset(tmp_path, records)).stats["mention_images_over_max_pixels"] == 0  # the default
+
+
+def test_the_input_limits_are_the_dataset_settings():
+    from kgmel_core.config import DatasetConfig
+
+    config = DatasetConfig(max_sentence_chars=300, max_mentions=9, max_image_pixels=100)
+    assert InputLimits.of(config) == InputLimits(max_sentence_chars=300, max_mentions=9, max_image_pixels=100)
+    assert InputLimits() == InputLimits.of(DatasetConfig())
 
 
 @pytest.mark.parametrize(("triples", "line", "message"), [
@@ -272,7 +310,7 @@ def test_a_bad_triples_line_is_named_by_line_and_rejected_under_skip(tmp_path, t
 def test_a_huge_sentence_is_cut_to_a_window_around_its_mention_and_counted(tmp_path):
     filler = "word " * 200_000  # a 1 MB "sentence"
     record = {**GOOD, "sentence": f"{filler}Obama spoke in Berlin. {filler}"}
-    ds = read_dataset(_dataset(tmp_path, [record]), max_sentence_chars=1000)
+    ds = read_dataset(_dataset(tmp_path, [record]), limits=InputLimits(max_sentence_chars=1000))
     [sentence] = ds.mentions["sentence"].to_list()
     assert len(sentence) == 1000 and "Obama spoke in Berlin." in sentence
     assert ds.stats["sentences_cut"] == 1 and ds.stats["mentions_not_in_sentence"] == 0
@@ -289,3 +327,21 @@ def test_sentence_window(sentence, expected):
     from kgmel_core.data.datasets import sentence_window
 
     assert sentence_window(sentence, "mention", 10) == expected
+
+
+def test_the_run_summary_notes_every_lossy_read_of_an_ingest_stage():
+    from types import SimpleNamespace
+
+    from flows.summary import skip_warnings
+    from storage.runs import StageRecord
+
+    stats = {"sentences_cut": 2, "max_sentence_chars": 300, "mention_images_over_max_pixels": 3,
+             "entity_images_over_max_pixels": 0, "mentions": 9}
+    store = SimpleNamespace(require=lambda stage, key: SimpleNamespace(manifest={"stats": stats}))
+    notes = skip_warnings(store, [StageRecord("ingest", "k", False, 9, 0.1)])
+    assert notes == [
+        "NOTE ingest: 2 sentences longer than dataset.max_sentence_chars=300 were cut to a window around their "
+        "first mention",
+        "NOTE ingest: 3 mention images larger than dataset.max_image_pixels count as no image (named in the "
+        "stage's stats)",
+    ]

@@ -154,6 +154,20 @@ def test_a_nearly_full_disk_is_refused_before_prefect_starts(tmp_path, monkeypat
     assert "artifacts: only 1 MiB free" in capsys.readouterr().out
 
 
+def test_a_read_only_file_system_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys):
+    """Checked by the mount's flag as well as `os.access`, which says yes to root on a read-only mount."""
+    import os as real_os
+
+    from flows import cli
+
+    flags = real_os.statvfs(tmp_path)
+    monkeypatch.setattr(cli.os, "statvfs", lambda path: type("Vfs", (), {"f_flag": flags.f_flag | real_os.ST_RDONLY}))
+    assert main(["run", "--set", f"artifacts={tmp_path / 'artifacts'}"]) == 2
+    assert f"artifacts: {tmp_path / 'artifacts'} is not writable (its nearest existing folder {tmp_path})" in (
+        capsys.readouterr().out
+    )
+
+
 def test_the_documented_plain_duckdb_snippet_reads_the_catalog(linked):
     """The catalog's views hold paths relative to the store root: the docs show how plain DuckDB opens them."""
     folder, _ = linked

@@ -127,6 +127,20 @@ class DatasetLayout:
         return files
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """What one input may cost, from the `dataset.*` settings: a longer sentence is cut to a window around
+    its mention and a larger image counted as none (both counted), a file with more mentions refused."""
+
+    max_sentence_chars: int = _default("max_sentence_chars")
+    max_mentions: int = _default("max_mentions")
+    max_image_pixels: int = _default("max_image_pixels")
+
+    @classmethod
+    def of(cls, config: DatasetConfig) -> InputLimits:
+        return cls(**config.model_dump(include={f.name for f in fields(cls)}))
+
+
 @dataclass
 class Dataset:
     mentions: pl.DataFrame
@@ -183,10 +197,17 @@ def _require_str(value: Any, where: str, field_name: str, allow_empty: bool = Fa
 class ImageCheck:
     """What ingest found of the images a dataset names: unusable files are counted and named."""
 
+    max_pixels: int = _default("max_image_pixels")
     bad: list[dict[str, str]] = field(default_factory=list)
+    too_large: int = 0  # of `bad`: over max_pixels, never decoded
 
     def stats(self, side: str, examples: int = 20) -> dict[str, Any]:
-        return {f"bad_{side}_images": len(self.bad), f"bad_{side}_image_examples": self.bad[:examples]}
+        return {f"bad_{side}_images": len(self.bad), f"{side}_images_over_max_pixels": self.too_large,
+                f"bad_{side}_image_examples": self.bad[:examples]}
+
+
+class _ImageTooLarge(ValueError):
+    pass
 
 
 def _image(
@@ -213,7 +234,11 @@ def _image(
     data = path.read_bytes()
     buffer = io.BytesIO(data)
     try:
-        with Image.open(buffer) as image:
+        with Image.open(buffer) as image:  # reads the header only
+            if image.width * image.height > check.max_pixels:
+                check.too_large += 1
+                raise _ImageTooLarge(f"{image.width}x{image.height} pixels, over dataset.max_image_pixels="
+                                     f"{check.max_pixels:,}")
             image.load()  # decodes every pixel: a truncated file fails here, not later in `embed`
     except Exception as exc:  # PIL raises many types for bad files; every one means "no usable image"
         message = str(exc).replace(repr(buffer), path.name)  # PIL names the buffer: "<_io.BytesIO object at 0x…>"
@@ -257,9 +282,6 @@ def read_property_labels(path: Path) -> dict[str, tuple[str, str]]:
     return {row[0]: (row[1], row[2] or "") for row in table.iter_rows()}
 
 
-MAX_SENTENCE_CHARS = DatasetConfig.model_fields["max_sentence_chars"].default
-
-
 def sentence_window(sentence: str, mention: str, max_chars: int) -> str:
     """At most `max_chars` of `sentence`, centred on the first occurrence of `mention` (the start when
     it does not occur): the words around a mention are what the encoders and the reranker read."""
@@ -278,7 +300,7 @@ def _mention_rows(
     seen_ids: set[str],
     stats: dict[str, Any],
     require_gold: bool,
-    max_sentence_chars: int = MAX_SENTENCE_CHARS,
+    max_sentence_chars: int,
 ) -> list[dict[str, Any]]:
     """The mention rows of one sentence record; raises DatasetError naming record and field."""
     where = f"{file}: record {index}"
@@ -351,7 +373,7 @@ def read_mentions(
     records: list | None = None,
     require_gold: bool = True,
     rejects: Rejects | None = None,
-    max_sentence_chars: int = MAX_SENTENCE_CHARS,
+    limits: InputLimits = InputLimits(),
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Mentions from a MIMIC JSON file (or the same records given directly).
 
@@ -365,17 +387,21 @@ def read_mentions(
     path = path or Path("<records>")
     if not isinstance(records, list):
         raise DatasetError(f"{path}: expected a JSON list of sentence records")
+    named = sum(len(r["mention"]) for r in records if isinstance(r, dict) and isinstance(r.get("mention"), list))
+    if named > limits.max_mentions:
+        raise DatasetError(f"{path}: {named:,} mentions, over dataset.max_mentions={limits.max_mentions:,}; "
+                           "split the file or raise the setting", "mention")
     rows = []
     stats: dict[str, Any] = {"sentences": len(records), "sentences_without_split": 0, "mentions_without_image": 0,
                              "mentions_not_in_sentence": 0, "mentions_not_in_sentence_examples": [],
-                             "sentences_cut": 0, "max_sentence_chars": max_sentence_chars}
-    images = ImageCheck()
+                             "sentences_cut": 0, "max_sentence_chars": limits.max_sentence_chars}
+    images = ImageCheck(limits.max_image_pixels)
     seen_ids: set[str] = set()
     for index, record in enumerate(records):
         record_id = str(record["id"]) if isinstance(record, dict) and "id" in record else None
         try:
             rows += _mention_rows(record, index, path.name, splits, image_dir, images, seen_ids, stats, require_gold,
-                                  max_sentence_chars)
+                                  limits.max_sentence_chars)
         except DatasetError as exc:
             rejects.handle(exc, path.name, index, record_id)
     stats["mentions"] = len(rows)
@@ -420,7 +446,9 @@ def _entity_item(qid: str, value: Any) -> dict:
     return {"qid": qid, **(value if isinstance(value, dict) else {"label": value})}
 
 
-def read_entities(path: Path, image_dir: Path, rejects: Rejects | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
+def read_entities(
+    path: Path, image_dir: Path, rejects: Rejects | None = None, limits: InputLimits = InputLimits()
+) -> tuple[pl.DataFrame, dict[str, int]]:
     raw = _load_json(path)
     if isinstance(raw, dict):  # every pair, repeats included: the second Q42 is refused like a list's
         pairs = raw.pairs if isinstance(raw, _ObjectWithDuplicates) else list(raw.items())
@@ -432,7 +460,7 @@ def read_entities(path: Path, image_dir: Path, rejects: Rejects | None = None) -
     rejects = rejects or Rejects()
     rows, seen = [], set()
     stats: dict[str, Any] = {"entities_without_image": 0}
-    images = ImageCheck()
+    images = ImageCheck(limits.max_image_pixels)
     for index, item in enumerate(items):
         try:
             rows.append(_entity_row(item, index, path.name, image_dir, images, seen))
@@ -527,7 +555,7 @@ def read_dataset(
     layout: DatasetLayout,
     bad_records: BadRecordPolicy = "fail",
     kb: tuple[pl.DataFrame, pl.DataFrame] | None = None,
-    max_sentence_chars: int = MAX_SENTENCE_CHARS,
+    limits: InputLimits = InputLimits(),
 ) -> Dataset:
     """Read a dataset; a missing KB file falls back to a KB of the gold answers (counted in stats).
 
@@ -540,8 +568,7 @@ def read_dataset(
     rejects = Rejects(bad_records)
     splits, split_stats = read_splits(root / layout.splits_file)
     mentions, mention_stats = read_mentions(
-        layout.resolve_mentions_file(), splits, root / layout.mention_image_dir, rejects=rejects,
-        max_sentence_chars=max_sentence_chars,
+        layout.resolve_mentions_file(), splits, root / layout.mention_image_dir, rejects=rejects, limits=limits
     )
     stats: dict[str, Any] = {**split_stats, **mention_stats}
     entities_path = root / layout.kb_entities_file
@@ -552,7 +579,7 @@ def read_dataset(
         stats["rejected_records"] = len(rejects.rows)
         return Dataset(mentions, entities, triples, stats, rejects.table())
     if entities_path.is_file():
-        entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir, rejects)
+        entities, entity_stats = read_entities(entities_path, root / layout.kb_image_dir, rejects, limits)
         stats["kb_source"] = "kb_file"
     else:
         # WikiDiverse as shipped in shared/ has no KB: the entity side is the gold QIDs with their labels.
