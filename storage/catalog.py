@@ -13,7 +13,8 @@ them and a lost update fixes itself at the next refresh. Each view reads an expl
 
 Current views: KB tables (`entities`, `kb_triples`, `fused_entities`) follow the model served under
 the latest run's model name; every other table follows the latest run that wrote rows into it;
-`llm_calls` joins every LLM stage of that run. History views `<table>_all` (candidates, predictions,
+`llm_calls` joins every LLM stage of that run. Schema `evaluated` holds the same views for the latest
+full-pipeline run (the one with gold answers and metrics). History views `<table>_all` (candidates, predictions,
 metrics, llm_calls, ...) hold every artifact's rows with its `stage` and `artifact_key`.
 """
 
@@ -49,6 +50,9 @@ HISTORY_TABLES = (
     "training_history",
     "rejected",
 )
+# The same current views for the latest full-pipeline run alone, in their own schema: after `kgmel link`
+# the main views show the linked mentions (no gold answers), and `evaluated.*` still the evaluated run.
+EVALUATED_FLOW, EVALUATED_SCHEMA = "full-pipeline", "evaluated"
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _lock = threading.Lock()
 
@@ -141,14 +145,11 @@ class Catalog:
         """`create or replace view` statements for the store as it is now; `base` renders a file path."""
         artifacts = {a.id: a for a in self.store.artifacts()}
         runs, run_parts = self._runs(self._run_parts())
-        statements = []
-        for table, sources in sorted(self.current_artifacts(artifacts, runs).items()):
-            parts = [p for a in sources for p in a.parts(table)]
-            statements.append(
-                f"create or replace view {table} as select * from "
-                f"read_parquet({_file_list(parts, base)}, union_by_name=true)"
-            )
-        statements += self._labeled_views({s.split()[4] for s in statements})
+        statements = self._current_views(self.current_artifacts(artifacts, runs), base, "main")
+        evaluated = runs.filter(pl.col("flow") == EVALUATED_FLOW) if runs is not None else None
+        if evaluated is not None and evaluated.height:
+            statements.append(f"create schema if not exists {EVALUATED_SCHEMA}")
+            statements += self._current_views(self.current_artifacts(artifacts, evaluated), base, EVALUATED_SCHEMA)
         for table in HISTORY_TABLES:
             holders = [a for a in artifacts.values() if table in a.tables]
             parts = [p for a in holders for p in a.parts(table)]
@@ -183,27 +184,40 @@ class Catalog:
             )
         return statements
 
+    @classmethod
+    def _current_views(cls, chosen: dict[str, list[Artifact]], base: Callable[[str], str], schema: str) -> list[str]:
+        statements = []
+        for table, sources in sorted(chosen.items()):
+            parts = [p for a in sources for p in a.parts(table)]
+            statements.append(
+                f"create or replace view {schema}.{table} as select * from "
+                f"read_parquet({_file_list(parts, base)}, union_by_name=true)"
+            )
+        return statements + cls._labeled_views(set(chosen), schema)
+
     @staticmethod
-    def _labeled_views(views: set[str]) -> list[str]:
+    def _labeled_views(views: set[str], schema: str) -> list[str]:
         """Join views a user would otherwise write by hand: labels of predictions and candidates."""
         if not {"candidates", "mentions", "entities"} <= views:
             return []
+        candidates, mentions, entities, predictions = (f"{schema}.{t}" for t in
+                                                       ("candidates", "mentions", "entities", "predictions"))
         reranked = "predictions" in views
         predicted = "coalesce(p.qid, c.qid)" if reranked else "c.qid"
         source = "coalesce(p.source, 'retrieval')" if reranked else "'retrieval'"
         reason = "p.reason" if reranked else "null"
-        join_predictions = "left join predictions p using (mention_id) " if reranked else ""
+        join_predictions = f"left join {predictions} p using (mention_id) " if reranked else ""
         return [
-            "create or replace view candidates_labeled as select c.mention_id, m.mention, c.rank, c.qid, e.label, "
-            "e.description, c.score, m.gold_qid, c.qid = m.gold_qid as is_gold from candidates c "
-            "join mentions m using (mention_id) left join entities e on e.qid = c.qid",
-            "create or replace view predictions_labeled as select c.mention_id, m.mention, m.sentence, m.split, "
-            f"{predicted} as predicted_qid, e.label as predicted_label, e.description as predicted_description, "
-            f"{source} as source, {reason} as reason, cp.rank as candidate_rank, cp.score as score, "
-            f"m.gold_qid, m.gold_label, {predicted} = m.gold_qid as correct "
-            f"from candidates c join mentions m using (mention_id) {join_predictions}"
-            f"left join candidates cp on cp.mention_id = c.mention_id and cp.qid = {predicted} "
-            f"left join entities e on e.qid = {predicted} where c.rank = 1",
+            f"create or replace view {schema}.candidates_labeled as select c.mention_id, m.mention, c.rank, c.qid, "
+            f"e.label, e.description, c.score, m.gold_qid, c.qid = m.gold_qid as is_gold from {candidates} c "
+            f"join {mentions} m using (mention_id) left join {entities} e on e.qid = c.qid",
+            f"create or replace view {schema}.predictions_labeled as select c.mention_id, m.mention, m.sentence, "
+            f"m.split, {predicted} as predicted_qid, e.label as predicted_label, e.description as "
+            f"predicted_description, {source} as source, {reason} as reason, cp.rank as candidate_rank, "
+            f"cp.score as score, m.gold_qid, m.gold_label, {predicted} = m.gold_qid as correct "
+            f"from {candidates} c join {mentions} m using (mention_id) {join_predictions}"
+            f"left join {candidates} cp on cp.mention_id = c.mention_id and cp.qid = {predicted} "
+            f"left join {entities} e on e.qid = {predicted} where c.rank = 1",
         ]
 
     # -- the DuckDB file -----------------------------------------------------------------------
@@ -249,6 +263,7 @@ class Catalog:
             con.execute("begin").fetchall()
             for view in existing:
                 con.execute(f'drop view if exists "{view}"').fetchall()
+            con.execute(f"drop schema if exists {EVALUATED_SCHEMA} cascade").fetchall()
             for statement in statements:
                 con.execute(statement).fetchall()
             con.execute("commit").fetchall()

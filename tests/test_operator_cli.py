@@ -143,6 +143,23 @@ def test_every_query_in_the_readme_and_docs_runs_as_written(linked):
         catalog.query(sql.replace('\\"', '"'))  # raises on an unknown view or column
 
 
+def test_after_a_link_run_the_evaluated_schema_still_shows_the_evaluated_run(linked):
+    """The current views follow `kgmel link` (no gold answers); `evaluated.*` keeps the full-pipeline run's."""
+    folder, _ = linked
+    catalog = Catalog(ArtifactStore(folder / "artifacts"))
+    linked_rows = catalog.query("select mention, correct, split from predictions_labeled order by mention")
+    assert linked_rows.rows() == [("Peru", None, "link"), ("river", None, "link")]
+    evaluated = catalog.query("select split, correct from evaluated.predictions_labeled")
+    assert evaluated.height > 2 and set(evaluated["split"]) >= {"train", "val", "test"}
+    assert evaluated["correct"].null_count() == 0
+    errors = catalog.query("select count(*) as n from evaluated.mentions m join evaluated.candidates c "
+                           "using (mention_id) where c.rank = 1 and c.qid <> m.gold_qid")["n"].item()
+    wrong_top1 = catalog.query("select count(*) as n from evaluated.candidates_labeled where rank = 1 and not is_gold")
+    assert errors == wrong_top1["n"].item()
+    with catalog.connect() as con:  # the catalog file has the same schema
+        assert con.execute("select count(*) from evaluated.predictions_labeled").fetchall() == [(evaluated.height,)]
+
+
 def test_a_nearly_full_disk_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys):
     import shutil as real_shutil
 
