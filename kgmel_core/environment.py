@@ -30,6 +30,8 @@ def use_offline_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
-if __name__ == "__main__":
-    for name, value in OFFLINE_DEFAULTS.items():
-        print(f"export {name}={shlex.quote(os.environ.get(name, value))}")
+def shell_exports() -> str:
+    """The settings as `export` lines for a shell (`scripts/serve.sh`: the Prefect server never imports kgmel).
+    A function rather than `python -m`: the package imports this module first, and runpy warns about that."""
+    values = {name: os.environ.get(name, value) for name, value in OFFLINE_DEFAULTS.items()}
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in values.items())

@@ -14,7 +14,7 @@ BIN="${KGMEL_BIN:-$PWD/.venv/bin}"
 PORT="${KGMEL_PREFECT_PORT:-4200}"
 STATE="${PREFECT_HOME:-$HOME/.prefect}/kgmel-serve"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-eval "$("$BIN/python" -m kgmel_core.environment)"  # the server never imports kgmel: give it the offline settings
+eval "$("$BIN/python" -c 'from kgmel_core.environment import shell_exports; print(shell_exports())')"  # the server never imports kgmel: give it the offline settings
 SETTINGS="$PWD/prefect.toml"
 MARK="# written by scripts/serve.sh (make serve); removed by make stop"
 mkdir -p "$STATE"
