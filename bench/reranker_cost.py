@@ -16,13 +16,12 @@ import random
 import statistics
 import time
 
-import polars as pl
 import torch
 
 from kgmel_core.config import CrossEncoderConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
 from storage import ArtifactStore
-from tasks.reranker import stage3_groups
+from tasks.reranker import stage3_tables
 
 
 def _reranker(store: ArtifactStore, key: str | None):
@@ -48,9 +47,8 @@ def main() -> None:
     ce = CrossEncoderConfig.model_validate(trained.manifest["config"]["cross_encoder"])
     config = RerankConfig(candidates=trained.manifest["config"]["candidates"], cross_encoder=ce)
     ingest, retrieve, filtered = (store.input(trained, name) for name in ("ingest", "retrieve", "filter"))
-    mentions = ingest.read("mentions")
-    val, _ = stage3_groups(config, mentions.filter(pl.col("split") == "val"), ingest, retrieve, filtered, None)
-    train, _ = stage3_groups(config, mentions.filter(pl.col("split") == "train"), ingest, retrieve, filtered, None)
+    tables = stage3_tables(ingest, retrieve, filtered, None)
+    (val, _), (train, _) = tables.split(config, "val"), tables.split(config, "train")
     val = random.Random(0).sample(val, min(args.mentions, len(val)))
     k = statistics.median(len(g.qids) for g in val)
     print(f"{trained.id}: {len(val)} val mentions, K = {k:.0f}, max_length {ce.max_length}, "

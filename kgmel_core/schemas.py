@@ -208,6 +208,17 @@ def vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
 
 
+def text_embeddings_table(shas: list[str], texts: list[str], vectors: np.ndarray) -> tuple[pa.Table, pa.Schema]:
+    return (pa.table({"text_sha": shas, "text": texts, "vector": vector_column(vectors)}),
+            text_embeddings(vectors.shape[1]))
+
+
+def image_embeddings_table(shas: list[str], vectors: np.ndarray) -> tuple[pa.Table, pa.Schema]:
+    """Also for no image at all (`vectors` of shape [0, d]): the table keeps its width, so readers need no case."""
+    table = pa.table({"image_sha256": pa.array(shas, pa.string()), "vector": vector_column(vectors)})
+    return table, image_embeddings(vectors.shape[1])
+
+
 def vector_matrix(column: pl.Series) -> np.ndarray:
     """An embedding column (polars Array or List of float32) as a writable float32 [n, d] matrix."""
     if column.len() == 0:

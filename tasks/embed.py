@@ -5,15 +5,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import polars as pl
-import pyarrow as pa
+import numpy as np
 from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig, key_config
 from kgmel_core.data.texts import HeadTexts, text_sha
 from kgmel_core.factory import EncoderSpec, create_encoder, encode_images_with, encode_texts_with
-from kgmel_core.retrieval.features import texts_to_embed
+from kgmel_core.retrieval.features import images_to_embed, texts_to_embed
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
@@ -40,81 +39,45 @@ def embed(
     stage_config["precision"] = spec.precision
 
     def build(writer):
-        log = logger()
         encoder = create_encoder(spec)
-
-        def on_workers(fn, batches):  # `runner: dask`: `ctx.shards` chunks at a time on the workers
-            return map_shards(ctx.distributed, fn, [(batch,) for batch in batches])
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
-        unique = texts_to_embed(
-            mentions,
-            entities,
-            ingest.read("kb_triples"),
-            HeadTexts.of(config.model_dump()),
-            generation.read("mention_triples") if generation is not None else None,
-        )
-        shas = [text_sha(t) for t in unique]
-        cache = EmbeddingCache(ctx.store, encoder.text.identity, "text")
-        vectors, fresh = cache.get_or_compute(
-            shas,
-            unique,
-            functools.partial(encode_texts_with, spec),
-            desc="embed texts",
-            sizes=[len(text) for text in unique],
-            map_batches=on_workers,
-            wave=ctx.shards,
-        )
-        writer.write_table(
-            "text_embeddings",
-            pa.table({"text_sha": shas, "text": unique, "vector": schemas.vector_column(vectors)}),
-            schemas.text_embeddings(vectors.shape[1]),
-        )
-        writer.stats.update(texts_unique=len(unique), texts_encoded_now=fresh)
-
-        image_rows = pl.concat(
-            [mentions.select("image_sha256", "image_path"), entities.select("image_sha256", "image_path")]
-        )
-        images = image_rows.drop_nulls().unique("image_sha256", maintain_order=True)
-        writer.stats.update(
-            mentions_without_image=int(mentions["image_sha256"].null_count()),
-            entities_without_image=int(entities["image_sha256"].null_count()),
-        )
+        generated = generation.read("mention_triples") if generation is not None else None
+        texts = texts_to_embed(mentions, entities, ingest.read("kb_triples"), HeadTexts.of(config.model_dump()),
+                               generated)
+        shas = [text_sha(t) for t in texts]
+        vectors, fresh = embedded(encoder.text.identity, "text", shas, texts, encode_texts_with,
+                                  sizes=[len(text) for text in texts])
+        writer.write_table("text_embeddings", *schemas.text_embeddings_table(shas, texts, vectors))
+        writer.stats.update(texts_unique=len(texts), texts_encoded_now=fresh,
+                            mentions_without_image=int(mentions["image_sha256"].null_count()),
+                            entities_without_image=int(entities["image_sha256"].null_count()))
+        images = images_to_embed(mentions, entities)
         if encoder.image_dim is None or images.height == 0:
             if images.height:
-                log.warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity, images.height)
+                logger().warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity,
+                                 images.height)
             writer.stats["images_ignored"] = images.height
-            dim = encoder.image_dim or vectors.shape[1]
-            writer.write_table(
-                "image_embeddings",
-                pa.table(
-                    {"image_sha256": pa.array([], pa.string()), "vector": pa.array([], pa.list_(pa.float32(), dim))}
-                ),
-                schemas.image_embeddings(dim),
-            )
+            image_shas, image_vectors = [], np.zeros((0, encoder.image_dim or vectors.shape[1]), np.float32)
         else:
-            paths = images["image_path"].to_list()
-            image_cache = EmbeddingCache(ctx.store, encoder.image.identity, "image")
-            image_vectors, fresh_images = image_cache.get_or_compute(
-                images["image_sha256"].to_list(),
-                paths,
-                functools.partial(encode_images_with, spec),
-                desc="embed images",
-                map_batches=on_workers,
-                wave=ctx.shards,
-            )
-            writer.write_table(
-                "image_embeddings",
-                pa.table(
-                    {"image_sha256": images["image_sha256"].to_list(), "vector": schemas.vector_column(image_vectors)}
-                ),
-                schemas.image_embeddings(image_vectors.shape[1]),
-            )
+            image_shas = images["image_sha256"].to_list()
+            image_vectors, fresh_images = embedded(encoder.image.identity, "image", image_shas,
+                                                   images["image_path"].to_list(), encode_images_with)
             writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)
+        writer.write_table("image_embeddings", *schemas.image_embeddings_table(image_shas, image_vectors))
         writer.stats.update(encoder=encoder.identity, precision=stage_config["precision"])
         if uses_bootstrap:
             writer.stats["encoder_note"] = (
                 "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"
             )
-        log.info("embed: %s", writer.stats)
+        logger().info("embed: %s", writer.stats)
+
+    def embedded(identity: str, kind: str, keys: list[str], items: list[str], encode, **options):
+        """Vectors of `items` from the shared cache, encoding only what it lacks (`runner: dask`: `ctx.shards`
+        chunks at a time on the workers)."""
+        return EmbeddingCache(ctx.store, identity, kind).get_or_compute(
+            keys, items, functools.partial(encode, spec), desc=f"embed {kind}s",
+            map_batches=lambda fn, batches: map_shards(ctx.distributed, fn, [(batch,) for batch in batches]),
+            wave=ctx.shards, **options,
+        )
 
     return run_stage(ctx, "embed", stage_config, inputs, build, sources=sources)

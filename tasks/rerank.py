@@ -16,14 +16,15 @@ from kgmel_core.rerank.candidates import candidate_lists
 from kgmel_core.rerank.filtering import TextVectors, filter_mentions
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion
 from kgmel_core.rerank.gate import retrieval_margins
+from kgmel_core.rerank.groups import Stage3Mentions
 from kgmel_core.rerank.hosted import score_with_api
-from kgmel_core.rerank.learned import merged_scores, predictions_from_ranking, ranked_table
+from kgmel_core.rerank.learned import merged_scores
 from kgmel_core.rerank.llm_choice import llm_predictions, plan_llm_rerank
 from kgmel_core.retrieval.features import mention_heads
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.llm_common import ask_llm, call_stats, calls_table
-from tasks.reranker import as_trained, check_pairing, known_val_scores, stage3_mentions
+from tasks.reranker import as_trained, check_pairing, known_val_scores, stage3_tables
 
 
 def _generated(generation: Artifact | None, table: str):
@@ -154,25 +155,19 @@ def rerank_learned(
                     "scope": config.scope.model_dump()}
 
     def build(writer):
-        at = stage3_mentions(config, ingest, retrieve, filtered, generation, kb)
+        at = Stage3Mentions.of(stage3_tables(ingest, retrieve, filtered, generation, kb), config)
         known, folds = known_val_scores(ctx, reranker, retrieve, filtered)
-        todo = [g for g in at.groups if g.mention_id in at.sent and g.mention_id not in known]
+        todo = [g for g in at.sent_groups() if g.mention_id not in known]
         model = create_cross_encoder(config.cross_encoder, trained=reranker.folder("reranker"))
         fresh = model.score(todo, config.cross_encoder.batch_pairs, progress=True)
         scores = merged_scores(at.groups, at.sent, dict(zip([g.mention_id for g in todo], fresh, strict=True)), known)
         overall = Fusion(**reranker.manifest["stats"]["fusion"])
         fusions = [RERANKER_ONLY if config.fusion == "none" else folds.get(g.mention_id, overall) for g in at.groups]
-        ranked = ranked_table(at.groups, scores, fusions)
-        predictions, outcomes = predictions_from_ranking(
-            at.mentions["mention_id"].to_list(), set(at.scoped["mention_id"].to_list()), at.sent, ranked,
-            candidate_lists(at.candidates, config.candidates), at.margins,
-        )
+        ranked, predictions, outcomes = at.rank(scores, fusions)
         writer.write_table("reranked", ranked, schemas.RERANKED)
         writer.write_table("predictions", predictions, schemas.PREDICTIONS)
-        writer.stats.update(outcomes=outcomes, mentions=at.mentions.height, in_scope=at.scoped.height,
-                            sent=len(at.sent), scored_now=len(todo),
-                            scores_reused=sum(g.mention_id in at.sent and g.mention_id in known for g in at.groups),
-                            margin_threshold=config.margin_threshold, inputs=at.counts.as_stats())
+        writer.stats.update(at.stats(), outcomes=outcomes, scored_now=len(todo),
+                            scores_reused=len(at.sent_groups()) - len(todo))
         logger().info("rerank: %s", writer.stats)
 
     return run_stage(ctx, "rerank", stage_config, inputs, build)
@@ -197,23 +192,18 @@ def rerank_hosted(
                     "scope": config.scope.model_dump()}
 
     def build(writer):
-        at = stage3_mentions(config, ingest, retrieve, filtered, generation, kb)
-        asked = [g for g in at.groups if g.mention_id in at.sent]
+        at = Stage3Mentions.of(stage3_tables(ingest, retrieve, filtered, generation, kb), config)
+        asked = at.sent_groups()
         scores, calls = score_with_api(asked, config.api)
         by_id = dict(zip([g.mention_id for g in asked], scores, strict=True))
         failed = {g.mention_id: row["call_id"] for g, row in zip(asked, calls, strict=True) if row["status"] != "ok"}
-        ranked = ranked_table(at.groups, [by_id.get(g.mention_id) for g in at.groups], [RERANKER_ONLY] * len(at.groups))
-        predictions, outcomes = predictions_from_ranking(
-            at.mentions["mention_id"].to_list(), set(at.scoped["mention_id"].to_list()), at.sent, ranked,
-            candidate_lists(at.candidates, config.candidates), at.margins, failed, source_name="api",
-        )
+        ranked, predictions, outcomes = at.rank([by_id.get(g.mention_id) for g in at.groups],
+                                                [RERANKER_ONLY] * len(at.groups), failed, source_name="api")
         calls_frame = pl.DataFrame(calls, schema=pl.Schema(schemas.LLM_CALLS))
         writer.write_table("reranked", ranked, schemas.RERANKED)
         writer.write_table("predictions", predictions, schemas.PREDICTIONS)
         writer.write_table("llm_calls", calls_frame, schemas.LLM_CALLS)
-        writer.stats.update(call_stats(calls_frame), outcomes=outcomes, model=config.api.model,
-                            mentions=at.mentions.height, in_scope=at.scoped.height, sent=len(at.sent),
-                            margin_threshold=config.margin_threshold, inputs=at.counts.as_stats())
+        writer.stats.update(call_stats(calls_frame) | at.stats(), outcomes=outcomes, model=config.api.model)
         logger().info("rerank: %s", writer.stats)
 
     return run_stage(ctx, "rerank", stage_config, inputs, build)

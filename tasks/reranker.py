@@ -3,57 +3,25 @@ early-stopped and fused on val (see `kgmel_core.rerank.learned`)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import CrossEncoderConfig, RerankConfig, key_config, runtime_values
-from kgmel_core.data.scope import in_scope
 from kgmel_core.factory import create_cross_encoder
-from kgmel_core.rerank.cross_encoder import RerankGroup
 from kgmel_core.rerank.fusion import Fusion
-from kgmel_core.rerank.gate import is_sent, retrieval_margins
-from kgmel_core.rerank.groups import GroupCounts, build_groups
+from kgmel_core.rerank.groups import Stage3Tables
 from kgmel_core.rerank.learned import folds_table, scores_table, train_reranker
 from kgmel_core.retrieval.device import resolve_device, resolved_precision
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
 
-@dataclass
-class Stage3Mentions:
-    """What a ranking rerank stage works on: the mentions, those in scope, the served candidates and
-    margins, the mentions the gate sends, and the in-scope mentions' groups."""
-
-    mentions: pl.DataFrame
-    scoped: pl.DataFrame
-    candidates: pl.DataFrame
-    margins: dict[str, float]
-    sent: set[str]
-    groups: list[RerankGroup]
-    counts: GroupCounts
-
-
-def stage3_mentions(config: RerankConfig, ingest: Artifact, retrieve: Artifact, filtered: Artifact,
-                    generation: Artifact | None, kb: Artifact | None) -> Stage3Mentions:
-    mentions = ingest.read("mentions")
-    scoped = in_scope(mentions, config.scope)
-    served = retrieve.read("candidates")
-    margins = dict(retrieval_margins(served).iter_rows())
-    sent = {m for m in scoped["mention_id"].to_list() if is_sent(margins.get(m, math.inf), config.margin_threshold)}
-    groups, counts = stage3_groups(config, scoped, kb or ingest, retrieve, filtered, generation)
-    return Stage3Mentions(mentions, scoped, served, margins, sent, groups, counts)
-
-
-def stage3_groups(config: RerankConfig, mentions: pl.DataFrame, kb: Artifact, retrieve: Artifact,
-                  filtered: Artifact, generation: Artifact | None):
-    """The reranker's view of `mentions`: their candidate lists with the texts it reads."""
-    return build_groups(
-        mentions, retrieve.read("candidates"), kb.read("entities"), filtered.read("filtered_triples"),
-        config.cross_encoder, config.candidates,
+def stage3_tables(ingest: Artifact, retrieve: Artifact, filtered: Artifact, generation: Artifact | None,
+                  kb: Artifact | None = None) -> Stage3Tables:
+    """The tables stage 3 reads, from the artifacts its key names (`kb`: the served KB, when it is not ingest's)."""
+    return Stage3Tables(
+        ingest.read("mentions"), retrieve.read("candidates"), (kb or ingest).read("entities"),
+        filtered.read("filtered_triples"),
         generation.read("mention_generations") if generation is not None else None,
         generation.read("mention_triples") if generation is not None else None,
     )
@@ -77,24 +45,13 @@ def train_reranker_stage(
     inputs = {"ingest": ingest, "retrieve": retrieve, "filter": filtered, "generation": generation}
 
     def build(writer):
-        mentions = ingest.read("mentions")
-        train, counts = stage3_groups(config, mentions.filter(pl.col("split") == "train"), ingest, retrieve,
-                                      filtered, generation)
-        val, val_counts = stage3_groups(config, mentions.filter(pl.col("split") == "val"), ingest, retrieve,
-                                        filtered, generation)
+        tables = stage3_tables(ingest, retrieve, filtered, generation)
+        (train, counts), (val, val_counts) = tables.split(config, "train"), tables.split(config, "val")
         trained = train_reranker(create_cross_encoder(ce), train, val, ce, writer.folder_path("reranker"))
-        history = pl.DataFrame(trained.result.history).drop("seconds")
-        writer.write_table("reranker_history", history, schemas.RERANKER_HISTORY)
+        writer.write_table("reranker_history", trained.history_table(), schemas.RERANKER_HISTORY)
         writer.write_table("reranker_val_scores", scores_table(trained.val_scores, val), schemas.RERANKER_SCORES)
         writer.write_table("reranker_folds", folds_table(trained.val_fusions), schemas.RERANKER_FOLDS)
-        result = trained.result
-        writer.stats.update(
-            fusion={"reranker": trained.fusion.reranker, "retrieval": trained.fusion.retrieval},
-            best_step=result.best_step, steps=result.steps, best_val_sample_hits1=result.best_val_hits1,
-            train_seconds=round(result.seconds, 1), train_groups=result.train_groups, precision=result.precision,
-            val_scoring_seconds=round(trained.scoring_seconds, 1), val_mentions_scored=len(val),
-            train_inputs=counts.as_stats(), val_inputs=val_counts.as_stats(),
-        )
+        writer.stats.update(trained.stats(), train_inputs=counts.as_stats(), val_inputs=val_counts.as_stats())
         logger().info("train_reranker: %s", writer.stats)
 
     return run_stage(ctx, "train_reranker", stage_config, inputs, build)

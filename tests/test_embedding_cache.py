@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from storage import ArtifactStore
@@ -61,3 +62,16 @@ def test_chunks_mapped_in_waves_come_back_in_order():
         shas, list(range(7)), lambda b: np.array([[float(i)] for i in b], np.float32), map_batches=mapper, wave=3
     )
     assert seen_waves == [3, 1] and fresh == 7 and vectors[:, 0].tolist() == [float(i) for i in range(7)]
+
+
+def test_each_distinct_image_is_embedded_once_and_no_image_still_gives_a_table_of_the_encoder_width():
+    from kgmel_core.retrieval.features import images_to_embed
+    from kgmel_core.schemas import image_embeddings_table, text_embeddings_table
+
+    mentions = pl.DataFrame({"image_sha256": ["a", None, "b"], "image_path": ["m/a.png", None, "m/b.png"]})
+    entities = pl.DataFrame({"image_sha256": ["b", "c"], "image_path": ["kb/b.png", "kb/c.png"]})
+    assert images_to_embed(mentions, entities).rows() == [("a", "m/a.png"), ("b", "m/b.png"), ("c", "kb/c.png")]
+    table, schema = image_embeddings_table([], np.zeros((0, 4), np.float32))
+    assert table.num_rows == 0 and schema.field("vector").type.list_size == 4
+    table, schema = text_embeddings_table(["s1", "s2"], ["x", "y"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert table.cast(schema).column("vector").to_pylist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]

@@ -8,10 +8,10 @@ import polars as pl
 import pytest
 from rerank_stub import rerank_server
 
-from kgmel_core.config import CrossEncoderConfig, RerankAPIConfig
+from kgmel_core.config import CrossEncoderConfig, LLMScope, RerankAPIConfig, RerankConfig
 from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mention_input
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
-from kgmel_core.rerank.groups import build_groups
+from kgmel_core.rerank.groups import Stage3Mentions, Stage3Tables, build_groups
 from kgmel_core.rerank.hosted import score_with_api
 from kgmel_core.rerank.learned import fused_hits1, merged_scores, predictions_from_ranking, ranked_table
 
@@ -65,6 +65,23 @@ def test_groups_follow_retrieval_order_mark_gold_and_count_what_is_missing():
     assert groups[1].gold is None  # Q9 was not retrieved
     assert counts.without_candidates == 1 and counts.gold_not_retrieved == {"val": 1}
     assert counts.candidates_without_description == 1 and counts.candidates_without_facts == 2
+
+
+def test_stage3_sends_the_unsure_mentions_in_scope_and_ranks_only_those():
+    mentions, candidates, entities, filtered = _groups_inputs()
+    mentions = mentions.with_columns(split=pl.Series(["val", "val", "test"]))
+    config = RerankConfig(candidates=2, margin_threshold=0.15, scope=LLMScope(splits=["val"]))
+    at = Stage3Mentions.of(Stage3Tables(mentions, candidates, entities, filtered), config)
+    assert at.sent == {"m1"}  # margin 0.9 - 0.8 < 0.15; m2 has one candidate (margin inf); m3 is out of scope
+    assert [g.mention_id for g in at.groups] == ["m1", "m2"] and [g.mention_id for g in at.sent_groups()] == ["m1"]
+    ranked, predictions, outcomes = at.rank([np.array([0.0, 1.0], np.float32), None], [RERANKER_ONLY] * 2)
+    assert ranked.select("mention_id", "qid", "retrieval_rank").rows() == [("m1", "Q2", 2), ("m1", "Q1", 1),
+                                                                           ("m2", "Q5", 1)]
+    assert predictions.select("mention_id", "qid", "source", "reason").rows() == [
+        ("m1", "Q2", "reranker", None), ("m2", "Q5", "retrieval", "confident"),
+        ("m3", None, "fallback", "out_of_scope")]
+    assert outcomes == {"reranker": 1, "confident": 1, "out_of_scope": 1}
+    assert at.stats()["mentions"] == 3 and at.stats()["in_scope"] == 2 and at.stats()["sent"] == 1
 
 
 def test_fusion_fit_matches_a_hand_computed_optimum():

@@ -40,6 +40,18 @@ class TrainedReranker:
     val_scores: dict[str, np.ndarray]  # the best model's scores of each val mention's candidates
     scoring_seconds: float  # of scoring every val mention once: the reranker's cost when serving
 
+    def history_table(self) -> pl.DataFrame:
+        return pl.DataFrame(self.result.history).drop("seconds")  # seconds vary by machine: the stats hold them
+
+    def stats(self) -> dict:
+        """What the train_reranker manifest records: the fusion new mentions get, and training's course."""
+        result = self.result
+        return {"fusion": {"reranker": self.fusion.reranker, "retrieval": self.fusion.retrieval},
+                "best_step": result.best_step, "steps": result.steps, "best_val_sample_hits1": result.best_val_hits1,
+                "train_seconds": round(result.seconds, 1), "train_groups": result.train_groups,
+                "precision": result.precision, "val_scoring_seconds": round(self.scoring_seconds, 1),
+                "val_mentions_scored": len(self.val_scores)}
+
 
 def train_reranker(
     model: CrossEncoder,

@@ -196,6 +196,13 @@ class Features:
     mention_gold_rows: Tensor  # row of the gold entity in `entities`, -1 when it is not in the KB
 
 
+def images_to_embed(mentions: pl.DataFrame, entities: pl.DataFrame) -> pl.DataFrame:
+    """(image_sha256, image_path) of every distinct image, mentions' first: one vector per content, however
+    many records name it."""
+    rows = pl.concat([mentions.select("image_sha256", "image_path"), entities.select("image_sha256", "image_path")])
+    return rows.drop_nulls().unique("image_sha256", maintain_order=True)
+
+
 def assemble(
     mentions: pl.DataFrame,
     entities: pl.DataFrame,
