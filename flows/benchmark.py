@@ -53,7 +53,7 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
         if variant.stage == "retriever":
             chain = retrieval_chain(ctx, chosen, ingested, None)
             evaluated = evaluate_tasks.evaluate(
-                ctx, ingested, chain["embed"], chain["retrieve"], label=label, splits=["val"]
+                ctx, ingested, chain["embed"], chain["retrieve"], label=label, splits=["val"], nil=config.nil
             )
             results[label] = (chain["train"], evaluated)
             if chosen.encoder.entity_text == "label":
@@ -63,11 +63,13 @@ def benchmark(config: PipelineConfig, variants: list[str] | None = None) -> dict
         val_only = chosen.rerank.model_copy(update={"scope": LLMScope(splits=["val"])})  # what the table reports
         third = stage3(ctx, val_only, ingested, None, chain["embed"], chain["retrieve"], train_reranker=True)
         evaluated = evaluate_tasks.evaluate(
-            ctx, ingested, chain["embed"], chain["retrieve"], third["rerank"], label="kgmel", splits=["val"]
+            ctx, ingested, chain["embed"], chain["retrieve"], third["rerank"], label="kgmel", splits=["val"],
+            nil=config.nil,
         )
         results[label] = (third["train_reranker"], evaluated)
     report_artifact = benchmark_tasks.benchmark(ctx, config.dataset.name, results, label_only)
-    plots = [name for name in ("training_curves.png", "hits_at_k.png") if name in report_artifact.manifest["files"]]
+    plots = [name for name in ("training_curves.png", "hits_at_k.png", "nil_precision_recall.png")
+             if name in report_artifact.manifest["files"]]
     files = ", ".join(str(report_artifact.file(name)) for name in plots)
     report = finish(ctx, f"kgmel benchmark: {config.dataset.name} (val)", None, [*notes, f"plots: {files}"])
     report.metrics = report_artifact.read("benchmark").drop("dataset")

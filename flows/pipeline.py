@@ -88,7 +88,8 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
         third = stage3(ctx, config.rerank, ingested, generation, embedded, chain["retrieve"], train_reranker=True)
         stages.update(third)
         reranked, reranker = third["rerank"], third.get("train_reranker")
-    metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked)
+    metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked,
+                                                           nil=config.nil)
     registered = register_model(ctx, config, chain, reranker, promote)
     report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
     return {"artifacts": artifact_ids(stages), "report": report, "root": ctx.store.url, "model": registered}

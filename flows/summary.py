@@ -22,9 +22,11 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
     asked nothing or whose calls failed."""
     warnings = []
     for record in records:
-        if record.status != "ok" or record.stage not in ("ingest", "ingest_link", "generate", "rerank"):
+        if record.status != "ok" or record.stage not in ("ingest", "ingest_link", "generate", "rerank", "evaluate"):
             continue
         stats = store.require(record.stage, record.key).manifest["stats"]
+        if stats.get("out_of_kb_skipped"):
+            warnings.append(f"NOTE evaluate: no out-of-KB evaluation: {stats['out_of_kb_skipped']}")
         if stats.get("rejected_records"):
             warnings.append(
                 f"WARNING {record.stage}: {stats['rejected_records']} bad records skipped "

@@ -294,6 +294,14 @@ class DaskConfig(_Section):
     shards: int = Field(0, ge=0)  # shards per parallel step; 0: two per worker
 
 
+class NilConfig(_Section):
+    """The out-of-KB evaluation (`kgmel_core.nil`): a seeded share of val mentions made NIL by withholding
+    their gold entities (never an entity that is gold in train) from the lists that answer them."""
+
+    share: float = Field(0.1, gt=0, le=0.5)
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()
     kb: KBConfig = KBConfig()
@@ -310,6 +318,7 @@ class PipelineConfig(_Section):
     index: IndexConfig = IndexConfig()
     generation: GenerationConfig = GenerationConfig()
     rerank: RerankConfig = RerankConfig()
+    nil: NilConfig = NilConfig()
     # Stages rebuilt even when their artifact exists (their outputs get the same key, so the
     # old folder is replaced, and stages after them rebuild only if the content changed).
     force_stages: list[str] = []

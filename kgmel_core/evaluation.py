@@ -19,6 +19,7 @@ import torch
 
 from kgmel_core import schemas
 from kgmel_core.metrics import candidate_ranks, gold_ranks, paired_gain, ranking_metrics
+from kgmel_core.nil import out_of_kb_evaluation, with_name_match
 from kgmel_core.rerank.gate import gate_curve, knee
 from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_names, zero_shot_text, zero_shot_text_and_names
 from kgmel_core.retrieval.features import Features, subset_side
@@ -52,9 +53,21 @@ class Reranked:
 
 
 @dataclass
+class OutOfKB:
+    """What the out-of-KB evaluation (`kgmel_core.nil`) reads beyond the ranked lists: the KB's labels and
+    the entities that are gold in train (never withheld)."""
+
+    entities: pl.DataFrame
+    train_gold: set[str]
+    share: float
+    seed: int
+
+
+@dataclass
 class Evaluation:
     metrics: pl.DataFrame  # METRICS
     gate_curve: pl.DataFrame | None = None  # GATE_CURVE, when stage 3 was evaluated
+    nil_outcomes: pl.DataFrame | None = None  # NIL_OUTCOMES, when the out-of-KB evaluation ran
     stats: dict = field(default_factory=dict)
 
 
@@ -93,9 +106,11 @@ def aligned_vectors(table: pl.DataFrame, id_column: str, ids: Sequence[str]) -> 
 
 
 def evaluate_tables(
-    features: Features, mentions: pl.DataFrame, label: str, served: Served | None, reranked: Reranked | None
+    features: Features, mentions: pl.DataFrame, label: str, served: Served | None, reranked: Reranked | None,
+    out_of_kb: OutOfKB | None = None,
 ) -> Evaluation:
-    """Every metric row for `mentions` (row-aligned with `features`)."""
+    """Every metric row for `mentions` (row-aligned with `features`); with `out_of_kb`, also the out-of-KB
+    evaluation of the final ranked list (the reranker's, else the retriever's) on the val mentions."""
     splits = features.mention_split
     gold = features.mention_gold_rows
     missing = (gold < 0).numpy()
@@ -128,8 +143,30 @@ def evaluate_tables(
         split_of = dict(zip(features.mentions.ids, splits, strict=True))
         rerank_rows, result.gate_curve = _rerank_rows(label, mentions, served.candidates, reranked, split_of)
         rows += rerank_rows
+    if out_of_kb is not None and served is not None:
+        rows += out_of_kb_rows(label, mentions, served, reranked, out_of_kb, result)
     result.metrics = pl.DataFrame(rows, schema=pl.Schema(schemas.METRICS))
     return result
+
+
+def out_of_kb_rows(label: str, mentions: pl.DataFrame, served: Served, reranked: Reranked | None,
+                   out_of_kb: OutOfKB, result: Evaluation) -> list[dict]:
+    """METRICS rows of the out-of-KB evaluation of the final list on the val `mentions`; its per-mention
+    outcomes go to `result.nil_outcomes`. Too few val mentions to make NIL ones: no rows, the reason in
+    `result.stats["out_of_kb_skipped"]` (the run summary says so)."""
+    val = mentions.filter(pl.col("split") == "val")
+    has_list = reranked is not None and reranked.ranked is not None
+    final = reranked.ranked if has_list else served.candidates
+    method = f"{label} + reranker, out-of-KB" if has_list else f"{label}, out-of-KB"
+    lists = with_name_match(final.filter(pl.col("mention_id").is_in(val["mention_id"].implode())), val,
+                            out_of_kb.entities)
+    try:
+        metrics, result.nil_outcomes = out_of_kb_evaluation(lists, val, out_of_kb.train_gold, out_of_kb.share,
+                                                            out_of_kb.seed)
+    except ValueError as exc:  # too few val mentions (or none never gold in train) to make NIL ones
+        result.stats["out_of_kb_skipped"] = str(exc)
+        return []
+    return [{"method": method, "split": "val", "metric": k, "value": float(v)} for k, v in metrics.items()]
 
 
 def _rerank_rows(

@@ -88,10 +88,15 @@ def paired_gain(a_hits: np.ndarray, b_hits: np.ndarray) -> tuple[float, float]:
 
 METRICS_SHOWN = ("hits@1", "hits@3", "hits@5", "hits@10", "hits@16", "mrr")
 RERANK_SHOWN = ("n", "hits@1", "sent_to_llm", "fallbacks", "gain_vs_top1", "gain_ci95", "margin_threshold")
+NIL_SHOWN = ("n", "nil_mentions", "nil_precision", "nil_recall", "nil_f1", "in_kb_hits@1", "in_kb_hits@1_with_nil",
+             "accuracy_with_nil", "nil_threshold")
+NIL_SHORT = {"nil_mentions": "nil", "nil_precision": "nil P", "nil_recall": "nil R", "nil_f1": "nil F1",
+             "in_kb_hits@1": "in-KB hits@1", "in_kb_hits@1_with_nil": "with NIL", "accuracy_with_nil": "accuracy",
+             "nil_threshold": "threshold"}
 
 
 SPLIT_ORDER = ("val", "test", "train")  # quality is reported on val, so its rows come first
-COUNT_METRICS = ("n",)
+COUNT_METRICS = ("n", "nil_mentions")
 
 
 def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> pl.DataFrame:
@@ -110,14 +115,19 @@ def wide_metrics(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) ->
 
 
 def metric_tables(metrics: pl.DataFrame, shown: Sequence[str] = METRICS_SHOWN) -> list[tuple[str, pl.DataFrame]]:
-    """Retrieval rows and LLM-rerank rows as two tables: their columns differ, and one table with all of
-    them is too wide to read in a terminal."""
+    """Retrieval rows, LLM-rerank rows and out-of-KB rows as separate tables: their columns differ, and one
+    table with all of them is too wide to read in a terminal."""
+    is_out_of_kb = pl.col("method").str.ends_with("out-of-KB")
     is_rerank = pl.col("method").str.contains(r"rerank\b|same mentions")  # not "+ reranker": a ranked list
-    tables = [("retrieval", wide_metrics(metrics.filter(~is_rerank), shown))]
+    tables = [("retrieval", wide_metrics(metrics.filter(~is_rerank & ~is_out_of_kb), shown))]
     if metrics.filter(is_rerank).height:
         short = {"sent_to_llm": "sent", "gain_vs_top1": "gain", "gain_ci95": "ci95 ±", "margin_threshold": "threshold"}
         rerank = wide_metrics(metrics.filter(is_rerank), RERANK_SHOWN)
         tables.append(("LLM rerank vs. retrieval top-1 on the same mentions", rerank.rename(short, strict=False)))
+    if metrics.filter(is_out_of_kb).height:
+        nil = wide_metrics(metrics.filter(is_out_of_kb), NIL_SHOWN).rename(NIL_SHORT, strict=False)
+        tables.append(("out-of-KB (val mentions made NIL by withholding their gold entity; NIL P/R/F1, "
+                       "in-KB HITS@1 without and with the NIL decision)", nil))
     return tables
 
 

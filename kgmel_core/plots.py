@@ -15,11 +15,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 
+def _two_panels() -> tuple[plt.Figure, tuple[plt.Axes, plt.Axes]]:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax in axes:
+        ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
+    return fig, tuple(axes)
+
+
+def _save(fig: plt.Figure, axes: tuple[plt.Axes, ...], path: Path, title: str) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def training_curves(history: pl.DataFrame, path: Path, title: str) -> None:
     """`history`: variant, epoch, train_loss, val_hits1 -> two panels (loss, val HITS@1 per epoch)."""
-    fig, (loss_ax, hits_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax in (loss_ax, hits_ax):
-        ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
+    fig, (loss_ax, hits_ax) = _two_panels()
     for (variant,), rows in history.sort("epoch").group_by("variant", maintain_order=True):
         loss_ax.plot(rows["epoch"], rows["train_loss"], label=variant)
         validated = rows.filter(pl.col("val_hits1").is_not_nan())
@@ -27,11 +40,7 @@ def training_curves(history: pl.DataFrame, path: Path, title: str) -> None:
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
     hits_ax.set(xlabel="epoch", ylabel="val HITS@1 (%)", title="validation HITS@1 (whole KB)")
     hits_ax.legend(fontsize=7, loc="lower right")
-    for ax in (loss_ax, hits_ax):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, (loss_ax, hits_ax), path, title)
 
 
 def hits_at_k(metrics: pl.DataFrame, path: Path, title: str) -> None:
@@ -48,3 +57,16 @@ def hits_at_k(metrics: pl.DataFrame, path: Path, title: str) -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def nil_precision_recall(curves: pl.DataFrame, path: Path, title: str) -> None:
+    """`curves`: variant, nil_precision, nil_recall, in_kb_hits1 -> NIL precision against recall (left) and
+    in-KB HITS@1 against NIL recall (right), one line per variant: the price of each threshold."""
+    fig, (pr_ax, cost_ax) = _two_panels()
+    for (variant,), rows in curves.sort("nil_recall").group_by("variant", maintain_order=True):
+        pr_ax.plot(rows["nil_recall"], rows["nil_precision"], marker=".", label=variant)
+        cost_ax.plot(rows["nil_recall"], rows["in_kb_hits1"], marker=".", label=variant)
+    pr_ax.set(xlabel="NIL recall", ylabel="NIL precision", title="NIL precision-recall", xlim=(0, 1), ylim=(0, 1))
+    cost_ax.set(xlabel="NIL recall", ylabel="in-KB HITS@1 (%)", title="what it costs in-KB mentions")
+    cost_ax.legend(fontsize=7, loc="lower left")
+    _save(fig, (pr_ax, cost_ax), path, title)

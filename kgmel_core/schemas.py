@@ -192,6 +192,16 @@ GATE_CURVE = pa.schema(
     [("split", pa.string()), ("threshold", pa.float64()), ("sent", pa.float64()), ("hits1", pa.float64())]
 )
 
+NIL_OUTCOMES = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("is_nil", pa.bool_()),
+        ("nil_probability", pa.float64()),
+        ("predicted_nil", pa.bool_()),
+        ("top1_correct", pa.bool_()),
+    ]
+)
+
 METRICS = pa.schema(
     [
         ("method", pa.string()),
@@ -274,6 +284,8 @@ STAGE_TABLES: dict[str, dict[str, tuple[pa.Schema, str]]] = {
     "evaluate": {
         "metrics": (METRICS, "HITS@k, MRR, counts per method and split"),
         "rerank_gate_curve": (GATE_CURVE, "HITS@1 against the share of mentions sent to stage 3"),
+        "nil_outcomes": (NIL_OUTCOMES, "out-of-KB evaluation, per val mention: made NIL?, P(NIL) out of fold, "
+                                       "predicted NIL?, top-1 right?"),
     },
     "benchmark": {"benchmark": (BENCHMARK, "one dataset's variants on val, long format")},
 }

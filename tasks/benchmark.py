@@ -13,7 +13,8 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.metrics import HITS_AT
-from kgmel_core.plots import hits_at_k, training_curves
+from kgmel_core.nil import precision_recall_curve
+from kgmel_core.plots import hits_at_k, nil_precision_recall, training_curves
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, run_stage
 
@@ -51,9 +52,14 @@ def benchmark(
         inputs[f"train:{label}"], inputs[f"evaluate:{label}"] = train, evaluate
 
     def build(writer):
-        rows, history, zero_shot_done = [], [], set()
+        rows, history, nil_curves, zero_shot_done = [], [], [], set()
         for label, (train, evaluate) in variants.items():
             metrics = evaluate.read("metrics").filter(pl.col("split") == "val")
+            out_of_kb = metrics.filter(pl.col("method").str.ends_with("out-of-KB"))
+            if out_of_kb.height:
+                rows += _rows(dataset, f"{label}, out-of-KB", dict(out_of_kb.select("metric", "value").iter_rows()))
+                curve = precision_recall_curve(evaluate.read("nil_outcomes"))
+                nil_curves.append(curve.with_columns(variant=pl.lit(label)))
             for method in ZERO_SHOT:
                 shown = method
                 if label in label_only and method != "zero-shot names":
@@ -82,6 +88,9 @@ def benchmark(
             curves = curves.with_columns(pl.col("val_hits1").fill_null(float("nan")))
             training_curves(curves, writer.file_path("training_curves.png"),
                             f"{dataset}: training (val on the whole KB)")
+        if nil_curves:
+            nil_precision_recall(pl.concat(nil_curves), writer.file_path("nil_precision_recall.png"),
+                                 f"{dataset}: out-of-KB val mentions (NIL made by withholding gold entities)")
         ks = table.filter(pl.col("metric").is_in([f"hits@{k}" for k in HITS_AT]) & pl.col("value").is_not_nan())
         ks = ks.select("method", k=pl.col("metric").str.strip_prefix("hits@").cast(pl.Int64), hits="value")
         hits_at_k(ks, writer.file_path("hits_at_k.png"), f"{dataset}: val HITS@k by method")

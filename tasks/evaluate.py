@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
+from kgmel_core.config import NilConfig
 from kgmel_core.data.texts import HeadTexts
-from kgmel_core.evaluation import Reranked, Served, evaluate_tables, restrict_to_splits
+from kgmel_core.evaluation import OutOfKB, Reranked, Served, evaluate_tables, restrict_to_splits
 from kgmel_core.metrics import metrics_markdown
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
@@ -22,14 +24,19 @@ def evaluate(
     rerank: Artifact | None = None,
     label: str = "kgmel",
     splits: list[str] | None = None,
+    nil: NilConfig | None = None,
 ) -> Artifact:
     """Metrics of what was served (see `kgmel_core.evaluation`). `splits`: evaluate only these (the
-    benchmark asks for val alone); None: every split."""
+    benchmark asks for val alone); None: every split. `nil`: also the out-of-KB evaluation on val."""
     evaluated_splits = sorted(splits) if splits else None
 
     def build(writer):
         features = load_features(ingest, embed, None, HeadTexts.of(embed.manifest["config"]), max_triples=1)
         mentions = ingest.read("mentions")
+        out_of_kb = None
+        if nil is not None:
+            train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+            out_of_kb = OutOfKB(ingest.read("entities"), train_gold, nil.share, nil.seed)
         if evaluated_splits is not None:
             features, mentions = restrict_to_splits(features, mentions, evaluated_splits)
         served = reranked = None
@@ -42,12 +49,15 @@ def evaluate(
             ranked = rerank.read("reranked") if "reranked" in rerank.tables else None
             sent_all = rerank.manifest["config"].get("margin_threshold") is None
             reranked = Reranked(rerank.read("predictions"), sent_all, ranked)
-        result = evaluate_tables(features, mentions, label, served, reranked)
+        result = evaluate_tables(features, mentions, label, served, reranked, out_of_kb)
         writer.write_table("metrics", result.metrics, schemas.METRICS)
         if result.gate_curve is not None:
             writer.write_table("rerank_gate_curve", result.gate_curve, schemas.GATE_CURVE)
+        if result.nil_outcomes is not None:
+            writer.write_table("nil_outcomes", result.nil_outcomes, schemas.NIL_OUTCOMES)
         writer.stats.update(result.stats)
         logger().debug("metrics:\n%s", metrics_markdown(result.metrics))  # the run summary shows them once
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
-    return run_stage(ctx, "evaluate", {"label": label, "splits": evaluated_splits}, inputs, build)
+    stage_config = {"label": label, "splits": evaluated_splits, "nil": nil.model_dump() if nil else None}
+    return run_stage(ctx, "evaluate", stage_config, inputs, build)

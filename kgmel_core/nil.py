@@ -1,0 +1,215 @@
+"""Say "not in the KB": a calibrated probability that a mention's entity is absent, from its final ranked
+list, and the out-of-KB evaluation that makes such mentions by withholding gold entities.
+
+The benchmarks hold no NIL mentions, so the evaluation makes them the standard way: a seeded share of
+val mentions lose their gold entity from the lists that answer them. Only entities that are gold for no
+train mention are withheld, so the trained models are unchanged; every val mention of a withheld entity
+becomes NIL. Removing an entity from a list of exact-search (or fused) scores is what searching an index
+without it returns, except that the list is one candidate shorter.
+
+The decision is a logistic regression on the list's shape (top-1 score, its margin to the runner-up, and
+the reranker's own top-1 score where one ran), fitted on val; its threshold maximises NIL F1 there. Each val
+mention's reported outcome comes from the model fitted on the other fold (`fold_of`), like the reranker's
+fusion, so what is reported was not fitted on the mention itself.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+
+from kgmel_core.rerank.fusion import fold_of
+
+# Per-candidate columns a ranked list may carry; each one's top-1 value is a feature.
+SCORE_COLUMNS = ("score", "reranker_score", "retrieval_score", "name_match")
+
+
+def _tokens(text: str) -> set[str]:
+    return set(text.lower().split())
+
+
+def with_name_match(ranked: pl.DataFrame, mentions: pl.DataFrame, entities: pl.DataFrame) -> pl.DataFrame:
+    """`name_match`: the word overlap (Jaccard) of the mention's surface and the candidate's label. A withheld
+    entity's namesake often keeps the name; an unrelated top-1 rarely has it."""
+    surface = dict(mentions.select("mention_id", "mention").iter_rows())
+    label = dict(entities.select("qid", "label").iter_rows())
+    values = []
+    for mention_id, qid in ranked.select("mention_id", "qid").iter_rows():
+        a, b = _tokens(surface.get(mention_id, "")), _tokens(label.get(qid) or "")
+        values.append(len(a & b) / len(a | b) if a | b else 0.0)
+    return ranked.with_columns(name_match=pl.Series(values, dtype=pl.Float64))
+
+
+def withheld_entities(val: pl.DataFrame, train_gold: set[str], share: float, seed: int) -> set[str]:
+    """Gold entities of val mentions (never gold in train), drawn in a seeded order until their mentions
+    make up `share` of the val mentions."""
+    target = share * val.height
+    counts = val.filter(pl.col("gold_qid").is_not_null()).group_by("gold_qid").len()
+    eligible = sorted((q, n) for q, n in counts.iter_rows() if q not in train_gold)
+    random.Random(seed).shuffle(eligible)
+    chosen, covered = set(), 0
+    for qid, n in eligible:
+        if covered >= target:
+            break
+        chosen.add(qid)
+        covered += n
+    return chosen
+
+
+def without_entities(ranked: pl.DataFrame, withheld: set[str]) -> pl.DataFrame:
+    """The lists as an index without `withheld` would return them: those rows dropped, ranks renumbered."""
+    kept = ranked.filter(~pl.col("qid").is_in(list(withheld))).sort("mention_id", "rank")
+    return kept.with_columns(rank=(pl.int_range(pl.len()).over("mention_id") + 1).cast(pl.Int32))
+
+
+def list_features(ranked: pl.DataFrame, mention_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """[mentions x features] in the order of `mention_ids`: each score column's top-1 value and the first
+    column's margin to rank 2 (0 without a runner-up). A mention with no list gets NaN (always NIL)."""
+    columns = [c for c in SCORE_COLUMNS if c in ranked.columns and ranked[c].null_count() == 0]
+    lists = ranked.sort("mention_id", "rank").group_by("mention_id", maintain_order=True).agg(
+        *[pl.col(c).first().alias(c) for c in columns],
+        margin=(pl.col(columns[0]).first() - pl.col(columns[0]).get(1, null_on_oob=True)).fill_null(0.0),
+    )
+    names = [*columns, "margin"]
+    by_id = {row[0]: row[1:] for row in lists.select("mention_id", *names).iter_rows()}
+    matrix = np.array([by_id.get(m, [np.nan] * len(names)) for m in mention_ids], np.float64)
+    return matrix, names
+
+
+@dataclass(frozen=True)
+class NilModel:
+    """Logistic regression on standardised list features; `threshold` on its probability."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        """P(NIL) per row; a row without a list (NaN) is NIL for certain."""
+        z = (x - np.array(self.mean)) / np.array(self.scale)
+        p = 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        return np.where(np.isnan(x).any(axis=1), 1.0, p)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2-regularised logistic regression by Newton's method (a few features: exact
+    and fast, no solver to choose)."""
+    design = np.hstack([x, np.ones((len(x), 1))])
+    beta = np.zeros(design.shape[1])
+    penalty = np.diag([l2] * x.shape[1] + [0.0])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-design @ beta))
+        gradient = design.T @ (p - y) + penalty @ beta
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(len(beta))
+        step = np.linalg.solve(hessian, gradient)
+        beta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return beta[:-1], float(beta[-1])
+
+
+def best_threshold(probability: np.ndarray, is_nil: np.ndarray) -> float:
+    """The probability cut with the best NIL F1 (of equals, the lowest)."""
+    best, best_f1 = 0.5, -1.0
+    for cut in np.unique(probability):
+        f1 = nil_scores(probability >= cut, is_nil)["nil_f1"]
+        if f1 > best_f1:
+            best, best_f1 = float(cut), f1
+    return best
+
+
+def fit_nil_model(x: np.ndarray, is_nil: np.ndarray, names: Sequence[str]) -> NilModel:
+    usable = ~np.isnan(x).any(axis=1)
+    x, is_nil = x[usable], is_nil[usable]
+    if len(set(is_nil.tolist())) < 2:
+        raise ValueError("the NIL model needs both NIL and in-KB mentions to fit")
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    weights, bias = fit_logistic((x - mean) / scale, is_nil.astype(np.float64))
+    model = NilModel(tuple(names), tuple(mean), tuple(scale), tuple(weights), bias, 0.5)
+    threshold = best_threshold(model.probability(x), is_nil)
+    return NilModel(tuple(names), tuple(mean), tuple(scale), tuple(weights), bias, threshold)
+
+
+def nil_scores(predicted_nil: np.ndarray, is_nil: np.ndarray) -> dict[str, float]:
+    """NIL precision, recall and F1 (0 where undefined)."""
+    tp = float(np.sum(predicted_nil & is_nil))
+    precision = tp / max(float(np.sum(predicted_nil)), 1.0)
+    recall = tp / max(float(np.sum(is_nil)), 1.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"nil_precision": precision, "nil_recall": recall, "nil_f1": f1}
+
+
+def outcome_metrics(is_nil: np.ndarray, predicted_nil: np.ndarray, top1_correct: np.ndarray) -> dict[str, float]:
+    """NIL precision/recall/F1; HITS@1 on the in-KB mentions without the NIL decision and with it (an in-KB
+    mention predicted NIL is a miss); accuracy over all mentions with NIL as an answer (right only on a NIL
+    mention, which no entity answers rightly)."""
+    in_kb = ~is_nil
+    answered_right = top1_correct & ~predicted_nil
+    return {
+        **nil_scores(predicted_nil, is_nil),
+        "n": float(len(is_nil)), "nil_mentions": float(is_nil.sum()),
+        "in_kb_hits@1": 100 * float(top1_correct[in_kb].mean()) if in_kb.any() else float("nan"),
+        "in_kb_hits@1_with_nil": 100 * float(answered_right[in_kb].mean()) if in_kb.any() else float("nan"),
+        "accuracy_with_nil": 100 * float(np.where(is_nil, predicted_nil, answered_right).mean()),
+    }
+
+
+def out_of_kb_evaluation(
+    ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1, seed: int = 0
+) -> tuple[dict[str, float], pl.DataFrame]:
+    """The out-of-KB evaluation of one final ranked list over `mentions` (val): `outcome_metrics` with the
+    out-of-fold decisions, and one NIL_OUTCOMES row per mention for the precision-recall curve."""
+    withheld = withheld_entities(mentions, train_gold, share, seed)
+    if not withheld:
+        raise ValueError(f"no entity to withhold: of {mentions.height} val mentions, none has an entity that is "
+                         "never gold in train")
+    lists = without_entities(ranked, withheld)
+    ids = mentions["mention_id"].to_list()
+    is_nil = mentions["gold_qid"].is_in(list(withheld)).to_numpy()
+    x, names = list_features(lists, ids)
+    top1 = dict(lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
+    correct = np.array([top1.get(m) == g for m, g in zip(ids, mentions["gold_qid"].to_list(), strict=True)])
+    folds = np.array([fold_of(m) for m in ids])
+    probability, predicted = np.zeros(len(ids)), np.zeros(len(ids), bool)
+    models = []
+    for fold in (0, 1):
+        rest = folds != fold
+        if not 0 < is_nil[rest].sum() < rest.sum():
+            raise ValueError(f"too few val mentions to fit the NIL model out of fold: {int(is_nil[rest].sum())} NIL of "
+                             f"{int(rest.sum())} in fold {1 - fold} ({int(is_nil.sum())} NIL of {len(ids)} in all)")
+        model = fit_nil_model(x[rest], is_nil[rest], names)
+        probability[folds == fold] = model.probability(x[folds == fold])
+        predicted[folds == fold] = probability[folds == fold] >= model.threshold
+        models.append(model)
+    metrics = {**outcome_metrics(is_nil, predicted, correct), "withheld_entities": float(len(withheld)),
+               "nil_threshold": float(np.mean([m.threshold for m in models]))}
+    rows = pl.DataFrame({"mention_id": ids, "is_nil": is_nil, "nil_probability": probability,
+                         "predicted_nil": predicted, "top1_correct": correct})
+    return metrics, rows
+
+
+def precision_recall_curve(outcomes: pl.DataFrame, points: int = 50) -> pl.DataFrame:
+    """NIL precision, recall and in-KB HITS@1 at `points` cuts of the out-of-fold P(NIL) (NIL_OUTCOMES rows):
+    what a user reads a threshold of their own from."""
+    probability = outcomes["nil_probability"].to_numpy()
+    is_nil, correct = outcomes["is_nil"].to_numpy(), outcomes["top1_correct"].to_numpy()
+    rows = []
+    for cut in np.unique(np.quantile(probability, np.linspace(0, 1, points))):
+        predicted = probability >= cut
+        scores = nil_scores(predicted, is_nil)
+        in_kb = (correct & ~predicted)[~is_nil].mean() if (~is_nil).any() else float("nan")
+        rows.append({"threshold": float(cut), "nil_precision": scores["nil_precision"],
+                     "nil_recall": scores["nil_recall"], "in_kb_hits1": 100 * float(in_kb)})
+    return pl.DataFrame(rows, schema={"threshold": pl.Float64, "nil_precision": pl.Float64,
+                                      "nil_recall": pl.Float64, "in_kb_hits1": pl.Float64})
