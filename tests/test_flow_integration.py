@@ -5,8 +5,8 @@ import pytest
 from conftest import small_config
 
 from flows.pipeline import full_pipeline, kgmel
+from kgmel_core.retrieval import training
 from storage import ArtifactStore, Catalog
-from tasks import train as train_task
 from tasks.common import StageFailed
 
 pytestmark = pytest.mark.slow
@@ -60,17 +60,17 @@ def test_crash_in_middle_stage_then_restart_matches_uninterrupted_run(
 ):
     _, reference = first_run
     config = small_config(small_demo, tmp_path / "crashy")
-    real_train = train_task.train_retriever
+    real_train = training.train_retriever
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(train_task, "train_retriever", crash)
+    monkeypatch.setattr(training, "train_retriever", crash)
     with pytest.raises(StageFailed, match=r"stage 'train' \(artifact key [0-9a-f]+\) failed: RuntimeError: killed"):
         full_pipeline(config)
     store = ArtifactStore(config.artifacts)
     assert store.keys("train") == [] and len(store.keys("embed")) == 1
-    monkeypatch.setattr(train_task, "train_retriever", real_train)
+    monkeypatch.setattr(training, "train_retriever", real_train)
     resumed = full_pipeline(config)
     runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet").sort("finished_at")
     last_run = runs.filter(pl.col("run_id") == runs["run_id"][-1])
@@ -128,7 +128,7 @@ def test_link_new_mentions_against_existing_index(first_run, prefect_harness, tm
 
 def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harness, small_demo, tmp_path, monkeypatch):
     config = small_config(small_demo, tmp_path / "retry")
-    real_train = train_task.train_retriever
+    real_train = training.train_retriever
     calls = []
 
     def flaky(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_transient_failure_is_retried_by_prefect_and_a_bug_is_not(prefect_harnes
             raise OSError("disk hiccup")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_task, "train_retriever", flaky)
+    monkeypatch.setattr(training, "train_retriever", flaky)
     full_pipeline(config)
     assert len(calls) == 2  # failed once, retried, succeeded
     runs = pl.read_parquet(f"{config.artifacts}/_runs/*.parquet")

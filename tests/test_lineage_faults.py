@@ -21,10 +21,10 @@ from fake_llm import FakeLLM, install
 from flows.pipeline import ServedModelMismatch, ablations, full_pipeline, link, reindex_kb
 from kgmel_core.data.datasets import DatasetError, DatasetLayout, read_dataset
 from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
+from kgmel_core.retrieval import training
 from storage import ArtifactStore, Catalog, QueryRefused, RegistryError
 from tasks import common
 from tasks import index as index_task
-from tasks import train as train_task
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_forced_rebuild_with_other_content_gives_later_stages_new_keys(prefect_h
     forced = config.model_copy(update={"force_stages": ["train"]})
     same = full_pipeline(forced)  # deterministic: same bytes, same digest, later keys unchanged
     assert same["artifacts"] == first["artifacts"]
-    real = train_task.train_retriever
+    real = training.train_retriever
 
     def other_numerics(model, *args, **kwargs):  # e.g. a GPU run: same config, other weights
         result = real(model, *args, **kwargs)
@@ -187,7 +187,7 @@ def test_forced_rebuild_with_other_content_gives_later_stages_new_keys(prefect_h
                 weight.add_(1e-3)
         return result
 
-    monkeypatch.setattr(train_task, "train_retriever", other_numerics)
+    monkeypatch.setattr(training, "train_retriever", other_numerics)
     changed = full_pipeline(forced)
     assert changed["artifacts"]["train"] == first["artifacts"]["train"]  # replaced in place ...
     for stage in ("index", "retrieve", "evaluate"):  # ... and what was built from it follows its content

@@ -170,3 +170,32 @@ def test_a_skipped_out_of_kb_evaluation_is_a_run_summary_note():
     assert skip_warnings(store, [StageRecord("evaluate", "k", False, 9, 0.1)]) == [
         "NOTE evaluate: no out-of-KB evaluation: too few val mentions to fit the NIL model out of fold: 0 NIL of 7 "
         "in fold 0"]
+
+
+def test_the_benchmark_table_has_each_variant_once_the_baselines_once_and_the_out_of_kb_rows():
+    from kgmel_core.benchmark import VariantResult, benchmark_table
+
+    def metrics(rows):
+        return pl.DataFrame(rows, schema={"method": pl.String, "metric": pl.String, "value": pl.Float64},
+                            orient="row").with_columns(split=pl.lit("val"))
+
+    base = [("zero-shot text", "hits@1", 50.0), ("zero-shot names", "hits@1", 60.0),
+            ("zero-shot text + names", "hits@1", 70.0)]
+    retriever = VariantResult(
+        "kgmel", metrics([*base, ("kgmel", "hits@1", 80.0), ("kgmel, out-of-KB", "nil_f1", 0.6)]),
+        {"seconds": 12.0, "epoch_seconds": [1.0, 3.0, 2.0], "epochs_run": 3, "best_epoch": 2}, is_reranker=False,
+        history=pl.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.5], "val_hits1": [70.0, 80.0, 79.0]}),
+        nil_outcomes=pl.DataFrame({"mention_id": ["m1", "m2"], "is_nil": [True, False],
+                                   "nil_probability": [0.9, 0.1], "predicted_nil": [True, False],
+                                   "top1_correct": [False, True]}))
+    reranker = VariantResult(
+        "kgmel + reranker", metrics([*base, ("kgmel + reranker", "hits@1", 85.0),
+                                     ("kgmel + rerank", "gain_vs_top1", 5.0), ("kgmel + rerank", "gain_ci95", 1.0)]),
+        {"train_seconds": 60.0, "val_scoring_seconds": 2.0, "val_mentions_scored": 100}, is_reranker=True)
+    table, curves, nil_curves = benchmark_table("demo", [retriever, reranker])
+    values = {(m, k): v for _, m, _, k, v in table.iter_rows()}
+    assert values[("kgmel", "hits@1")] == 80.0 and values[("kgmel", "s_per_epoch")] == 2.0  # the median
+    assert values[("kgmel + reranker", "gain")] == 5.0 and values[("kgmel + reranker", "ms_per_mention")] == 20.0
+    assert values[("kgmel, out-of-KB", "nil_f1")] == 0.6
+    assert table.filter(pl.col("method") == "zero-shot text").height == 1  # once, not once per variant
+    assert curves["variant"].unique().to_list() == ["kgmel"] and nil_curves["variant"].unique().to_list() == ["kgmel"]

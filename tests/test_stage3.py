@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from kgmel_core.config import LLMScope
@@ -145,3 +146,13 @@ def test_evaluate_tables_scores_served_candidates_and_a_reranker_against_the_sam
     assert value[("kgmel + rerank", "hits@1")] == 100.0 and value[("kgmel top-1 (same mentions)", "hits@1")] == 50.0
     assert value[("kgmel + rerank", "gain_vs_top1")] == 50.0 and value[("kgmel + rerank", "sent_to_llm")] == 0.5
     assert result.gate_curve.height == 3 and result.stats["served_top_k"] == 3
+
+
+def test_training_refuses_too_few_train_mentions_in_the_kb_or_no_val_split_before_any_epoch():
+    from kgmel_core.config import RetrieverConfig, TrainingConfig
+    from kgmel_core.retrieval.training import train_on_features
+
+    with pytest.raises(ValueError, match="need at least 2 training mentions with their gold entity in the KB, have 1"):
+        train_on_features(_features(["train", "train"], [1, -1]), RetrieverConfig(), TrainingConfig())
+    with pytest.raises(ValueError, match="no 'val' mentions"):
+        train_on_features(_features(["train", "train"], [1, 0]), RetrieverConfig(), TrainingConfig())

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from kgmel_core.config import TrainingConfig
+from kgmel_core.config import RetrieverConfig, TrainingConfig
 from kgmel_core.metrics import gold_ranks, ranking_metrics
 from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
-from kgmel_core.retrieval.features import Banks, SideFeatures
+from kgmel_core.retrieval.features import Banks, Features, SideFeatures, subset_side
 from kgmel_core.retrieval.losses import kgmel_loss
 from kgmel_core.retrieval.model import KGMELRetriever, optimizer_groups
 
@@ -188,3 +189,48 @@ def train_retriever(
     model.load_state_dict(result.state_dict)
     model.to("cpu")
     return result
+
+
+def split_rows(features: Features, split: str) -> torch.Tensor:
+    return torch.tensor([i for i, s in enumerate(features.mention_split) if s == split], dtype=torch.long)
+
+
+@dataclass
+class TrainedRetriever:
+    model: KGMELRetriever  # with the best validation epoch's weights
+    result: TrainResult
+    stats: dict  # what the train manifest records
+
+    def history_table(self) -> pl.DataFrame:
+        return pl.DataFrame(self.result.history).drop("seconds")  # wall-clock goes to stats: tables stay deterministic
+
+
+def train_on_features(
+    features: Features, retriever: RetrieverConfig, training: TrainingConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainedRetriever:
+    """A new retriever trained on the train mentions whose gold entity is in the KB (the others are
+    counted), early-stopped on the val mentions."""
+    train_rows, val_rows = split_rows(features, "train"), split_rows(features, "val")
+    gold = features.mention_gold_rows
+    train_rows_in_kb = train_rows[gold[train_rows] >= 0]
+    if len(train_rows_in_kb) < 2:
+        raise ValueError(
+            f"need at least 2 training mentions with their gold entity in the KB, have {len(train_rows_in_kb)}"
+        )
+    if len(val_rows) == 0:
+        raise ValueError("no 'val' mentions: early stopping selects on the validation split")
+    seed_everything(training.seed)  # weight init too, or reruns differ
+    model = KGMELRetriever(features.banks.text_dim, features.banks.image_dim, retriever)
+    result = train_retriever(
+        model, features.banks, subset_side(features.mentions, train_rows_in_kb), gold[train_rows_in_kb],
+        features.entities, subset_side(features.mentions, val_rows), gold[val_rows], training, on_epoch=on_epoch,
+    )
+    stats = {
+        "best_epoch": result.best_epoch, "best_val_hits1": result.best_val_hits1, "best_val_mrr": result.best_val_mrr,
+        "epochs_run": len(result.history), "epoch_seconds": [round(row["seconds"], 3) for row in result.history],
+        "device": result.device, "precision": result.precision, "train_mentions": len(train_rows_in_kb),
+        "train_mentions_gold_not_in_kb": len(train_rows) - len(train_rows_in_kb), "val_mentions": len(val_rows),
+        "entities": len(features.entities),
+    }
+    return TrainedRetriever(model, result, stats)
