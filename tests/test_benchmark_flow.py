@@ -14,7 +14,7 @@ CHOSEN = ["kgmel", "kgmel w/o triples", "kgmel, label-only entities"]
 
 
 def test_benchmark_writes_a_table_and_plots_and_reuses_shared_stages(prefect_harness, small_demo, tmp_path):
-    config = small_config(small_demo, tmp_path / "artifacts")
+    config = small_config(small_demo, tmp_path / "artifacts", nil={"share": 0.3})  # 14 val mentions: 5 made NIL
     result = benchmark(config, variants=CHOSEN)
     store = ArtifactStore(result["root"])
     artifact = store.require(*result["benchmark"].split("/"))
@@ -22,7 +22,9 @@ def test_benchmark_writes_a_table_and_plots_and_reuses_shared_stages(prefect_har
     methods = set(table["method"])
     zero_shot = {"zero-shot text", "zero-shot names", "zero-shot text + names", "zero-shot text (label-only entities)",
                  "zero-shot text + names (label-only entities)"}
-    assert methods == zero_shot | set(CHOSEN)
+    assert methods == zero_shot | set(CHOSEN) | {f"{label}, out-of-KB" for label in CHOSEN}
+    nil = dict(table.filter(pl.col("method") == "kgmel, out-of-KB").select("metric", "value").iter_rows())
+    assert nil["nil_mentions"] == 5 and nil["n"] == 14 and 0 <= nil["nil_f1"] <= 1
     assert set(table["split"]) == {"val"}
     hits1 = dict(table.filter(pl.col("metric") == "hits@1").select("method", "value").iter_rows())
     evaluated = {a.manifest["config"]["label"]: a for a in store.artifacts("evaluate")}
@@ -31,7 +33,7 @@ def test_benchmark_writes_a_table_and_plots_and_reuses_shared_stages(prefect_har
     )["value"][0]
     assert hits1["kgmel"] == served  # the benchmark repeats what evaluate measured on served candidates
     assert table.filter(pl.col("metric") == "train_s")["value"].min() > 0
-    for name in ("training_curves.png", "hits_at_k.png"):
+    for name in ("training_curves.png", "hits_at_k.png", "nil_precision_recall.png"):
         data = artifact.file(name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     assert len(store.keys("ingest")) == 1 and len(store.keys("embed")) == 2  # label-only embeds its own heads

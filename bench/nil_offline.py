@@ -1,0 +1,68 @@
+"""The out-of-KB evaluation (`kgmel_core.nil`) of finished benchmark variants, without re-running them: the
+same function the `evaluate` stage calls, on the lists each variant served (its `rerank` stage's ranked list
+where it has one, else its `retrieve` candidates), for several seeds of the withheld entities.
+
+    python -m bench.nil_offline --artifacts ROOT --benchmark KEY [--variant "kgmel + reranker"] [--seeds 0 1 2]
+
+Reads each variant's artifacts through the benchmark's lineage; nothing is trained or scored again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import polars as pl
+
+from kgmel_core.config import NilConfig
+from kgmel_core.evaluation import Evaluation, OutOfKB, Reranked, Served, out_of_kb_rows
+from storage import ArtifactStore
+
+SHOWN = ("nil_mentions", "nil_precision", "nil_recall", "nil_f1", "in_kb_hits@1", "in_kb_hits@1_with_nil",
+         "accuracy_with_nil")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--benchmark", required=True, help="benchmark artifact key")
+    parser.add_argument("--variant", action="append", help="variant label (default: kgmel, kgmel + reranker)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--share", type=float, default=NilConfig().share)
+    args = parser.parse_args()
+    store = ArtifactStore(args.artifacts)
+    bench = store.require("benchmark", args.benchmark)
+    print(f"{bench.manifest['stats'].get('dataset')} (benchmark {bench.key}), share {args.share}, seeds {args.seeds}: "
+          "mean (min-max) over seeds\n")
+    print("| variant | " + " | ".join(SHOWN) + " |")
+    print("|---|" + "---:|" * len(SHOWN))
+    for label in args.variant or ["kgmel", "kgmel + reranker"]:
+        evaluate = store.input(bench, f"evaluate:{label}")
+        retrieve, ingest = store.input(evaluate, "retrieve"), store.input(evaluate, "ingest")
+        rerank = store.input(evaluate, "rerank") if "rerank" in evaluate.manifest["inputs"] else None
+        mentions = ingest.read("mentions")
+        train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+        val = mentions.filter(pl.col("split") == "val")
+        served = Served(retrieve.read("candidates"), int(retrieve.manifest["stats"]["top_k"]), pl.DataFrame(),
+                        pl.DataFrame())
+        reranked = None
+        if rerank is not None and "reranked" in rerank.tables:
+            reranked = Reranked(rerank.read("predictions"), True, rerank.read("reranked"))
+        runs = []
+        for seed in args.seeds:
+            result = Evaluation(pl.DataFrame())
+            rows = out_of_kb_rows("kgmel", val, served, reranked, OutOfKB(ingest.read("entities"), train_gold,
+                                                                            args.share, seed), result)
+            if not rows:
+                raise SystemExit(f"{label}: {result.stats['out_of_kb_skipped']}")
+            runs.append({r["metric"]: r["value"] for r in rows})
+        cells = []
+        for metric in SHOWN:
+            values = [run[metric] for run in runs]
+            digits = 3 if metric.startswith("nil_") and metric != "nil_mentions" else 2
+            cells.append(f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
