@@ -18,6 +18,35 @@ from storage.embedding_cache import EmbeddingCache
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.parallel import map_shards
 
+BOOTSTRAP_NOTE = "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"
+
+
+def _cached_vectors(ctx: PipelineContext, spec: EncoderSpec, identity: str, kind: str, keys: list[str],
+                    items: list[str], encode, **options) -> tuple[np.ndarray, int]:
+    """Vectors of `items` from the shared cache, encoding only what it lacks (`runner: dask`: `ctx.shards`
+    chunks at a time on the workers); and how many were encoded now."""
+    return EmbeddingCache(ctx.store, identity, kind).get_or_compute(
+        keys, items, functools.partial(encode, spec), desc=f"embed {kind}s",
+        map_batches=lambda fn, batches: map_shards(ctx.distributed, fn, [(batch,) for batch in batches]),
+        wave=ctx.shards, **options,
+    )
+
+
+def _image_vectors(ctx: PipelineContext, spec: EncoderSpec, encoder, images, width: int,
+                   stats: dict) -> tuple[list[str], np.ndarray]:
+    """(image_sha256, vectors) of every distinct image; none when the encoder reads no images (counted)."""
+    if encoder.image_dim is None or images.height == 0:
+        if images.height:
+            logger().warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity,
+                             images.height)
+        stats["images_ignored"] = images.height
+        return [], np.zeros((0, encoder.image_dim or width), np.float32)
+    shas = images["image_sha256"].to_list()
+    vectors, fresh = _cached_vectors(ctx, spec, encoder.image.identity, "image", shas, images["image_path"].to_list(),
+                                     encode_images_with)
+    stats.update(images_unique=images.height, images_encoded_now=fresh)
+    return shas, vectors
+
 
 @task(name="embed", **STAGE_TASK)
 def embed(
@@ -45,39 +74,18 @@ def embed(
         texts = texts_to_embed(mentions, entities, ingest.read("kb_triples"), HeadTexts.of(config.model_dump()),
                                generated)
         shas = [text_sha(t) for t in texts]
-        vectors, fresh = embedded(encoder.text.identity, "text", shas, texts, encode_texts_with,
-                                  sizes=[len(text) for text in texts])
+        vectors, fresh = _cached_vectors(ctx, spec, encoder.text.identity, "text", shas, texts, encode_texts_with,
+                                         sizes=[len(text) for text in texts])
         writer.write_table("text_embeddings", *schemas.text_embeddings_table(shas, texts, vectors))
         writer.stats.update(texts_unique=len(texts), texts_encoded_now=fresh,
                             mentions_without_image=int(mentions["image_sha256"].null_count()),
                             entities_without_image=int(entities["image_sha256"].null_count()))
-        images = images_to_embed(mentions, entities)
-        if encoder.image_dim is None or images.height == 0:
-            if images.height:
-                logger().warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity,
-                                 images.height)
-            writer.stats["images_ignored"] = images.height
-            image_shas, image_vectors = [], np.zeros((0, encoder.image_dim or vectors.shape[1]), np.float32)
-        else:
-            image_shas = images["image_sha256"].to_list()
-            image_vectors, fresh_images = embedded(encoder.image.identity, "image", image_shas,
-                                                   images["image_path"].to_list(), encode_images_with)
-            writer.stats.update(images_unique=images.height, images_encoded_now=fresh_images)
+        image_shas, image_vectors = _image_vectors(ctx, spec, encoder, images_to_embed(mentions, entities),
+                                                   vectors.shape[1], writer.stats)
         writer.write_table("image_embeddings", *schemas.image_embeddings_table(image_shas, image_vectors))
         writer.stats.update(encoder=encoder.identity, precision=stage_config["precision"])
         if uses_bootstrap:
-            writer.stats["encoder_note"] = (
-                "tiny open_clip stand-in trained on this dataset (offline demo), not CLIP ViT-B/32"
-            )
+            writer.stats["encoder_note"] = BOOTSTRAP_NOTE
         logger().info("embed: %s", writer.stats)
-
-    def embedded(identity: str, kind: str, keys: list[str], items: list[str], encode, **options):
-        """Vectors of `items` from the shared cache, encoding only what it lacks (`runner: dask`: `ctx.shards`
-        chunks at a time on the workers)."""
-        return EmbeddingCache(ctx.store, identity, kind).get_or_compute(
-            keys, items, functools.partial(encode, spec), desc=f"embed {kind}s",
-            map_batches=lambda fn, batches: map_shards(ctx.distributed, fn, [(batch,) for batch in batches]),
-            wave=ctx.shards, **options,
-        )
 
     return run_stage(ctx, "embed", stage_config, inputs, build, sources=sources)
