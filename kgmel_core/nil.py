@@ -7,8 +7,9 @@ train mention are withheld, so the trained models are unchanged; every val menti
 becomes NIL. Removing an entity from a list of exact-search (or fused) scores is what searching an index
 without it returns, except that the list is one candidate shorter.
 
-The decision is a logistic regression on the list's shape (top-1 score, its margin to the runner-up, and
-the reranker's own top-1 score where one ran), fitted on val; its threshold maximises NIL F1 there. Each val
+The decision is a logistic regression on the final list's top-1 (its score, the reranker's own score and the
+retriever's cosine where the list carries them, the word overlap of mention and label) and the margin to the
+runner-up, fitted on val; its threshold maximises NIL F1 there. Each val
 mention's reported outcome comes from the model fitted on the other fold (`fold_of`), like the reranker's
 fusion, so what is reported was not fitted on the mention itself.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -96,9 +97,6 @@ class NilModel:
         z = (x - np.array(self.mean)) / np.array(self.scale)
         p = 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
         return np.where(np.isnan(x).any(axis=1), 1.0, p)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> tuple[np.ndarray, float]:
