@@ -214,8 +214,11 @@ def link(
     from storage import ArtifactStore, Catalog
 
     catalog = Catalog(ArtifactStore(result["root"], loaded.artifacts_options))
-    console.print(catalog.query("select mention_id, mention, predicted_qid, predicted_label, source, score "
-                                "from predictions_labeled order by mention_id"))
+    # A mention the served NIL model (nil.enabled) finds absent from the KB is answered NIL, not with its top-1.
+    console.print(catalog.query(
+        "select mention_id, mention, if(nil, 'NIL', predicted_qid) as predicted_qid, "
+        "if(nil, 'NIL', predicted_label) as predicted_label, source, score, nil_score "
+        "from predictions_labeled order by mention_id"))
 
 
 @app.command()
@@ -349,8 +352,9 @@ def models_list(name: Annotated[str | None, typer.Argument()] = None, artifacts:
         console.print(f"[bold]{each}[/bold]")
         for v in state.versions:
             mark = "*" if v.number == state.served else " "
-            console.print(f" {mark} v{v.number}  train {v.train}  index {v.index}  {v.registered_at[:19]}  {v.info}",
-                          highlight=False)
+            served_with = "".join(f"  {part} {key}" for part, key in (("reranker", v.reranker), ("nil", v.nil)) if key)
+            console.print(f" {mark} v{v.number}  train {v.train}  index {v.index}{served_with}  "
+                          f"{v.registered_at[:19]}  {v.info}", highlight=False)
 
 
 @models_app.command("promote")

@@ -21,6 +21,7 @@ from tasks import generate as generate_tasks
 from tasks import index as index_tasks
 from tasks import ingest as ingest_tasks
 from tasks import kb as kb_tasks
+from tasks import nil as nil_tasks
 from tasks import reranker as reranker_tasks
 from tasks.common import PipelineContext, logger
 
@@ -47,13 +48,14 @@ def on_runner(flow_fn: Any, config: PipelineConfig) -> Any:
 
 
 def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str, Artifact],
-                   reranker: Artifact | None, promote: bool) -> str:
-    """Register what full-pipeline trained and indexed (and the reranker trained on its candidates) under
-    the config's model name; one summary line."""
+                   reranker: Artifact | None, nil: Artifact, promote: bool) -> str:
+    """Register what full-pipeline trained and indexed (with the reranker trained on its candidates and the
+    NIL model fitted on its final lists, where there is one) under the config's model name; one summary line."""
     registry = ctx.store.models
     info = {"dataset": config.dataset.name, "run_id": ctx.run_log.run_id}
     version = registry.register(config.model, chain["train"].key, chain["index"].key, info,
-                                reranker=reranker.key if reranker is not None else None)
+                                reranker=reranker.key if reranker is not None else None,
+                                nil=nil.key if nil.tables.get("nil_model") else None)
     if promote:
         registry.promote(config.model, version.number)
     state = registry.state(config.model)
@@ -67,8 +69,8 @@ def register_model(ctx: PipelineContext, config: PipelineConfig, chain: dict[str
 
 @flow(name="full-pipeline", log_prints=True)
 def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, Any]:
-    """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate,
-    then register the trained retriever and its index under the model name."""
+    """ingest -> [generate] -> embed -> train -> index -> retrieve -> [filter -> rerank] -> evaluate -> fit_nil,
+    then register the trained retriever, its index, reranker and NIL model under the model name."""
     ctx = open_context(config, "full-pipeline")
     ingested = ingest_dataset(ctx, config)
     stages: dict[str, Artifact] = {"ingest": ingested}
@@ -90,7 +92,8 @@ def full_pipeline(config: PipelineConfig, promote: bool = False) -> dict[str, An
         reranked, reranker = third["rerank"], third.get("train_reranker")
     metrics = stages["evaluate"] = evaluate_tasks.evaluate(ctx, ingested, chain["embed"], chain["retrieve"], reranked,
                                                            nil=config.nil)
-    registered = register_model(ctx, config, chain, reranker, promote)
+    nil = stages["fit_nil"] = nil_tasks.fit_nil(ctx, config.nil, ingested, chain["retrieve"], reranked)
+    registered = register_model(ctx, config, chain, reranker, nil, promote)
     report = finish(ctx, "kgmel full-pipeline", metrics, [registered])
     return {"artifacts": artifact_ids(stages), "report": report, "root": ctx.store.url, "model": registered}
 
@@ -171,6 +174,17 @@ def reindex_kb(config: PipelineConfig, model: str | None = None) -> dict[str, An
     }
 
 
+def served_nil_model(ctx: PipelineContext, version: ModelVersion, name: str, retrieve: Artifact,
+                     reranker: Artifact | None) -> Artifact:
+    """The NIL model registered with the served version, refused when it was fitted on other scores."""
+    if not version.nil:
+        raise ValueError(f"model {name!r} v{version.number} has no NIL model (its full-pipeline run had too few val "
+                         "mentions to fit one, or predates it): set nil.enabled=false, or serve a version with one")
+    fitted = ctx.store.require("fit_nil", version.nil)
+    nil_tasks.check_pairing(ctx, fitted, retrieve, reranker)
+    return fitted
+
+
 @flow(name="link", log_prints=True)
 def link(
     config: PipelineConfig,
@@ -181,7 +195,7 @@ def link(
     llm_scope: Literal["given", "config"] = "given",
 ) -> dict[str, Any]:
     """Link new mentions against the served model's index, without retraining:
-    ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> predictions.
+    ingest_link -> [generate] -> embed -> retrieve -> [filter -> rerank] -> [decide_nil] -> predictions.
 
     The LLM stages run on every mention given (`llm_scope="given"`): the configured scope names
     benchmark splits, which new mentions are not in. `"config"` keeps the configured scope."""
@@ -211,9 +225,8 @@ def link(
     candidates = stages["retrieve"] = index_tasks.retrieve(
         ctx, config.index, indexed, trained, ingested, embedded, generation if uses_triples else None
     )
-    predictions = None
+    predictions = decisions = reranked = reranker = None
     if config.rerank.enabled:
-        reranker = None
         if config.rerank.method == "cross_encoder":
             if not version.reranker:
                 raise ValueError(f"model {model or config.model!r} v{version.number} has no trained reranker: "
@@ -223,13 +236,20 @@ def link(
         third = stage3(ctx, config.rerank, ingested, generation, embedded, candidates, kb=kb, kb_embed=kb_embed,
                        reranker=reranker)
         stages.update(third)
-        predictions = third["rerank"].read("predictions")
+        reranked = third["rerank"]
+        predictions = reranked.read("predictions")
+    if config.nil.enabled:
+        fitted = served_nil_model(ctx, version, model or config.model, candidates, reranker)
+        decided = stages["decide_nil"] = nil_tasks.decide_nil(ctx, config.nil, fitted, ingested, kb, candidates,
+                                                               reranked)
+        decisions = decided.read("nil_decisions")
     note = f"model {model or config.model!r} v{version.number} (train {trained.key}, index {indexed.key})"
     report = finish(ctx, "kgmel link", None, [note])
     return {
         "artifacts": artifact_ids(stages),
         "candidates": candidates.read("candidates"),
         "predictions": predictions,
+        "nil_decisions": decisions,
         "report": report,
         "root": ctx.store.url,
     }
@@ -274,8 +294,8 @@ def kgmel(
         result = on_runner(link, config)(
             config, mentions_file=mentions_file, image_dir=image_dir, model=model, llm_scope=llm_scope
         )
-        result.pop("candidates")
-        result.pop("predictions")
+        for table in ("candidates", "predictions", "nil_decisions"):
+            result.pop(table)
     elif job == "kb":
         result = on_runner(kb_build, config)(config)
     elif job == "benchmark":

@@ -22,11 +22,17 @@ def skip_warnings(store: ArtifactStore, records: list[StageRecord]) -> list[str]
     asked nothing or whose calls failed."""
     warnings = []
     for record in records:
-        if record.status != "ok" or record.stage not in ("ingest", "ingest_link", "generate", "rerank", "evaluate"):
+        if record.status != "ok" or record.stage not in ("ingest", "ingest_link", "generate", "rerank", "evaluate",
+                                                            "fit_nil", "decide_nil"):
             continue
         stats = store.require(record.stage, record.key).manifest["stats"]
         if stats.get("out_of_kb_skipped"):
             warnings.append(f"NOTE evaluate: no out-of-KB evaluation: {stats['out_of_kb_skipped']}")
+        if record.stage == "fit_nil" and stats.get("skipped"):
+            warnings.append(f"NOTE fit_nil: no NIL model for this version (link cannot say NIL): {stats['skipped']}")
+        if stats.get("undecided"):
+            warnings.append(f"NOTE decide_nil: {stats['undecided']} mentions undecided (nil_score null): their "
+                            "lists lack a score the NIL model reads (the reranker's gate skipped them)")
         if stats.get("rejected_records"):
             warnings.append(
                 f"WARNING {record.stage}: {stats['rejected_records']} bad records skipped "

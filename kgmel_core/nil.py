@@ -11,7 +11,8 @@ The decision is a logistic regression on the final list's top-1 (its score, the 
 retriever's cosine where the list carries them, the word overlap of mention and label) and the margin to the
 runner-up, fitted on val; its threshold maximises NIL F1 there. Each val
 mention's reported outcome comes from the model fitted on the other fold (`fold_of`), like the reranker's
-fusion, so what is reported was not fitted on the mention itself.
+fusion, so what is reported was not fitted on the mention itself. The model a version serves
+(`fit_served_model`) is fitted on every val mention; `nil_decisions` applies it to new mentions' lists.
 """
 
 from __future__ import annotations
@@ -67,17 +68,29 @@ def without_entities(ranked: pl.DataFrame, withheld: set[str]) -> pl.DataFrame:
     return kept.with_columns(rank=(pl.int_range(pl.len()).over("mention_id") + 1).cast(pl.Int32))
 
 
-def list_features(ranked: pl.DataFrame, mention_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+def list_features(
+    ranked: pl.DataFrame, mention_ids: Sequence[str], names: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """[mentions x features] in the order of `mention_ids`: each score column's top-1 value and the first
-    column's margin to rank 2 (0 without a runner-up). A mention with no list gets NaN (always NIL)."""
-    columns = [c for c in SCORE_COLUMNS if c in ranked.columns and ranked[c].null_count() == 0]
+    column's margin to rank 2 (0 without a runner-up). A mention with no list gets NaN (always NIL).
+    `names`: the features a fitted model reads (a missing value is NaN); None: every score column the list
+    carries in full."""
+    if names is None:
+        columns = [c for c in SCORE_COLUMNS if c in ranked.columns and ranked[c].null_count() == 0]
+    else:
+        columns = [n for n in names if n != "margin"]
+        absent = [c for c in columns if c not in ranked.columns]
+        if absent:
+            raise ValueError(f"the ranked lists have no {', '.join(absent)}: the NIL model was fitted on lists "
+                             "that carry them (a learned reranker's list needs that reranker to run)")
     lists = ranked.sort("mention_id", "rank").group_by("mention_id", maintain_order=True).agg(
         *[pl.col(c).first().alias(c) for c in columns],
         margin=(pl.col(columns[0]).first() - pl.col(columns[0]).get(1, null_on_oob=True)).fill_null(0.0),
     )
     names = [*columns, "margin"]
     by_id = {row[0]: row[1:] for row in lists.select("mention_id", *names).iter_rows()}
-    matrix = np.array([by_id.get(m, [np.nan] * len(names)) for m in mention_ids], np.float64)
+    matrix = np.array([[np.nan if v is None else v for v in by_id.get(m, [None] * len(names))]
+                       for m in mention_ids], np.float64).reshape(len(mention_ids), len(names))
     return matrix, names
 
 
@@ -95,8 +108,22 @@ class NilModel:
     def probability(self, x: np.ndarray) -> np.ndarray:
         """P(NIL) per row; a row without a list (NaN) is NIL for certain."""
         z = (x - np.array(self.mean)) / np.array(self.scale)
-        p = 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        p = 1.0 / (1.0 + np.exp(-(np.nan_to_num(z) @ np.array(self.weights) + self.bias)))
         return np.where(np.isnan(x).any(axis=1), 1.0, p)
+
+    def table(self) -> pl.DataFrame:
+        """One row (NIL_MODEL): what the served model is, readable in DuckDB."""
+        return pl.DataFrame({"features": [list(self.features)], "mean": [list(self.mean)],
+                             "scale": [list(self.scale)], "weights": [list(self.weights)],
+                             "bias": [self.bias], "threshold": [self.threshold]})
+
+    @classmethod
+    def from_table(cls, table: pl.DataFrame) -> NilModel:
+        if table.height != 1:
+            raise ValueError(f"a NIL model table holds one row, not {table.height}")
+        row = table.row(0, named=True)
+        return cls(tuple(row["features"]), tuple(row["mean"]), tuple(row["scale"]), tuple(row["weights"]),
+                   float(row["bias"]), float(row["threshold"]))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> tuple[np.ndarray, float]:
@@ -163,20 +190,66 @@ def outcome_metrics(is_nil: np.ndarray, predicted_nil: np.ndarray, top1_correct:
     }
 
 
+@dataclass(frozen=True)
+class MadeNil:
+    """Val lists with a seeded share of gold entities withheld: the features and truth the NIL model learns from."""
+
+    withheld: set[str]
+    lists: pl.DataFrame
+    mention_ids: list[str]
+    is_nil: np.ndarray
+    x: np.ndarray
+    names: list[str]
+
+    @classmethod
+    def of(cls, ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float,
+           seed: int) -> MadeNil:
+        withheld = withheld_entities(mentions, train_gold, share, seed)
+        if not withheld:
+            raise ValueError(f"no entity to withhold: of {mentions.height} val mentions, none has an entity that "
+                             "is never gold in train")
+        lists = without_entities(ranked, withheld)
+        ids = mentions["mention_id"].to_list()
+        x, names = list_features(lists, ids)
+        return cls(withheld, lists, ids, mentions["gold_qid"].is_in(list(withheld)).to_numpy(), x, names)
+
+
+def fit_served_model(ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1,
+                     seed: int = 0) -> tuple[NilModel, dict[str, float]]:
+    """The NIL model a served version carries: fitted on every val mention (the evaluation's draw of withheld
+    entities), with its threshold; and what it was fitted on."""
+    made = MadeNil.of(ranked, mentions, train_gold, share, seed)
+    model = fit_nil_model(made.x, made.is_nil, made.names)
+    return model, {"val_mentions": len(made.mention_ids), "nil_mentions": int(made.is_nil.sum()),
+                   "withheld_entities": len(made.withheld), "threshold": model.threshold}
+
+
+def nil_decisions(model: NilModel, ranked: pl.DataFrame, mention_ids: Sequence[str],
+                  threshold: float | None = None) -> pl.DataFrame:
+    """NIL_DECISIONS for `mention_ids`: P(NIL) from their final lists and the decision at the model's threshold
+    (or `threshold`). A mention with no list is NIL (nothing answers it); one whose list lacks a value the model
+    reads (a mention the reranker's gate skipped) is left undecided: `nil_score` null, `nil` false."""
+    x, _ = list_features(ranked, mention_ids, model.features)
+    listed = set(ranked["mention_id"].to_list())
+    no_list = np.array([m not in listed for m in mention_ids], bool)
+    undecided = np.isnan(x).any(axis=1) & ~no_list
+    probability = model.probability(x)
+    cut = model.threshold if threshold is None else threshold
+    return pl.DataFrame({
+        "mention_id": list(mention_ids),
+        "nil_score": [None if u else float(p) for p, u in zip(probability, undecided, strict=True)],
+        "nil": (probability >= cut) & ~undecided,
+    }, schema={"mention_id": pl.String, "nil_score": pl.Float64, "nil": pl.Boolean})
+
+
 def out_of_kb_evaluation(
     ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1, seed: int = 0
 ) -> tuple[dict[str, float], pl.DataFrame]:
     """The out-of-KB evaluation of one final ranked list over `mentions` (val): `outcome_metrics` with the
     out-of-fold decisions, and one NIL_OUTCOMES row per mention for the precision-recall curve."""
-    withheld = withheld_entities(mentions, train_gold, share, seed)
-    if not withheld:
-        raise ValueError(f"no entity to withhold: of {mentions.height} val mentions, none has an entity that is "
-                         "never gold in train")
-    lists = without_entities(ranked, withheld)
-    ids = mentions["mention_id"].to_list()
-    is_nil = mentions["gold_qid"].is_in(list(withheld)).to_numpy()
-    x, names = list_features(lists, ids)
-    top1 = dict(lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
+    made = MadeNil.of(ranked, mentions, train_gold, share, seed)
+    ids, is_nil, x = made.mention_ids, made.is_nil, made.x
+    top1 = dict(made.lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
     correct = np.array([top1.get(m) == g for m, g in zip(ids, mentions["gold_qid"].to_list(), strict=True)])
     folds = np.array([fold_of(m) for m in ids])
     probability, predicted = np.zeros(len(ids)), np.zeros(len(ids), bool)
@@ -186,11 +259,11 @@ def out_of_kb_evaluation(
         if not 0 < is_nil[rest].sum() < rest.sum():
             raise ValueError(f"too few val mentions to fit the NIL model out of fold: {int(is_nil[rest].sum())} NIL of "
                              f"{int(rest.sum())} in fold {1 - fold} ({int(is_nil.sum())} NIL of {len(ids)} in all)")
-        model = fit_nil_model(x[rest], is_nil[rest], names)
+        model = fit_nil_model(x[rest], is_nil[rest], made.names)
         probability[folds == fold] = model.probability(x[folds == fold])
         predicted[folds == fold] = probability[folds == fold] >= model.threshold
         models.append(model)
-    metrics = {**outcome_metrics(is_nil, predicted, correct), "withheld_entities": float(len(withheld)),
+    metrics = {**outcome_metrics(is_nil, predicted, correct), "withheld_entities": float(len(made.withheld)),
                "nil_threshold": float(np.mean([m.threshold for m in models]))}
     rows = pl.DataFrame({"mention_id": ids, "is_nil": is_nil, "nil_probability": probability,
                          "predicted_nil": predicted, "top1_correct": correct})

@@ -202,6 +202,26 @@ NIL_OUTCOMES = pa.schema(
     ]
 )
 
+# The NIL model a served version carries (`kgmel_core.nil.NilModel`): one row.
+NIL_MODEL = pa.schema(
+    [
+        ("features", pa.list_(pa.string())),
+        ("mean", pa.list_(pa.float64())),
+        ("scale", pa.list_(pa.float64())),
+        ("weights", pa.list_(pa.float64())),
+        ("bias", pa.float64()),
+        ("threshold", pa.float64()),  # on P(NIL): the cut with the best NIL F1 on val
+    ]
+)
+
+NIL_DECISIONS = pa.schema(
+    [
+        ("mention_id", pa.string()),
+        ("nil_score", pa.float64()),  # P(NIL); null: undecided (its list lacks a value the model reads)
+        ("nil", pa.bool_()),  # nil_score at or above the threshold: the answer is "not in the KB"
+    ]
+)
+
 METRICS = pa.schema(
     [
         ("method", pa.string()),
@@ -287,6 +307,8 @@ STAGE_TABLES: dict[str, dict[str, tuple[pa.Schema, str]]] = {
         "nil_outcomes": (NIL_OUTCOMES, "out-of-KB evaluation, per val mention: made NIL?, P(NIL) out of fold, "
                                        "predicted NIL?, top-1 right?"),
     },
+    "fit_nil": {"nil_model": (NIL_MODEL, "the NIL model fitted on val with withheld entities, and its threshold")},
+    "decide_nil": {"nil_decisions": (NIL_DECISIONS, "per linked mention: P(NIL) and whether it is answered NIL")},
     "benchmark": {"benchmark": (BENCHMARK, "one dataset's variants on val, long format")},
 }
 

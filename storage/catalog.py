@@ -91,11 +91,16 @@ class Catalog:
                 log.warning("run log %s unreadable, left out of the catalog: %s", part, exc)
         return (pl.concat(frames, how="diagonal_relaxed") if frames else None), readable
 
-    def current_artifacts(self, artifacts: dict[str, Artifact], runs: pl.DataFrame | None) -> dict[str, list[Artifact]]:
-        """Table name -> the artifact(s) its current view reads."""
+    def current_artifacts(
+        self, artifacts: dict[str, Artifact], runs: pl.DataFrame | None
+    ) -> tuple[dict[str, list[Artifact]], set[str]]:
+        """Table name -> the artifact(s) its current view reads; and the tables chosen from the run that wrote
+        the current `candidates` (only those are joined to them: an older run's answers for the same mention
+        ids are not this run's)."""
         chosen: dict[str, list[Artifact]] = {}
+        run_of: dict[str, str] = {}
         if runs is None or runs.height == 0:
-            return chosen
+            return chosen, set()
         if runs["flow"].is_in(CURRENT_FLOWS).any():
             runs = runs.filter(pl.col("flow").is_in(CURRENT_FLOWS))
         order = (
@@ -116,13 +121,15 @@ class Catalog:
                 for table, rows in artifact.tables.items():
                     if rows and table not in chosen:
                         chosen[table] = [artifact]
+                        run_of[table] = run_id
         served = self._served_kb(artifacts, latest_model)
         chosen.update(served)
         # Tables only ever written empty still get a view (their schema), from any run.
         for artifact in artifacts.values():
             for table in artifact.tables:
                 chosen.setdefault(table, [artifact])
-        return chosen
+        same_run = {t for t, run in run_of.items() if run == run_of.get("candidates")}
+        return chosen, same_run
 
     def _served_kb(self, artifacts: dict[str, Artifact], model: str | None) -> dict[str, list[Artifact]]:
         if not model:
@@ -145,11 +152,11 @@ class Catalog:
         """`create or replace view` statements for the store as it is now; `base` renders a file path."""
         artifacts = {a.id: a for a in self.store.artifacts()}
         runs, run_parts = self._runs(self._run_parts())
-        statements = self._current_views(self.current_artifacts(artifacts, runs), base, "main")
+        statements = self._current_views(*self.current_artifacts(artifacts, runs), base, "main")
         evaluated = runs.filter(pl.col("flow") == EVALUATED_FLOW) if runs is not None else None
         if evaluated is not None and evaluated.height:
             statements.append(f"create schema if not exists {EVALUATED_SCHEMA}")
-            statements += self._current_views(self.current_artifacts(artifacts, evaluated), base, EVALUATED_SCHEMA)
+            statements += self._current_views(*self.current_artifacts(artifacts, evaluated), base, EVALUATED_SCHEMA)
         for table in HISTORY_TABLES:
             holders = [a for a in artifacts.values() if table in a.tables]
             parts = [p for a in holders for p in a.parts(table)]
@@ -185,7 +192,8 @@ class Catalog:
         return statements
 
     @classmethod
-    def _current_views(cls, chosen: dict[str, list[Artifact]], base: Callable[[str], str], schema: str) -> list[str]:
+    def _current_views(cls, chosen: dict[str, list[Artifact]], same_run: set[str], base: Callable[[str], str],
+                       schema: str) -> list[str]:
         statements = []
         for table, sources in sorted(chosen.items()):
             parts = [p for a in sources for p in a.parts(table)]
@@ -193,20 +201,24 @@ class Catalog:
                 f"create or replace view {schema}.{table} as select * from "
                 f"read_parquet({_file_list(parts, base)}, union_by_name=true)"
             )
-        return statements + cls._labeled_views(set(chosen), schema)
+        return statements + cls._labeled_views(set(chosen), same_run, schema)
 
     @staticmethod
-    def _labeled_views(views: set[str], schema: str) -> list[str]:
-        """Join views a user would otherwise write by hand: labels of predictions and candidates."""
+    def _labeled_views(views: set[str], same_run: set[str], schema: str) -> list[str]:
+        """Join views a user would otherwise write by hand: labels of predictions and candidates, and the NIL
+        decision where the run that wrote the candidates made one."""
         if not {"candidates", "mentions", "entities"} <= views:
             return []
-        candidates, mentions, entities, predictions = (f"{schema}.{t}" for t in
-                                                       ("candidates", "mentions", "entities", "predictions"))
-        reranked = "predictions" in views
+        candidates, mentions, entities, predictions, decisions = (
+            f"{schema}.{t}" for t in ("candidates", "mentions", "entities", "predictions", "nil_decisions"))
+        reranked = "predictions" in views and "predictions" in same_run
+        decided = "nil_decisions" in views and "nil_decisions" in same_run
         predicted = "coalesce(p.qid, c.qid)" if reranked else "c.qid"
         source = "coalesce(p.source, 'retrieval')" if reranked else "'retrieval'"
         reason = "p.reason" if reranked else "null"
         join_predictions = f"left join {predictions} p using (mention_id) " if reranked else ""
+        nil = "coalesce(n.nil, false) as nil, n.nil_score" if decided else "false as nil, null::double as nil_score"
+        join_decisions = f"left join {decisions} n using (mention_id) " if decided else ""
         return [
             f"create or replace view {schema}.candidates_labeled as select c.mention_id, m.mention, c.rank, c.qid, "
             f"e.label, e.description, c.score, m.gold_qid, c.qid = m.gold_qid as is_gold from {candidates} c "
@@ -214,8 +226,8 @@ class Catalog:
             f"create or replace view {schema}.predictions_labeled as select c.mention_id, m.mention, m.sentence, "
             f"m.split, {predicted} as predicted_qid, e.label as predicted_label, e.description as "
             f"predicted_description, {source} as source, {reason} as reason, cp.rank as candidate_rank, "
-            f"cp.score as score, m.gold_qid, m.gold_label, {predicted} = m.gold_qid as correct "
-            f"from {candidates} c join {mentions} m using (mention_id) {join_predictions}"
+            f"cp.score as score, {nil}, m.gold_qid, m.gold_label, {predicted} = m.gold_qid as correct "
+            f"from {candidates} c join {mentions} m using (mention_id) {join_predictions}{join_decisions}"
             f"left join {candidates} cp on cp.mention_id = c.mention_id and cp.qid = {predicted} "
             f"left join {entities} e on e.qid = {predicted} where c.rank = 1",
         ]

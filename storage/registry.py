@@ -41,6 +41,7 @@ class ModelVersion:
     info: dict[str, Any] = field(default_factory=dict)
     index_history: list[str] = field(default_factory=list)
     reranker: str | None = None  # the `train_reranker` key trained on this retriever's candidates (stage 3)
+    nil: str | None = None  # the `fit_nil` key fitted on this version's final val lists
 
 
 @dataclass
@@ -120,6 +121,7 @@ class ModelRegistry:
                         served = train
                 versions[train].index = event["index"]
                 versions[train].reranker = event.get("reranker")
+                versions[train].nil = event.get("nil")
             elif event["event"] == "reindex" and train in versions:
                 versions[train].index = event["index"]
             elif event["event"] == "promote" and train in versions:
@@ -140,15 +142,15 @@ class ModelRegistry:
         return state
 
     def register(self, name: str, train: str, index: str, info: dict[str, Any] | None = None,
-                 reranker: str | None = None) -> ModelVersion:
-        """Record a trained retriever, its index and the reranker trained on its candidates under `name`;
-        re-registering the same retriever is a no-op for the version list (its index and reranker are
-        updated)."""
+                 reranker: str | None = None, nil: str | None = None) -> ModelVersion:
+        """Record a trained retriever, its index, the reranker trained on its candidates and the NIL model
+        fitted on its final lists under `name`; re-registering the same retriever is a no-op for the version
+        list (its index, reranker and NIL model are updated)."""
         state = self.state(name)
         existing = next((v for v in state.versions if v.train == train), None)
-        if existing is None or existing.index != index or existing.reranker != reranker:
+        if existing is None or (existing.index, existing.reranker, existing.nil) != (index, reranker, nil):
             self._append(name, {"event": "register", "train": train, "index": index, "info": info or {},
-                                "reranker": reranker})
+                                "reranker": reranker, "nil": nil})
         return self.state(name).version(train[:20])
 
     def record_reindex(self, name: str, train: str, index: str) -> None:

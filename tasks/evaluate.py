@@ -59,5 +59,6 @@ def evaluate(
         logger().debug("metrics:\n%s", metrics_markdown(result.metrics))  # the run summary shows them once
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
-    stage_config = {"label": label, "splits": evaluated_splits, "nil": nil.model_dump() if nil else None}
+    nil_config = nil.model_dump(include={"share", "seed"}) if nil else None
+    stage_config = {"label": label, "splits": evaluated_splits, "nil": nil_config}
     return run_stage(ctx, "evaluate", stage_config, inputs, build)

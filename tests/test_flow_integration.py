@@ -10,7 +10,7 @@ from storage import ArtifactStore, Catalog
 from tasks.common import StageFailed
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "clip_bootstrap", "embed", "train", "index", "retrieve", "evaluate"]
+STAGES = ["ingest", "clip_bootstrap", "embed", "train", "index", "retrieve", "evaluate", "fit_nil"]
 
 
 def _tables(root, ids):

@@ -199,3 +199,58 @@ def test_the_benchmark_table_has_each_variant_once_the_baselines_once_and_the_ou
     assert values[("kgmel, out-of-KB", "nil_f1")] == 0.6
     assert table.filter(pl.col("method") == "zero-shot text").height == 1  # once, not once per variant
     assert curves["variant"].unique().to_list() == ["kgmel"] and nil_curves["variant"].unique().to_list() == ["kgmel"]
+
+
+def _served_model():
+    from kgmel_core.nil import fit_served_model
+
+    candidates, mentions, entities = _synthetic(40)
+    lists = with_name_match(candidates, mentions, entities)
+    return fit_served_model(lists, mentions, train_gold=set(), share=0.25, seed=0)
+
+
+def test_the_served_model_is_fitted_on_every_val_mention_and_round_trips_through_its_table():
+    from kgmel_core import schemas
+    from kgmel_core.nil import NilModel
+
+    model, stats = _served_model()
+    assert stats["val_mentions"] == 40 and stats["nil_mentions"] == 10 and stats["withheld_entities"] == 10
+    assert model.features == ("score", "name_match", "margin") and 0 < model.threshold < 1
+    table = pl.from_arrow(model.table().to_arrow().cast(schemas.NIL_MODEL))  # as stored
+    assert NilModel.from_table(table) == model
+    with pytest.raises(ValueError, match="one row"):
+        NilModel.from_table(pl.concat([model.table(), model.table()]))
+
+
+def test_a_mention_whose_candidates_all_score_far_below_the_in_kb_ones_is_nil():
+    from kgmel_core.nil import nil_decisions
+
+    model, _ = _served_model()
+    new = pl.DataFrame(
+        [("sure", 1, "Q1", 0.88, 1.0), ("sure", 2, "Q2", 0.3, 0.0),  # like an in-KB val mention
+         ("absent", 1, "Q3", 0.05, 0.0), ("absent", 2, "Q4", 0.04, 0.0),  # only far-off candidates
+         ("skipped", 1, "Q5", None, 1.0)],  # a score the model reads is missing: undecided
+        schema={"mention_id": pl.String, "rank": pl.Int32, "qid": pl.String, "score": pl.Float64,
+                "name_match": pl.Float64}, orient="row")
+    decided = nil_decisions(model, new, ["sure", "absent", "skipped", "unlisted"])
+    rows = {m: (s, n) for m, s, n in decided.iter_rows()}
+    assert rows["sure"][1] is False and rows["sure"][0] < model.threshold
+    assert rows["absent"][1] is True and rows["absent"][0] > 0.99
+    assert rows["skipped"] == (None, False)
+    assert rows["unlisted"] == (1.0, True)  # nothing answers it
+    everything = nil_decisions(model, new, ["sure", "absent"], threshold=0.0)  # an explicit threshold wins
+    assert everything["nil"].to_list() == [True, True]
+    with pytest.raises(ValueError, match="have no name_match"):
+        nil_decisions(model, new.drop("name_match"), ["sure"])
+
+
+def test_the_registry_keeps_each_versions_nil_model(tmp_path):
+    from storage.fs import StoreFS
+    from storage.registry import ModelRegistry
+
+    registry = ModelRegistry(StoreFS(str(tmp_path)))
+    registry.register("m", "train-a", "index-a", nil="nil-a")
+    registry.register("m", "train-b", "index-b", nil="nil-b")
+    registry.register("m", "train-a", "index-a", nil="nil-a2")  # refitted for the same retriever
+    state = registry.state("m")
+    assert [(v.number, v.nil) for v in state.versions] == [(1, "nil-a2"), (2, "nil-b")]

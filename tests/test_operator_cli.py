@@ -38,6 +38,7 @@ def linked(prefect_harness, small_demo, tmp_path_factory):
         "generation": {"llm": LLM, "scope": {"splits": ["test"], "max_mentions": 5}},
         "rerank": {"method": "llm", "llm": LLM, "candidates": 4, "filter_n": 2, "margin_threshold": None,
                    "scope": {"splits": ["test"], "max_mentions": 5}},
+        "nil": {"share": 0.3},  # 14 val mentions: enough NIL ones to evaluate out of fold (`nil_outcomes`)
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     new = [{"id": "new1", "sentence": "A photo taken in Peru last year.", "mention": ["Peru"]},
@@ -205,3 +206,23 @@ def test_an_error_is_one_line_on_a_narrow_terminal():
                          cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 2
     assert f"kgmel: error: dataset.path: {long_path} does not exist\n" in out.stdout
+
+
+def test_link_prints_nil_for_mentions_the_served_nil_model_finds_absent(linked, capsys):
+    folder, _ = linked
+    install(FakeLLM())
+    argv = ["link", str(folder / "new.json"), "--config", str(folder / "config.yaml")]
+    catalog = Catalog(ArtifactStore(folder / "artifacts"))
+    assert main([*argv, "--set", "nil.enabled=true", "--set", "nil.threshold=0"]) == 0  # every mention NIL
+    printed = capsys.readouterr().out
+    assert re.search(r"new1-0\s.*Peru\s.*NIL\s.*NIL", printed) and re.search(r"new2-0\s.*river\s.*NIL\s.*NIL", printed)
+    decided = catalog.query("select nil, nil_score from predictions_labeled order by mention_id")
+    assert decided["nil"].to_list() == [True, True] and decided["nil_score"].null_count() == 0
+    assert main([*argv, "--set", "nil.enabled=true"]) == 0  # the served model's own threshold
+    threshold = catalog.query("select stats.threshold as t from manifests where stage = 'fit_nil'")["t"][0]
+    decided = catalog.query("select nil, nil_score from predictions_labeled order by mention_id")
+    assert decided["nil"].to_list() == [s >= float(threshold) for s in decided["nil_score"]]
+    assert main(argv) == 0  # NIL off: the earlier run's decisions are not joined to this run's answers
+    left = catalog.query("select count(*) as n from predictions_labeled where nil or nil_score is not null")
+    assert left["n"][0] == 0
+    assert "NIL" not in capsys.readouterr().out.split("predicted_label")[-1]

@@ -1,16 +1,19 @@
 """The learned reranker in the real flows, on the small demo dataset: trained and fused by full-pipeline,
 registered with its retriever, served by `link`, and never paired with another retriever's candidates."""
 
+import dataclasses
+
 import polars as pl
 import pytest
 from conftest import small_config
 from rerank_stub import rerank_server
 
-from flows.pipeline import full_pipeline, link
+from flows.pipeline import full_pipeline, link, served_nil_model
 from kgmel_core.config import RerankAPIConfig
 from storage import ArtifactStore
 from tasks import rerank as rerank_tasks
 from tasks.common import PipelineContext
+from tasks.nil import NilModelMismatch
 from tasks.reranker import RerankerMismatch
 
 pytestmark = pytest.mark.slow
@@ -32,7 +35,7 @@ def served(prefect_harness, small_demo, tmp_path_factory):
 
 def test_full_pipeline_trains_fuses_and_ranks_every_mention(served):
     config, result = served
-    assert list(result["artifacts"])[-4:] == ["filter", "train_reranker", "rerank", "evaluate"]
+    assert list(result["artifacts"])[-5:] == ["filter", "train_reranker", "rerank", "evaluate", "fit_nil"]
     store = ArtifactStore(config.artifacts)
     ids = result["artifacts"]
     mentions = _artifact(store, ids, "ingest").read("mentions")
@@ -83,10 +86,20 @@ def test_a_reranker_is_never_paired_with_another_retrievers_candidates(served, p
         rerank_tasks.rerank_learned.fn(ctx, other.rerank, _artifact(store, ids, "ingest"), None,
                                        _artifact(store, ids, "retrieve"), _artifact(store, ids, "filter"),
                                        old_reranker)
+    # nor is a NIL model (its threshold fits v1's fused scores), even where the registry pairs them
+    assert state.version(1).nil and state.version(2).nil and state.version(1).nil != state.version(2).nil
+    newer_reranker = store.require("train_reranker", state.version(2).reranker)
+    mispaired = dataclasses.replace(state.version(2), nil=state.version(1).nil)
+    with pytest.raises(NilModelMismatch, match="fitted on the scores of retriever"):
+        served_nil_model(ctx, mispaired, config.model, _artifact(store, ids, "retrieve"), newer_reranker)
     store.models.promote(config.model, 2)
-    linked = link(config, mentions=[{"id": "n2", "sentence": "Someone else.", "mention": ["someone"]}])
+    with_nil = config.model_copy(update={"nil": config.nil.model_copy(update={"enabled": True})})
+    linked = link(with_nil, mentions=[{"id": "n2", "sentence": "Someone else.", "mention": ["someone"]}])
     reranked = _artifact(store, linked["artifacts"], "rerank")
     assert store.input(reranked, "train_reranker").key == state.version(2).reranker
+    decided = _artifact(store, linked["artifacts"], "decide_nil")
+    assert store.input(decided, "fit_nil").key == state.version(2).nil
+    assert linked["nil_decisions"]["nil_score"].null_count() == 0  # the reranked list carries every feature
 
 
 def test_link_with_a_hosted_reranker_ranks_by_its_scores_and_counts_a_provider_error(served, prefect_harness):
