@@ -29,10 +29,14 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="variant label (default: kgmel, kgmel + reranker)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--share", type=float, default=NilConfig().share)
+    parser.add_argument("--max-cost", type=float, default=NilConfig().max_in_kb_cost,
+                        help="the threshold's bound on lost in-KB HITS@1 points (negative: no bound)")
     args = parser.parse_args()
+    max_cost = None if args.max_cost is not None and args.max_cost < 0 else args.max_cost
     store = ArtifactStore(args.artifacts)
     bench = store.require("benchmark", args.benchmark)
-    print(f"{bench.manifest['stats'].get('dataset')} (benchmark {bench.key}), share {args.share}, seeds {args.seeds}: "
+    print(f"{bench.manifest['stats'].get('dataset')} (benchmark {bench.key}), share {args.share}, max cost {max_cost}, "
+          f"seeds {args.seeds}: "
           "mean (min-max) over seeds\n")
     print("| variant | " + " | ".join(SHOWN) + " |")
     print("|---|" + "---:|" * len(SHOWN))
@@ -52,7 +56,7 @@ def main() -> None:
         for seed in args.seeds:
             result = Evaluation(pl.DataFrame())
             rows = out_of_kb_rows("kgmel", val, served, reranked, OutOfKB(ingest.read("entities"), train_gold,
-                                                                            args.share, seed), result)
+                                                                            args.share, seed, max_cost), result)
             if not rows:
                 raise SystemExit(f"{label}: {result.stats['out_of_kb_skipped']}")
             runs.append({r["metric"]: r["value"] for r in rows})

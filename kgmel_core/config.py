@@ -302,8 +302,10 @@ class NilConfig(_Section):
     in-KB mentions (docs/results.md)."""
 
     enabled: bool = False
-    # P(NIL) at or above which `link` answers NIL; None: the served model's own (best NIL F1 on val).
+    # P(NIL) at or above which `link` answers NIL; None: the served model's own, chosen on val: the best NIL
+    # F1 among the cuts that lose at most `max_in_kb_cost` HITS@1 points on in-KB mentions (None: no bound).
     threshold: float | None = Field(None, ge=0, le=1)
+    max_in_kb_cost: float | None = Field(1.0, ge=0, le=100)
     share: float = Field(0.1, gt=0, le=0.5)
     seed: int = 0
 

@@ -61,6 +61,7 @@ class OutOfKB:
     train_gold: set[str]
     share: float
     seed: int
+    max_cost: float | None = None  # the threshold's bound on lost in-KB HITS@1 points (`kgmel_core.nil`)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def out_of_kb_rows(label: str, mentions: pl.DataFrame, served: Served, reranked:
                             out_of_kb.entities)
     try:
         metrics, result.nil_outcomes = out_of_kb_evaluation(lists, val, out_of_kb.train_gold, out_of_kb.share,
-                                                            out_of_kb.seed)
+                                                            out_of_kb.seed, out_of_kb.max_cost)
     except ValueError as exc:  # too few val mentions (or none never gold in train) to make NIL ones
         result.stats["out_of_kb_skipped"] = str(exc)
         return []

@@ -9,7 +9,8 @@ without it returns, except that the list is one candidate shorter.
 
 The decision is a logistic regression on the final list's top-1 (its score, the reranker's own score and the
 retriever's cosine where the list carries them, the word overlap of mention and label) and the margin to the
-runner-up, fitted on val; its threshold maximises NIL F1 there. Each val
+runner-up, fitted on val; its threshold maximises NIL F1 there among the cuts that cost at most `max_cost`
+HITS@1 points on the in-KB mentions (a user trades NIL recall for answers they keep, not the reverse). Each val
 mention's reported outcome comes from the model fitted on the other fold (`fold_of`), like the reranker's
 fusion, so what is reported was not fitted on the mention itself. The model a version serves
 (`fit_served_model`) is fitted on every val mention; `nil_decisions` applies it to new mentions' lists.
@@ -143,26 +144,38 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50
     return beta[:-1], float(beta[-1])
 
 
-def best_threshold(probability: np.ndarray, is_nil: np.ndarray) -> float:
-    """The probability cut with the best NIL F1 (of equals, the lowest)."""
-    best, best_f1 = 0.5, -1.0
+def best_threshold(probability: np.ndarray, is_nil: np.ndarray, top1_correct: np.ndarray | None = None,
+                   max_cost: float | None = None) -> float:
+    """The probability cut with the best NIL F1 (of equals, the lowest). With `max_cost`, only among the cuts
+    that lose at most that many HITS@1 points on the in-KB mentions (right top-1 answers turned into NIL);
+    when none does, a cut above every probability (never NIL)."""
+    in_kb = ~is_nil
+    best, best_f1 = float(np.nextafter(1.0, 2.0)), -1.0
     for cut in np.unique(probability):
-        f1 = nil_scores(probability >= cut, is_nil)["nil_f1"]
+        predicted = probability >= cut
+        if max_cost is not None and top1_correct is not None:
+            cost = 100 * float(np.sum(predicted & top1_correct & in_kb)) / max(float(in_kb.sum()), 1.0)
+            if cost > max_cost:
+                continue
+        f1 = nil_scores(predicted, is_nil)["nil_f1"]
         if f1 > best_f1:
             best, best_f1 = float(cut), f1
     return best
 
 
-def fit_nil_model(x: np.ndarray, is_nil: np.ndarray, names: Sequence[str]) -> NilModel:
+def fit_nil_model(x: np.ndarray, is_nil: np.ndarray, names: Sequence[str], top1_correct: np.ndarray | None = None,
+                  max_cost: float | None = None) -> NilModel:
+    """The logistic model and its threshold (`best_threshold`, on the same mentions)."""
     usable = ~np.isnan(x).any(axis=1)
     x, is_nil = x[usable], is_nil[usable]
+    correct = top1_correct[usable] if top1_correct is not None else None
     if len(set(is_nil.tolist())) < 2:
         raise ValueError("the NIL model needs both NIL and in-KB mentions to fit")
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     weights, bias = fit_logistic((x - mean) / scale, is_nil.astype(np.float64))
     model = NilModel(tuple(names), tuple(mean), tuple(scale), tuple(weights), bias, 0.5)
-    threshold = best_threshold(model.probability(x), is_nil)
+    threshold = best_threshold(model.probability(x), is_nil, correct, max_cost)
     return NilModel(tuple(names), tuple(mean), tuple(scale), tuple(weights), bias, threshold)
 
 
@@ -198,6 +211,7 @@ class MadeNil:
     lists: pl.DataFrame
     mention_ids: list[str]
     is_nil: np.ndarray
+    top1_correct: np.ndarray  # the list's top-1 is the gold entity (never, for a NIL mention)
     x: np.ndarray
     names: list[str]
 
@@ -211,15 +225,17 @@ class MadeNil:
         lists = without_entities(ranked, withheld)
         ids = mentions["mention_id"].to_list()
         x, names = list_features(lists, ids)
-        return cls(withheld, lists, ids, mentions["gold_qid"].is_in(list(withheld)).to_numpy(), x, names)
+        top1 = dict(lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
+        correct = np.array([top1.get(m) == g for m, g in zip(ids, mentions["gold_qid"].to_list(), strict=True)])
+        return cls(withheld, lists, ids, mentions["gold_qid"].is_in(list(withheld)).to_numpy(), correct, x, names)
 
 
 def fit_served_model(ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1,
-                     seed: int = 0) -> tuple[NilModel, dict[str, float]]:
+                     seed: int = 0, max_cost: float | None = None) -> tuple[NilModel, dict[str, float]]:
     """The NIL model a served version carries: fitted on every val mention (the evaluation's draw of withheld
     entities), with its threshold; and what it was fitted on."""
     made = MadeNil.of(ranked, mentions, train_gold, share, seed)
-    model = fit_nil_model(made.x, made.is_nil, made.names)
+    model = fit_nil_model(made.x, made.is_nil, made.names, made.top1_correct, max_cost)
     return model, {"val_mentions": len(made.mention_ids), "nil_mentions": int(made.is_nil.sum()),
                    "withheld_entities": len(made.withheld), "threshold": model.threshold}
 
@@ -243,14 +259,13 @@ def nil_decisions(model: NilModel, ranked: pl.DataFrame, mention_ids: Sequence[s
 
 
 def out_of_kb_evaluation(
-    ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1, seed: int = 0
+    ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1, seed: int = 0,
+    max_cost: float | None = None,
 ) -> tuple[dict[str, float], pl.DataFrame]:
     """The out-of-KB evaluation of one final ranked list over `mentions` (val): `outcome_metrics` with the
     out-of-fold decisions, and one NIL_OUTCOMES row per mention for the precision-recall curve."""
     made = MadeNil.of(ranked, mentions, train_gold, share, seed)
-    ids, is_nil, x = made.mention_ids, made.is_nil, made.x
-    top1 = dict(made.lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
-    correct = np.array([top1.get(m) == g for m, g in zip(ids, mentions["gold_qid"].to_list(), strict=True)])
+    ids, is_nil, x, correct = made.mention_ids, made.is_nil, made.x, made.top1_correct
     folds = np.array([fold_of(m) for m in ids])
     probability, predicted = np.zeros(len(ids)), np.zeros(len(ids), bool)
     models = []
@@ -259,7 +274,7 @@ def out_of_kb_evaluation(
         if not 0 < is_nil[rest].sum() < rest.sum():
             raise ValueError(f"too few val mentions to fit the NIL model out of fold: {int(is_nil[rest].sum())} NIL of "
                              f"{int(rest.sum())} in fold {1 - fold} ({int(is_nil.sum())} NIL of {len(ids)} in all)")
-        model = fit_nil_model(x[rest], is_nil[rest], made.names)
+        model = fit_nil_model(x[rest], is_nil[rest], made.names, correct[rest], max_cost)
         probability[folds == fold] = model.probability(x[folds == fold])
         predicted[folds == fold] = probability[folds == fold] >= model.threshold
         models.append(model)

@@ -36,7 +36,7 @@ def evaluate(
         out_of_kb = None
         if nil is not None:
             train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
-            out_of_kb = OutOfKB(ingest.read("entities"), train_gold, nil.share, nil.seed)
+            out_of_kb = OutOfKB(ingest.read("entities"), train_gold, nil.share, nil.seed, nil.max_in_kb_cost)
         if evaluated_splits is not None:
             features, mentions = restrict_to_splits(features, mentions, evaluated_splits)
         served = reranked = None
@@ -59,6 +59,6 @@ def evaluate(
         logger().debug("metrics:\n%s", metrics_markdown(result.metrics))  # the run summary shows them once
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
-    nil_config = nil.model_dump(include={"share", "seed"}) if nil else None
+    nil_config = nil.model_dump(include={"share", "seed", "max_in_kb_cost"}) if nil else None
     stage_config = {"label": label, "splits": evaluated_splits, "nil": nil_config}
     return run_stage(ctx, "evaluate", stage_config, inputs, build)

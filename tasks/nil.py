@@ -37,7 +37,7 @@ def fit_nil(ctx: PipelineContext, config: NilConfig, ingest: Artifact, retrieve:
         lists = with_name_match(lists.filter(pl.col("mention_id").is_in(val["mention_id"].implode())), val,
                                 ingest.read("entities"))
         try:
-            model, stats = fit_served_model(lists, val, train_gold, config.share, config.seed)
+            model, stats = fit_served_model(lists, val, train_gold, config.share, config.seed, config.max_in_kb_cost)
         except ValueError as exc:
             writer.write_table("nil_model", pl.DataFrame(schema=pl.Schema(schemas.NIL_MODEL)), schemas.NIL_MODEL)
             writer.stats.update(skipped=str(exc))
@@ -47,7 +47,8 @@ def fit_nil(ctx: PipelineContext, config: NilConfig, ingest: Artifact, retrieve:
         writer.stats.update(stats, features=list(model.features))
 
     inputs = {"ingest": ingest, "retrieve": retrieve, "rerank": rerank}
-    return run_stage(ctx, "fit_nil", {"share": config.share, "seed": config.seed}, inputs, build)
+    stage_config = config.model_dump(include={"share", "seed", "max_in_kb_cost"})
+    return run_stage(ctx, "fit_nil", stage_config, inputs, build)
 
 
 def check_pairing(ctx: PipelineContext, fitted: Artifact, retrieve: Artifact, reranker: Artifact | None) -> None:

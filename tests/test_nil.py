@@ -67,6 +67,18 @@ def test_nil_scores_and_the_best_threshold_by_hand():
     assert best_threshold(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, True, False, False])) == 0.8
 
 
+def test_a_cost_bound_keeps_the_threshold_where_few_right_answers_become_nil():
+    """Two in-KB mentions, both answered right (1, 3); two NIL (0, 2). Cut 0.9: NIL {0}, F1 2/3, cost 0;
+    0.8: {0, 1}, F1 1/2, cost 50 points; 0.7: {0, 1, 2}, F1 4/5, cost 50; 0.3: all, F1 2/3, cost 100."""
+    probability = np.array([0.9, 0.8, 0.7, 0.3])
+    is_nil, correct = np.array([True, False, True, False]), np.array([False, True, False, True])
+    assert best_threshold(probability, is_nil) == 0.7
+    assert best_threshold(probability, is_nil, correct, max_cost=50.0) == 0.7
+    assert best_threshold(probability, is_nil, correct, max_cost=10.0) == 0.9
+    never = best_threshold(np.array([0.9, 0.1]), np.array([False, True]), np.array([True, False]), max_cost=0.0)
+    assert never > 1.0  # every cut costs a right answer: a cut above every probability
+
+
 def test_the_logistic_fit_satisfies_its_optimality_condition():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 2))
