@@ -2,11 +2,14 @@
 throughput, on the real candidate lists a finished `train_reranker` artifact was trained on.
 
     python -m bench.reranker_cost --artifacts artifacts [--reranker KEY] [--mentions 300] [--steps 40]
+                                  [--batch-pairs 64 128 256] [--repeats 3]
 
 Scoring: the trained model ranks `--mentions` val mentions, each with its K candidates, batched across
 mentions as the `rerank` stage does, and one mention at a time (what `kgmel link` of one sentence
-pays). Training: `--steps` steps of a fresh model at each batch size and precision, in pairs/s and
-the minutes a full training of the artifact's size would take. Run it with nothing else running.
+pays); `--batch-pairs` compares scoring batch sizes side by side, each the median of `--repeats`
+runs in turn. Training (`--steps 0` skips it): `--steps` steps of a fresh model at each batch size and
+precision, in pairs/s and the minutes a full training of the artifact's size would take.
+Run it with nothing else running.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def main() -> None:
     parser.add_argument("--reranker", default=None, help="train_reranker key (default: the only one)")
     parser.add_argument("--mentions", type=int, default=300)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-pairs", type=int, nargs="+", default=None,
+                        help="scoring batch sizes to compare (default: the artifact's batch_pairs)")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"])
     args = parser.parse_args()
@@ -57,15 +63,23 @@ def main() -> None:
     print("|---|---|---:|")
     model = create_cross_encoder(ce, trained=trained.folder("reranker"))
     model.score(val[:8], ce.batch_pairs)  # warm-up
-    started = time.perf_counter()
-    model.score(val, ce.batch_pairs)
-    batched = 1000 * (time.perf_counter() - started) / len(val)
-    print(f"| batched ({ce.batch_pairs} pairs) | {model.precision} | {batched:.1f} |")
+    sizes = args.batch_pairs or [ce.batch_pairs]
+    timings: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):  # sizes in turn, so a noisy moment does not land on one size only
+        for size in sizes:
+            started = time.perf_counter()
+            model.score(val, size)
+            timings[size].append(1000 * (time.perf_counter() - started) / len(val))
+    for size in sizes:
+        runs = ", ".join(f"{t:.1f}" for t in timings[size])
+        print(f"| batched ({size} pairs) | {model.precision} | {statistics.median(timings[size]):.1f} ({runs}) |")
     started = time.perf_counter()
     for group in val[:100]:
         model.score([group], ce.batch_pairs)
     alone = 1000 * (time.perf_counter() - started) / min(100, len(val))
     print(f"| one mention at a time | {model.precision} | {alone:.1f} |")
+    if args.steps == 0:
+        return
     usable = [g for g in train if g.gold is not None and len(g.qids) > 1]
     sample = random.Random(0).sample(usable, min(len(usable), max(args.batches) * args.steps))
     full = min(ce.train_mentions, len(usable)) * ce.epochs
