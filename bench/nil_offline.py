@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--benchmark", required=True, help="benchmark artifact key")
     parser.add_argument("--variant", action="append", help="variant label (default: kgmel, kgmel + reranker)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--details", action="store_true", help="confusions, curve points, name overlap")
+    parser.add_argument("--details", action="store_true", help="confusions and curve points")
     parser.add_argument("--share", type=float, default=NilConfig().share)
     parser.add_argument("--max-cost", type=float, default=NilConfig().max_in_kb_cost,
                         help="the threshold's bound on lost in-KB HITS@1 points (negative: no bound)")

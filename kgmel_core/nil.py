@@ -208,7 +208,6 @@ class MadeNil:
     """Val lists with a seeded share of gold entities withheld: the features and truth the NIL model learns from."""
 
     withheld: set[str]
-    lists: pl.DataFrame
     mention_ids: list[str]
     is_nil: np.ndarray
     top1_correct: np.ndarray  # the list's top-1 is the gold entity (never, for a NIL mention)
@@ -227,7 +226,7 @@ class MadeNil:
         x, names = list_features(lists, ids)
         top1 = dict(lists.filter(pl.col("rank") == 1).select("mention_id", "qid").iter_rows())
         correct = np.array([top1.get(m) == g for m, g in zip(ids, mentions["gold_qid"].to_list(), strict=True)])
-        return cls(withheld, lists, ids, mentions["gold_qid"].is_in(list(withheld)).to_numpy(), correct, x, names)
+        return cls(withheld, ids, mentions["gold_qid"].is_in(list(withheld)).to_numpy(), correct, x, names)
 
 
 def fit_served_model(ranked: pl.DataFrame, mentions: pl.DataFrame, train_gold: set[str], share: float = 0.1,

@@ -210,7 +210,7 @@ NIL_MODEL = pa.schema(
         ("scale", pa.list_(pa.float64())),
         ("weights", pa.list_(pa.float64())),
         ("bias", pa.float64()),
-        ("threshold", pa.float64()),  # on P(NIL): the cut with the best NIL F1 on val
+        ("threshold", pa.float64()),  # on P(NIL): the best NIL F1 on val within nil.max_in_kb_cost
     ]
 )
 
