@@ -184,15 +184,21 @@ class LLMConfig(_Section):
     timeout_s: float = runtime(120, gt=0)
     retries: int = runtime(2, ge=0)
     backoff_s: float = runtime(1.0, ge=0)  # waits backoff_s * 2**attempt between tries
-    concurrency: int = runtime(4, ge=1)
-    # CPU threads of the packaged model's llama.cpp server (None: every core). Lower it when another
-    # CPU-bound job shares the machine: oversubscribed llama.cpp threads slow each call many times over.
+    # Calls in flight at once (None: 4 to a hosted provider, 1 to the packaged model: on 2 cores a second
+    # llama.cpp slot costs more than it gives, `bench/llm_local.py`).
+    concurrency: int | None = runtime(None, ge=1)
+    # CPU threads of the packaged model's llama.cpp server (None: the cores no other job is using when it
+    # starts). Oversubscribed llama.cpp threads wait on each other and slow every call many times over.
     threads: int | None = runtime(None, ge=1)
     # Send the image? auto: yes for remote models, no for the packaged local (text-only) model.
     vision: Literal["auto", "yes", "no"] = "auto"
     # A stage whose LLM calls failed (outage, timeouts) is run again by later runs, re-calling only the
     # failures (successes come from the answer cache), until none fail or it ran this many times.
     max_stage_attempts: int = runtime(3, ge=1)
+
+    @property
+    def calls_at_once(self) -> int:
+        return self.concurrency or (1 if self.model == "local" else 4)
 
 
 class LLMScope(_Section):
@@ -206,7 +212,8 @@ class LLMScope(_Section):
 class GenerationConfig(_Section):
     enabled: bool = True
     llm: LLMConfig = LLMConfig(max_tokens=96)
-    max_triples: int = Field(8, ge=1)
+    # Facts per mention: each costs ~7 generated tokens; with 5 the packaged model wrote 3-4 (bench/llm_local.py).
+    max_triples: int = Field(5, ge=1)
     scope: LLMScope = LLMScope()
 
 

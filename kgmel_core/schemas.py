@@ -89,6 +89,7 @@ LLM_CALLS = pa.schema(
         ("error", pa.string()),
         ("cached", pa.bool_()),
         ("attempts", pa.int32()),
+        ("finish_reason", pa.string()),  # stop | length (cut at max_tokens); null for failed calls
     ]
 )
 

@@ -8,6 +8,7 @@ from kgmel_core import schemas
 from kgmel_core.config import GenerationConfig, key_config
 from kgmel_core.data.scope import in_scope
 from kgmel_core.llm.generation import generation_requests, generation_tables
+from kgmel_core.llm.prompts import generation_grammar
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.llm_common import ask_llm, call_stats, calls_table
@@ -28,7 +29,8 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
         results, model, send_images = [], config.llm.model, False
         if chosen.height:  # no server start, no call, when the scope matches no mention
             results, model, send_images = ask_llm(
-                ctx, config.llm, "generate", lambda images: generation_requests(chosen, config.max_triples, images)
+                ctx, config.llm, "generate", lambda images: generation_requests(chosen, config.max_triples, images),
+                grammar=generation_grammar(config.max_triples),
             )
         triples, generations = generation_tables(mentions, results, config.max_triples)
         writer.write_table("mention_triples", triples, schemas.MENTION_TRIPLES)

@@ -23,14 +23,19 @@ def run_llm_batch(config: LLMConfig, stage: str, cache_dir: str, requests: list[
 
 
 def ask_llm(
-    ctx: PipelineContext, config: LLMConfig, stage: str, build: Callable[[bool], list[LLMRequest]]
+    ctx: PipelineContext,
+    config: LLMConfig,
+    stage: str,
+    build: Callable[[bool], list[LLMRequest]],
+    grammar: str | None = None,
 ) -> tuple[list[LLMResult], str, bool]:
     """(results in request order, model, images sent) for the requests `build(send_images)` makes.
 
-    The packaged local model answers in this process (one llama.cpp server); a remote provider is
-    called from the Dask workers in batches with `runner: dask` (the answer cache is shared)."""
+    The packaged local model answers in this process (one llama.cpp server), held to `grammar` when
+    one is given; a remote provider is called from the Dask workers in batches with `runner: dask`
+    (the answer cache is shared)."""
     if config.model == "local" or not ctx.distributed:
-        with open_llm(config, stage, ctx.store.root / "_llm_cache") as (client, send_images):
+        with open_llm(config, stage, ctx.store.root / "_llm_cache", grammar) as (client, send_images):
             return client.run(build(send_images)), client.model, send_images
     send_images = config.vision != "no"
     requests = build(send_images)
@@ -50,6 +55,7 @@ def call_stats(calls: pl.DataFrame) -> dict:
         "calls": calls.height,
         "calls_cached": int(calls["cached"].sum()),
         "calls_failed": int((calls["status"] != "ok").sum()),
+        "calls_cut_at_max_tokens": int((calls["finish_reason"] == "length").sum()),
         "tokens_in": int(calls["tokens_in"].sum()),
         "tokens_out": int(calls["tokens_out"].sum()),
     }

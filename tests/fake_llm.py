@@ -20,7 +20,7 @@ def _prompt(messages) -> str:
 
 
 def is_generation(prompt: str) -> bool:
-    return "Write at most" in prompt
+    return prompt.startswith("Sentence: ") and "\nMention: " in prompt and "Which candidate" not in prompt
 
 
 def default_answer(prompt: str) -> str:
@@ -29,8 +29,8 @@ def default_answer(prompt: str) -> str:
         sentence = re.findall(r"^Sentence: (.*)$", prompt, re.M)[-1]
         mention = re.findall(r"^Mention: (.*)$", prompt, re.M)[-1]
         words = [w.strip(".,") for w in sentence.split() if w[:1].isupper() and w.strip(".,") != mention]
-        lines = ["Type: thing", f"Description: something named {mention}", "Triples:"]
-        lines += [f'- "{mention}" | related to | {w}' for w in words[:3]] or [f'- "{mention}" | instance of | thing']
+        lines = [f"thing; something named {mention}"]
+        lines += [f"related to: {w}" for w in words[:3]] or ["instance of: thing"]
         return "\n".join(lines)
     candidates = re.findall(r"^(Q\d+): ", prompt, re.M)
     if not candidates:

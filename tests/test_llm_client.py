@@ -1,9 +1,12 @@
+import os
+from pathlib import Path
+
 import litellm
 import pytest
 from fake_llm import FakeLLM, install
 
 from kgmel_core.config import LLMConfig
-from kgmel_core.llm.client import LLMClient, LLMRequest, image_data_url
+from kgmel_core.llm.client import LLMClient, LLMRequest, image_data_url, prompt_hash
 from kgmel_core.llm.prompts import generation_messages
 
 
@@ -91,6 +94,27 @@ def test_packaged_local_model_answers_through_litellm(tmp_path):
     assert parse_rerank_answer(result.text, [(c.qid, c.label) for c in cards])[0] == "Q41421", result.text
 
 
+@pytest.mark.slow
+def test_packaged_local_model_writes_parseable_compact_triples_under_the_grammar():
+    """The real server takes stage 1's grammar (a GBNF syntax error would fail every call) and the answer
+    comes back in the compact format, within the fact bound."""
+    pytest.importorskip("xllamacpp")
+    from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
+    from kgmel_core.llm.parsing import parse_generation
+    from kgmel_core.llm.prompts import generation_grammar
+
+    messages = generation_messages("Indira Gandhi met Nehru in Delhi.", "Indira Gandhi", None, 3, send_image=False)
+    config = LLMConfig(model="local", max_tokens=96, timeout_s=300)
+    with local_llm_server(parallel=1) as api_base:
+        client = LLMClient(config, "generate", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
+                           grammar=generation_grammar(3))
+        [result] = client.run([LLMRequest("m", messages)], progress=False)
+    assert result.ok and result.call["finish_reason"] == "stop", result.call
+    parsed = parse_generation(result.text, "Indira Gandhi", max_triples=3)
+    assert parsed.entity_type == "person" and parsed.description and 2 <= len(parsed.triples) <= 3, result.text
+    assert len(result.text.splitlines()) <= 4  # the head line and at most 3 facts
+
+
 def test_api_base_is_part_of_the_cache_key(tmp_path):
     fake = FakeLLM()
     install(fake)
@@ -152,3 +176,75 @@ def test_the_thread_setting_reaches_the_local_server(tmp_path, monkeypatch):
     with open_llm(LLMConfig(model="local", threads=1, concurrency=2), "generate", tmp_path) as (client, images):
         assert client.served_by.startswith("packaged:") and images is False
     assert started == {"parallel": 2, "threads": 1}
+
+
+class _FakeXllamacpp:
+    """Stands in for xllamacpp: records the parameters the server would have started with."""
+
+    def __init__(self):
+        import types
+
+        self.started = []
+        outer = self
+
+        class CommonParams:
+            def __init__(self):
+                self.model = types.SimpleNamespace(path=None)
+                self.cpuparams = types.SimpleNamespace(n_threads=-1)
+                self.cpuparams_batch = types.SimpleNamespace(n_threads=-1)
+
+        class Server:
+            def __init__(self, params):
+                outer.started.append(params)
+
+        self.CommonParams, self.Server = CommonParams, Server
+
+
+def _start_fake_server(monkeypatch, **settings):
+    import sys
+
+    from kgmel_core.llm import local
+
+    fake = _FakeXllamacpp()
+    monkeypatch.setitem(sys.modules, "xllamacpp", fake)
+    with local.local_llm_server(model_path=Path("model.gguf"), **settings):
+        pass
+    [params] = fake.started
+    return params
+
+
+def test_llm_threads_is_what_the_llama_cpp_server_gets(monkeypatch):
+    params = _start_fake_server(monkeypatch, parallel=1, threads=3)
+    assert params.cpuparams.n_threads == 3 and params.cpuparams_batch.n_threads == 3
+    assert params.n_parallel == 1 and params.n_ctx == 4096
+
+
+def test_without_llm_threads_the_server_takes_the_cores_no_other_job_is_using(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(psutil, "cpu_count", lambda *a, **k: 2)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda *a, **k: 52.0)  # one core kept busy by another process
+    assert _start_fake_server(monkeypatch, parallel=1).cpuparams.n_threads == 1
+    monkeypatch.setattr(psutil, "cpu_percent", lambda *a, **k: 100.0)  # never fewer than one
+    assert _start_fake_server(monkeypatch, parallel=1).cpuparams.n_threads == 1
+    monkeypatch.setattr(psutil, "cpu_percent", lambda *a, **k: 3.0)
+    assert _start_fake_server(monkeypatch, parallel=1).cpuparams.n_threads == 2
+
+
+def test_the_packaged_model_gets_one_call_at_a_time_unless_told_otherwise():
+    assert LLMConfig(model="local").calls_at_once == 1
+    assert LLMConfig(model="openai/gpt-4o-mini").calls_at_once == 4
+    assert LLMConfig(model="local", concurrency=2).calls_at_once == 2
+
+
+def test_a_grammar_goes_to_the_server_in_the_request_body_and_keys_the_answer_cache(tmp_path):
+    settings = LLMConfig(model="local", timeout_s=3, retries=0)
+    plain = LLMClient(settings, "generate", None, api_base="http://127.0.0.1:1/v1", extra_body={"cache_prompt": True})
+    held = LLMClient(settings, "generate", None, api_base="http://127.0.0.1:1/v1", extra_body={"cache_prompt": True},
+                     grammar='root ::= "yes"')
+    kwargs = held._kwargs([{"role": "user", "content": "x"}])
+    assert kwargs["extra_body"] == {"cache_prompt": True, "grammar": 'root ::= "yes"'} and "grammar" not in kwargs
+    assert "grammar" not in plain._kwargs([{"role": "user", "content": "x"}])["extra_body"]
+    messages = [{"role": "user", "content": "x"}]
+    assert prompt_hash(plain.model, messages, plain.params) != prompt_hash(held.model, messages, held.params)

@@ -6,10 +6,11 @@ from kgmel_core.llm.client import LLMResult
 from kgmel_core.llm.generation import generation_requests, generation_tables
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.llm.prompts import (
-    GENERATION_SYSTEM,
     RERANK_SYSTEM,
     CandidateCard,
+    generation_grammar,
     generation_messages,
+    generation_system,
     rerank_messages,
 )
 from kgmel_core.rerank.filtering import Triple, filter_triples
@@ -142,11 +143,60 @@ def test_rerank_prompt_golden_in_both_layouts():
 
 def test_generation_prompt_golden():
     messages = generation_messages("Obama spoke in Paris.", "Obama", None, 4, send_image=False)
-    assert messages[0]["role"] == "system" and messages[0]["content"] == GENERATION_SYSTEM
-    assert "Type: <one of: person, organization," in GENERATION_SYSTEM
-    assert '- "<mention>" | <relation> | <object>' in GENERATION_SYSTEM
-    user = "Sentence: Obama spoke in Paris.\nMention: Obama\nWrite at most 4 triples."
-    assert messages[1] == {"role": "user", "content": user}
+    assert messages[0]["role"] == "system" and messages[0]["content"] == generation_system()
+    assert "<type>; <short description>\n<relation>: <object>\n" in generation_system()
+    assert messages[1] == {"role": "user", "content": "Sentence: Obama spoke in Paris.\nMention: Obama"}
+
+
+def test_the_grammar_bounds_the_number_of_facts_and_names_every_type():
+    grammar = generation_grammar(3)
+    assert grammar.splitlines()[0] == 'root ::= type "; " description fact{1,3}'
+    assert '"person" | "organization"' in grammar and '"work of art"' in grammar
+
+
+# Answers the packaged Qwen2.5-Coder-1.5B-Instruct wrote under the compact grammar (WikiMEL val, 2026-12-05).
+RECORDED_COMPACT = [
+    (
+        "person; Indian politician\noccupation: politician\nposition held: Prime Minister of India\n"
+        "country of citizenship: India",
+        False,
+        ("person", "Indian politician"),
+        [("instance of", "person"), ("occupation", "politician"), ("position held", "Prime Minister of India"),
+         ("country of citizenship", "India")],
+    ),
+    (  # cut at the token limit inside its last fact: that line is dropped, not stored as "United Sta"
+        "person; American football player\noccupation: NFL player\nposition held: quarterback\ncountry: United Sta",
+        True,
+        ("person", "American football player"),
+        [("instance of", "person"), ("occupation", "NFL player"), ("position held", "quarterback")],
+    ),
+    (  # cut inside its first line: nothing usable
+        "person; American act",
+        True,
+        (None, None),
+        [],
+    ),
+    (  # a hosted model without the grammar: bullets, a header line, a fact without a relation
+        "film; 2003 American fantasy film\nFacts:\n- genre: fantasy\n- : New Line Cinema\n- director: Peter Jackson",
+        False,
+        ("film", "2003 American fantasy film"),
+        [("instance of", "film"), ("genre", "fantasy"), ("director", "Peter Jackson")],
+    ),
+    (  # no head line: not the compact format, and not any other shape either
+        "occupation: actress\nShe is known for The Talk.",
+        False,
+        (None, None),
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "truncated", "head", "expected"), RECORDED_COMPACT)
+def test_compact_parser_on_recorded_answers(raw, truncated, head, expected):
+    parsed = parse_generation(raw, "the mention", max_triples=5, truncated=truncated)
+    assert (parsed.entity_type, parsed.description) == head
+    assert parsed.triples == expected
+    assert parsed.dropped_line is truncated
 
 
 def _vec(*xs):

@@ -70,6 +70,11 @@ class LLMResult:
     def ok(self) -> bool:
         return self.text is not None
 
+    @property
+    def truncated(self) -> bool:
+        """The answer stopped at `max_tokens`: its last line may be cut short."""
+        return self.call.get("finish_reason") == "length"
+
 
 class LLMClient:
     def __init__(
@@ -81,9 +86,11 @@ class LLMClient:
         model: str | None = None,
         extra_body: dict[str, Any] | None = None,
         served_by: str | None = None,
+        grammar: str | None = None,
     ):
         """`served_by`: what answers, for the cache key, where `api_base` does not say it – the packaged
-        model's server binds a new port on every start, but serves the same model file."""
+        model's server binds a new port on every start, but serves the same model file. `grammar`: a
+        llama.cpp GBNF grammar the server holds every answer to (only servers that take one)."""
         self.config, self.stage = config, stage
         self.model = model or config.model
         self.api_base = api_base or config.api_base
@@ -91,12 +98,18 @@ class LLMClient:
         self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.params: dict[str, Any] = {"temperature": config.temperature, "max_tokens": config.max_tokens}
         self.extra_body = extra_body  # provider-specific request fields (llama.cpp: cache_prompt)
+        if grammar is not None:  # it shapes the answer, so it is part of the cache key too
+            self.params["grammar"] = grammar
         self.cache = diskcache.Cache(str(cache_dir)) if cache_dir else None
 
     def _kwargs(self, messages: list[dict]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **self.params, "num_retries": 0}
-        if self.extra_body:
-            kwargs["extra_body"] = self.extra_body
+        params = {name: value for name, value in self.params.items() if name != "grammar"}
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **params, "num_retries": 0}
+        extra_body = dict(self.extra_body or {})
+        if "grammar" in self.params:
+            extra_body["grammar"] = self.params["grammar"]
+        if extra_body:
+            kwargs["extra_body"] = extra_body
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self.api_key:
@@ -123,10 +136,13 @@ class LLMClient:
         call.update(
             tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
             tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason=choice.finish_reason,
         )
         return choice.message.content or ""
 
-    async def _one(self, request: LLMRequest, limiter: asyncio.Semaphore) -> LLMResult:
+    async def _one(
+        self, request: LLMRequest, limiter: asyncio.Semaphore, same_prompt: dict[str, asyncio.Lock]
+    ) -> LLMResult:
         digest = prompt_hash(self.model, request.messages, {**self.params, "api_base": self.served_by})
         call = {
             "call_id": f"{self.stage}-{digest[:16]}",
@@ -140,32 +156,39 @@ class LLMClient:
             "error": None,
             "cached": False,
             "attempts": 0,
+            "finish_reason": None,
         }
-        if self.cache is not None and (hit := self.cache.get(digest)) is not None:
-            call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"])
-            return LLMResult(request.key, hit["text"], call)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.config.retries + 1),
-            wait=wait_exponential(multiplier=self.config.backoff_s, min=self.config.backoff_s),
-            retry=retry_if_exception_type(TRANSIENT),
-            reraise=True,
-        )
-        try:
-            text = await retrying(self._call, request, limiter, call)
-        except Exception as exc:  # recorded, never raised: the stage decides what a failure means
-            timeout = isinstance(exc, TimeoutError | litellm.exceptions.Timeout)
-            call.update(status="timeout" if timeout else "error", error=f"{type(exc).__name__}: {exc}"[:500])
-            return LLMResult(request.key, None, call)
-        if self.cache is not None:
-            self.cache.set(digest, {"text": text, "tokens_in": call["tokens_in"], "tokens_out": call["tokens_out"]})
-        return LLMResult(request.key, text, call)
+        # One prompt asked twice in a run (mentions sharing sentence and surface form) reaches the provider
+        # once: the later request waits for the earlier one and takes its answer from the cache.
+        async with same_prompt.setdefault(digest, asyncio.Lock()):
+            if self.cache is not None and (hit := self.cache.get(digest)) is not None:
+                call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"],
+                            finish_reason=hit.get("finish_reason"))
+                return LLMResult(request.key, hit["text"], call)
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self.config.retries + 1),
+                wait=wait_exponential(multiplier=self.config.backoff_s, min=self.config.backoff_s),
+                retry=retry_if_exception_type(TRANSIENT),
+                reraise=True,
+            )
+            try:
+                text = await retrying(self._call, request, limiter, call)
+            except Exception as exc:  # recorded, never raised: the stage decides what a failure means
+                timeout = isinstance(exc, TimeoutError | litellm.exceptions.Timeout)
+                call.update(status="timeout" if timeout else "error", error=f"{type(exc).__name__}: {exc}"[:500])
+                return LLMResult(request.key, None, call)
+            if self.cache is not None:
+                kept = {key: call[key] for key in ("tokens_in", "tokens_out", "finish_reason")}
+                self.cache.set(digest, {"text": text, **kept})
+            return LLMResult(request.key, text, call)
 
     async def _all(self, requests: list[LLMRequest], progress: bool) -> list[LLMResult]:
-        limiter = asyncio.Semaphore(self.config.concurrency)
+        limiter = asyncio.Semaphore(self.config.calls_at_once)
+        same_prompt: dict[str, asyncio.Lock] = {}
         bar = tqdm(total=len(requests), desc=f"{self.stage} LLM calls", unit="call", disable=not progress)
 
         async def tracked(request: LLMRequest) -> LLMResult:
-            result = await self._one(request, limiter)
+            result = await self._one(request, limiter, same_prompt)
             bar.update(1)
             return result
 

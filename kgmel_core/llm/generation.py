@@ -45,7 +45,7 @@ def generation_tables(
             generations.append({"mention_id": mention_id, "status": "call_failed", "n_triples": 0,
                                 "raw_text": result.call["error"], "call_id": call_id})
             continue
-        parsed = parse_generation(result.text, row["mention"], max_triples)
+        parsed = parse_generation(result.text, row["mention"], max_triples, truncated=result.truncated)
         triples += [{"mention_id": mention_id, "relation": r, "tail": t, "call_id": call_id} for r, t in parsed.triples]
         generations.append({
             "mention_id": mention_id,

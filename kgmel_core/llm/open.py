@@ -15,9 +15,12 @@ from kgmel_core.llm.client import LLMClient
 
 
 @contextmanager
-def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[tuple[LLMClient, bool]]:
+def open_llm(
+    config: LLMConfig, stage: str, cache_dir: Path | None, grammar: str | None = None
+) -> Iterator[tuple[LLMClient, bool]]:
     """A client for the configured model, and whether images are sent. `model: local` starts the packaged
-    model's llama.cpp server for the duration of the block (text-only: it never gets an image)."""
+    model's llama.cpp server for the duration of the block (text-only: it never gets an image) and holds
+    its answers to `grammar`; hosted providers take no GBNF grammar and get the prompt alone."""
     if config.model != "local":
         with closing(LLMClient(config, stage, cache_dir)) as client:
             yield client, config.vision != "no"
@@ -26,8 +29,9 @@ def open_llm(config: LLMConfig, stage: str, cache_dir: Path | None) -> Iterator[
         raise ValueError("llm.vision=yes, but the packaged local model is text-only; use a VLM provider")
     from kgmel_core.llm.local import LOCAL_MODEL, LOCAL_MODEL_NAME, local_llm_server
 
-    with local_llm_server(parallel=config.concurrency, threads=config.threads) as api_base, closing(LLMClient(
+    with local_llm_server(parallel=config.calls_at_once, threads=config.threads) as api_base, closing(LLMClient(
         config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
         extra_body={"cache_prompt": True}, served_by=f"packaged:{LOCAL_MODEL.file_name}:{LOCAL_MODEL.sha256}",
+        grammar=grammar,
     )) as client:
         yield client, False

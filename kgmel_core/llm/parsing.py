@@ -1,8 +1,9 @@
 """Lenient parsing of LLM output: generated triples and rerank answers.
 
-Models answer in numbered lists, `a | b | c`, `(a, b, c)`, JSON, or prose around any of those; the
-parser takes what it can and says when it found nothing, so the stage can record the raw text as a
-parse failure instead of silently dropping the mention.
+Generation answers come in the compact format the prompt asks for (`kgmel_core.llm.prompts`); models
+not held to it by a grammar also answer in numbered lists, `a | b | c`, `(a, b, c)`, JSON, or prose
+around any of those. The parser takes what it can and says when it found nothing, so the stage can
+record the raw text as a parse failure instead of silently dropping the mention.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ _BULLET = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|\u2022)\s*")
 _QID = re.compile(r"\bQ\d+\b")
 _TYPE_WORDS = re.compile(r"^[A-Za-z][A-Za-z \-]{0,40}$")  # "person", "sports team"
 _QUOTES = "\"'`“”‘’"
+_COMPACT_HEAD = re.compile(r"^([A-Za-z][A-Za-z \-]{0,40});\s*(.*)$")  # "person; American actress"
+_FACT = re.compile(r"^(?:[-*•]\s*)?([A-Za-z][A-Za-z0-9 '\-]{0,60}?)\s*:\s*(\S.*)$")  # "occupation: actress"
 
 
 @dataclass
@@ -22,6 +25,7 @@ class GeneratedTriples:
     entity_type: str | None = None
     description: str | None = None
     triples: list[tuple[str, str]] = field(default_factory=list)  # (relation, tail); head is the mention
+    dropped_line: bool = False  # the answer was cut at the token limit and its last line dropped
 
     @property
     def ok(self) -> bool:
@@ -72,12 +76,20 @@ def _from_line(line: str) -> list[str] | None:
     return None
 
 
-def parse_generation(text: str, mention: str, max_triples: int = 8) -> GeneratedTriples:
-    """Triples (and type/description lines, when present) from a generation answer."""
-    out = GeneratedTriples()
-    text = text or ""
-    lines = text.splitlines()
-    # The prompt ends with "Type:", so the answer's first line is the type itself.
+def _compact_rows(lines: list[str]) -> tuple[str, str, list[list[str]]] | None:
+    """(type, description, rows) from the compact format (`type; description`, then `relation: object`
+    lines), or None when the first line is not its head."""
+    head = _COMPACT_HEAD.match(lines[0].strip()) if lines else None
+    if head is None:
+        return None
+    rows = [[m.group(1), m.group(2)] for m in (_FACT.match(line.strip()) for line in lines[1:]) if m]
+    return head.group(1), head.group(2), rows
+
+
+def _legacy_rows(text: str, lines: list[str], out: GeneratedTriples) -> list[list[str]]:
+    """Rows from the other shapes models answer in: `Type:`/`Description:` sections, `a | b | c`,
+    `(a, b, c)`, JSON."""
+    # The reference prompt ends with "Type:", so an answer's first line may be the type itself.
     if lines and _TYPE_WORDS.match(lines[0].strip()):
         out.entity_type = _clean(lines[0])
     for line in lines:
@@ -87,13 +99,30 @@ def parse_generation(text: str, mention: str, max_triples: int = 8) -> Generated
         elif key.strip().lower() == "description" and value.strip():
             out.description = _clean(value)
     rows = _from_json(text) if ("[" in text or "{" in text) and "|" not in text else None
-    if rows is None:
-        rows = [r for r in (_from_line(line) for line in lines) if r]
+    return rows if rows is not None else [r for r in (_from_line(line) for line in lines) if r]
+
+
+def parse_generation(text: str, mention: str, max_triples: int = 8, truncated: bool = False) -> GeneratedTriples:
+    """Triples (and the type and description, when present) from a generation answer: the compact format
+    the prompt asks for, else whatever shape the model chose.
+
+    `truncated`: the answer stopped at the token limit, so its last line may be cut mid-fact
+    ("country: Unit"); that line is dropped rather than stored as a fact."""
+    out = GeneratedTriples()
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if truncated and lines:
+        lines, out.dropped_line = lines[:-1], True
+    compact = None if any("|" in line for line in lines) else _compact_rows(lines)
+    if compact is not None:
+        entity_type, description, rows = compact
+        out.entity_type, out.description = _clean(entity_type), _clean(description) or None
+    else:
+        rows = _legacy_rows("\n".join(lines), lines, out)
     seen = set()
     for row in rows:
         relation, tail = (row[1], row[2]) if len(row) == 3 else (row[0], row[1])
         relation, tail = _clean(relation), _clean(tail)
-        if not relation or not tail or relation.lower() in ("relation", "type", "description"):
+        if not relation or not tail or relation.lower() in ("relation", "type", "description", "triples"):
             continue
         if (relation.lower(), tail.lower()) in seen:
             continue
