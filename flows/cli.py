@@ -237,6 +237,14 @@ def ablations(config: ConfigOption = None, set_: SetOption = None) -> None:
     _run_flow(job="ablations", config_path=str(config) if config else None, overrides=overrides)
 
 
+@app.command()
+def generate(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Stage 1 alone: triples about the mentions in `generation.scope` (resumes where a stopped run ended)."""
+    loaded, overrides = _config(config, [*(set_ or []), "generation.enabled=true"])
+    _preflight(loaded, "generate")
+    _run_flow(job="generate", config_path=str(config) if config else None, overrides=overrides)
+
+
 kb_app = typer.Typer(help="The KB from a Wikidata JSON dump.")
 app.add_typer(kb_app, name="kb")
 

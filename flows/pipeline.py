@@ -267,9 +267,27 @@ def kb_build(config: PipelineConfig) -> dict[str, Any]:
     return {"artifacts": artifact_ids({"kb": built}), "report": report, "root": ctx.store.url}
 
 
+@flow(name="generate-triples", log_prints=True)
+def generate_triples(config: PipelineConfig) -> dict[str, Any]:
+    """Stage 1 alone: ingest -> generate for the mentions in `generation.scope`, nothing trained.
+
+    The answers are an ordinary `generate` artifact, keyed like the one full-pipeline would build with the
+    same settings; a run stopped halfway resumes where it stopped (answered calls come from the cache)."""
+    ctx = open_context(config, "generate-triples")
+    ingested = ingest_dataset(ctx, config)
+    generated = generate_tasks.generate(ctx, config.generation, ingested)
+    stats = generated.manifest["stats"]
+    line = (f"generate: {stats['in_scope']} of {stats['mentions']} mentions asked, outcomes {stats['status']}, "
+            f"{stats['calls_cached']} answers from the cache, {stats['calls_cut_at_max_tokens']} cut at max_tokens "
+            f"({generated.id})")
+    report = finish(ctx, "kgmel generate", None, [line])
+    return {"artifacts": artifact_ids({"ingest": ingested, "generate": generated}), "report": report,
+            "root": ctx.store.url}
+
+
 @flow(name="kgmel", log_prints=True)
 def kgmel(
-    job: Literal["full-pipeline", "reindex-kb", "link", "ablations", "benchmark", "kb"] = "full-pipeline",
+    job: Literal["full-pipeline", "reindex-kb", "link", "ablations", "benchmark", "kb", "generate"] = "full-pipeline",
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     mentions_file: str | None = None,
@@ -298,6 +316,8 @@ def kgmel(
             result.pop(table)
     elif job == "kb":
         result = on_runner(kb_build, config)(config)
+    elif job == "generate":
+        result = on_runner(generate_triples, config)(config)
     elif job == "benchmark":
         result = on_runner(benchmark, config)(config, variants=variants)
     else:

@@ -207,6 +207,18 @@ class LLMScope(_Section):
     splits: list[str] | None = None  # None: every split
     max_mentions: int | None = Field(None, ge=1)  # N of the chosen splits: the first by mention_id, or
     sample_seed: int | None = None  # a seeded random sample of N (the same sample for every variant)
+    # N of each named split ({train: 1000, val: 300}), in place of `splits` and `max_mentions`: the same
+    # first-by-id or seeded choice, made per split, so one split's size never changes another's sample.
+    per_split: dict[str, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> LLMScope:
+        if self.per_split is not None:
+            if self.splits is not None or self.max_mentions is not None:
+                raise ValueError("scope: give per_split, or splits/max_mentions, not both")
+            if not self.per_split or min(self.per_split.values()) < 1:
+                raise ValueError(f"scope.per_split needs at least one split and sizes >= 1, got {self.per_split}")
+        return self
 
 
 class GenerationConfig(_Section):

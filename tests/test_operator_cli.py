@@ -226,3 +226,25 @@ def test_link_prints_nil_for_mentions_the_served_nil_model_finds_absent(linked, 
     left = catalog.query("select count(*) as n from predictions_labeled where nil or nil_score is not null")
     assert left["n"][0] == 0
     assert "NIL" not in capsys.readouterr().out.split("predicted_label")[-1]
+
+
+def test_generate_runs_stage_1_alone_on_a_per_split_sample_and_a_rerun_asks_nothing(
+    prefect_harness, small_demo, tmp_path
+):
+    fake = FakeLLM()
+    install(fake)
+    root = tmp_path / "artifacts"
+    argv = ["generate", "--set", f"dataset.path={small_demo}", "--set", f"artifacts={root}",
+            "--set", "generation.llm={model: fake/model, timeout_s: 2, retries: 0}",
+            "--set", "generation.scope.per_split={train: 4, val: 3}", "--set", "generation.scope.sample_seed=0"]
+    assert main(argv) == 0
+    store = ArtifactStore(root)
+    [key] = store.keys("generate")
+    generated = store.require("generate", key)
+    assert generated.manifest["stats"]["in_scope"] == 7 and 0 < fake.calls <= 7
+    asked = generated.read("mention_generations").filter(status="ok")
+    mentions = store.require("ingest", store.keys("ingest")[0]).read("mentions")
+    assert dict(mentions.join(asked, on="mention_id")["split"].value_counts().iter_rows()) == {"train": 4, "val": 3}
+    assert store.keys("train") == [] and store.keys("embed") == []  # stage 1 alone: nothing trained
+    calls = fake.calls
+    assert main(argv) == 0 and fake.calls == calls and store.keys("generate") == [key]

@@ -46,6 +46,24 @@ def test_scope_picks_splits_sorted_by_id_then_the_first_or_a_seeded_sample():
     assert sample == in_scope(MENTIONS, LLMScope(splits=["val"], max_mentions=2, sample_seed=7))["mention_id"].to_list()
 
 
+def test_scope_per_split_takes_n_of_each_split_and_one_splits_size_never_moves_anothers_sample():
+    mentions = pl.DataFrame({
+        "mention_id": [f"m{i:02d}" for i in range(20)],
+        "split": ["train", "val"] * 10,
+    })
+    first = in_scope(mentions, LLMScope(per_split={"train": 2, "val": 3}))
+    assert first["mention_id"].to_list() == ["m00", "m01", "m02", "m03", "m05"]
+    sampled = in_scope(mentions, LLMScope(per_split={"train": 4, "val": 3}, sample_seed=1))
+    assert dict(sampled.group_by("split").len().iter_rows()) == {"train": 4, "val": 3}
+    bigger_train = in_scope(mentions, LLMScope(per_split={"train": 8, "val": 3}, sample_seed=1))
+    val = pl.col("split") == "val"
+    assert sampled.filter(val)["mention_id"].to_list() == bigger_train.filter(val)["mention_id"].to_list()
+    with pytest.raises(ValueError, match="per_split, or splits/max_mentions, not both"):
+        LLMScope(per_split={"val": 3}, max_mentions=5)
+    with pytest.raises(ValueError, match="sizes >= 1"):
+        LLMScope(per_split={"val": 0})
+
+
 def test_candidate_lists_are_in_rank_order_and_cut_at_k():
     assert candidate_lists(CANDIDATES, 2) == {"m1": ["Q1", "Q2"], "m3": ["Q1", "Q2"]}
 
