@@ -19,7 +19,7 @@ import polars as pl
 
 from kgmel_core.config import NilConfig
 from kgmel_core.evaluation import Evaluation, OutOfKB, Reranked, Served, out_of_kb_rows
-from kgmel_core.nil import precision_recall_curve
+from kgmel_core.nil import precision_recall_curve, train_golds
 from storage import ArtifactStore
 
 SHOWN = ("nil_mentions", "nil_precision", "nil_recall", "nil_f1", "in_kb_hits@1", "in_kb_hits@1_with_nil",
@@ -51,7 +51,7 @@ def main() -> None:
         retrieve, ingest = store.input(evaluate, "retrieve"), store.input(evaluate, "ingest")
         rerank = store.input(evaluate, "rerank") if "rerank" in evaluate.manifest["inputs"] else None
         mentions = ingest.read("mentions")
-        train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+        train_gold = train_golds(mentions)
         val = mentions.filter(pl.col("split") == "val")
         served = Served(retrieve.read("candidates"), int(retrieve.manifest["stats"]["top_k"]), pl.DataFrame(),
                         pl.DataFrame())

@@ -328,6 +328,11 @@ class NilConfig(_Section):
     share: float = Field(0.1, gt=0, le=0.5)
     seed: int = 0
 
+    def fitting(self) -> dict[str, Any]:
+        """The settings that decide what the NIL model and its evaluation are (their stages' key), not the
+        ones that only decide how `link` applies it (`enabled`, `threshold`)."""
+        return self.model_dump(include={"share", "seed", "max_in_kb_cost"})
+
 
 class PipelineConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()

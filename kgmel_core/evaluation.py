@@ -19,7 +19,7 @@ import torch
 
 from kgmel_core import schemas
 from kgmel_core.metrics import candidate_ranks, gold_ranks, paired_gain, ranking_metrics
-from kgmel_core.nil import out_of_kb_evaluation, with_name_match
+from kgmel_core.nil import out_of_kb_evaluation, val_lists
 from kgmel_core.rerank.gate import gate_curve, knee
 from kgmel_core.retrieval.baselines import zero_shot_image, zero_shot_names, zero_shot_text, zero_shot_text_and_names
 from kgmel_core.retrieval.features import Features, subset_side
@@ -159,8 +159,7 @@ def out_of_kb_rows(label: str, mentions: pl.DataFrame, served: Served, reranked:
     has_list = reranked is not None and reranked.ranked is not None
     final = reranked.ranked if has_list else served.candidates
     method = f"{label} + reranker, out-of-KB" if has_list else f"{label}, out-of-KB"
-    lists = with_name_match(final.filter(pl.col("mention_id").is_in(val["mention_id"].implode())), val,
-                            out_of_kb.entities)
+    lists = val_lists(final, val, out_of_kb.entities)
     try:
         metrics, result.nil_outcomes = out_of_kb_evaluation(lists, val, out_of_kb.train_gold, out_of_kb.share,
                                                             out_of_kb.seed, out_of_kb.max_cost)

@@ -47,6 +47,17 @@ def with_name_match(ranked: pl.DataFrame, mentions: pl.DataFrame, entities: pl.D
     return ranked.with_columns(name_match=pl.Series(values, dtype=pl.Float64))
 
 
+def val_lists(final: pl.DataFrame, val: pl.DataFrame, entities: pl.DataFrame) -> pl.DataFrame:
+    """The final ranked lists of the `val` mentions, with the `name_match` feature the NIL model reads."""
+    return with_name_match(final.filter(pl.col("mention_id").is_in(val["mention_id"].implode())), val, entities)
+
+
+def train_golds(mentions: pl.DataFrame) -> set[str]:
+    """The entities some train mention links to: never withheld, since a model trained on them has seen
+    them in the KB (withholding one would test recall of the training set, not absence)."""
+    return set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+
+
 def withheld_entities(val: pl.DataFrame, train_gold: set[str], share: float, seed: int) -> set[str]:
     """Gold entities of val mentions (never gold in train), drawn in a seeded order until their mentions
     make up `share` of the val mentions."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import polars as pl
 from prefect import task
 
 from kgmel_core import schemas
@@ -10,6 +9,7 @@ from kgmel_core.config import NilConfig
 from kgmel_core.data.texts import HeadTexts
 from kgmel_core.evaluation import OutOfKB, Reranked, Served, evaluate_tables, restrict_to_splits
 from kgmel_core.metrics import metrics_markdown
+from kgmel_core.nil import train_golds
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 from tasks.inputs import load_features
@@ -35,7 +35,7 @@ def evaluate(
         mentions = ingest.read("mentions")
         out_of_kb = None
         if nil is not None:
-            train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+            train_gold = train_golds(mentions)
             out_of_kb = OutOfKB(ingest.read("entities"), train_gold, nil.share, nil.seed, nil.max_in_kb_cost)
         if evaluated_splits is not None:
             features, mentions = restrict_to_splits(features, mentions, evaluated_splits)
@@ -59,6 +59,6 @@ def evaluate(
         logger().debug("metrics:\n%s", metrics_markdown(result.metrics))  # the run summary shows them once
 
     inputs = {"ingest": ingest, "embed": embed, "retrieve": retrieve, "rerank": rerank}
-    nil_config = nil.model_dump(include={"share", "seed", "max_in_kb_cost"}) if nil else None
+    nil_config = nil.fitting() if nil else None
     stage_config = {"label": label, "splits": evaluated_splits, "nil": nil_config}
     return run_stage(ctx, "evaluate", stage_config, inputs, build)

@@ -7,7 +7,7 @@ from prefect import task
 
 from kgmel_core import schemas
 from kgmel_core.config import NilConfig
-from kgmel_core.nil import NilModel, fit_served_model, nil_decisions, with_name_match
+from kgmel_core.nil import NilModel, fit_served_model, nil_decisions, train_golds, val_lists, with_name_match
 from storage import Artifact
 from tasks.common import STAGE_TASK, PipelineContext, logger, run_stage
 
@@ -31,11 +31,9 @@ def fit_nil(ctx: PipelineContext, config: NilConfig, ingest: Artifact, retrieve:
 
     def build(writer):
         mentions = ingest.read("mentions")
-        train_gold = set(mentions.filter(pl.col("split") == "train")["gold_qid"].drop_nulls().to_list())
+        train_gold = train_golds(mentions)
         val = mentions.filter(pl.col("split") == "val")
-        lists = final_lists(retrieve, rerank)
-        lists = with_name_match(lists.filter(pl.col("mention_id").is_in(val["mention_id"].implode())), val,
-                                ingest.read("entities"))
+        lists = val_lists(final_lists(retrieve, rerank), val, ingest.read("entities"))
         try:
             model, stats = fit_served_model(lists, val, train_gold, config.share, config.seed, config.max_in_kb_cost)
         except ValueError as exc:
@@ -47,7 +45,7 @@ def fit_nil(ctx: PipelineContext, config: NilConfig, ingest: Artifact, retrieve:
         writer.stats.update(stats, features=list(model.features))
 
     inputs = {"ingest": ingest, "retrieve": retrieve, "rerank": rerank}
-    stage_config = config.model_dump(include={"share", "seed", "max_in_kb_cost"})
+    stage_config = config.fitting()
     return run_stage(ctx, "fit_nil", stage_config, inputs, build)
 
 
