@@ -66,7 +66,7 @@ def generation_case(fmt: str, mentions: list[dict], generation: GenerationConfig
     if fmt == "legacy":
         messages = [legacy_messages(m["sentence"], m["mention"], generation.max_triples) for m in mentions]
         return messages, LEGACY_MAX_TOKENS, None
-    messages = [generation_messages(m["sentence"], m["mention"], None, generation.max_triples, False) for m in mentions]
+    messages = [generation_messages(m["sentence"], m["mention"], None, False) for m in mentions]
     return messages, generation.llm.max_tokens, generation_grammar(generation.max_triples)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import polars as pl
 
 from kgmel_core.llm.agreement import Pair, mention_agreement, normalised, same_text, summarise
@@ -33,8 +32,7 @@ def embedding_rule(strings: set[str], cut: float):
     from kgmel_core.retrieval.encoders import SentenceTransformerTextEncoder
 
     ordered = sorted(strings)
-    vectors = SentenceTransformerTextEncoder("minilm").encode_texts(ordered)
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    vectors = SentenceTransformerTextEncoder("minilm").encode_texts(ordered)  # unit length: dot = cosine
     row = {text: i for i, text in enumerate(ordered)}
 
     def same_object(a: str, b: str) -> bool:

@@ -29,7 +29,7 @@ def generate(ctx: PipelineContext, config: GenerationConfig, ingest: Artifact) -
         results, model, send_images = [], config.llm.model, False
         if chosen.height:  # no server start, no call, when the scope matches no mention
             results, model, send_images = ask_llm(
-                ctx, config.llm, "generate", lambda images: generation_requests(chosen, config.max_triples, images),
+                ctx, config.llm, "generate", lambda images: generation_requests(chosen, images),
                 grammar=generation_grammar(config.max_triples),
             )
         triples, generations = generation_tables(mentions, results, config.max_triples)

@@ -66,10 +66,10 @@ def test_non_transient_error_is_not_retried(tmp_path):
 
 def test_images_go_as_openai_image_url_data_urls(small_demo):
     image = next((small_demo / "kb" / "images").glob("*.png"))
-    with_image = generation_messages("s", "m", str(image), 3, send_image=True)[1]["content"]  # [system, user]
+    with_image = generation_messages("s", "m", str(image), send_image=True)[1]["content"]  # [system, user]
     assert with_image[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert image_data_url(image) == with_image[1]["image_url"]["url"]
-    assert isinstance(generation_messages("s", "m", str(image), 3, send_image=False)[1]["content"], str)
+    assert isinstance(generation_messages("s", "m", str(image), send_image=False)[1]["content"], str)
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_packaged_local_model_writes_parseable_compact_triples_under_the_grammar
     from kgmel_core.llm.parsing import parse_generation
     from kgmel_core.llm.prompts import generation_grammar
 
-    messages = generation_messages("Indira Gandhi met Nehru in Delhi.", "Indira Gandhi", None, 3, send_image=False)
+    messages = generation_messages("Indira Gandhi met Nehru in Delhi.", "Indira Gandhi", None, send_image=False)
     config = LLMConfig(model="local", max_tokens=96, timeout_s=300)
     with local_llm_server(parallel=1) as api_base:
         client = LLMClient(config, "generate", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",

@@ -6,11 +6,11 @@ from kgmel_core.llm.client import LLMResult
 from kgmel_core.llm.generation import generation_requests, generation_tables
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.llm.prompts import (
+    GENERATION_SYSTEM,
     RERANK_SYSTEM,
     CandidateCard,
     generation_grammar,
     generation_messages,
-    generation_system,
     rerank_messages,
 )
 from kgmel_core.rerank.filtering import Triple, filter_triples
@@ -84,7 +84,7 @@ def test_generation_tables_give_every_mention_one_row_with_its_outcome():
     assert rows["garbled"]["raw_text"] == "I am not sure."  # kept for inspection
     assert rows["failed"]["raw_text"] == "RateLimitError: slow down" and rows["failed"]["call_id"] == "c3"
     assert rows["never_asked"]["call_id"] is None and rows["never_asked"]["n_triples"] == 0
-    requests = generation_requests(mentions.head(2), max_triples=8, send_images=False)
+    requests = generation_requests(mentions.head(2), send_images=False)
     assert [r.key for r in requests] == ["ok", "garbled"] and "Obama spoke." in str(requests[0].messages)
 
 
@@ -142,9 +142,9 @@ def test_rerank_prompt_golden_in_both_layouts():
 
 
 def test_generation_prompt_golden():
-    messages = generation_messages("Obama spoke in Paris.", "Obama", None, 4, send_image=False)
-    assert messages[0]["role"] == "system" and messages[0]["content"] == generation_system()
-    assert "<type>; <short description>\n<relation>: <object>\n" in generation_system()
+    messages = generation_messages("Obama spoke in Paris.", "Obama", None, send_image=False)
+    assert messages[0]["role"] == "system" and messages[0]["content"] == GENERATION_SYSTEM
+    assert "<type>; <short description>\n<relation>: <object>\n" in GENERATION_SYSTEM
     assert messages[1] == {"role": "user", "content": "Sentence: Obama spoke in Paris.\nMention: Obama"}
 
 

@@ -18,11 +18,11 @@ from kgmel_core.llm.parsing import parse_generation
 from kgmel_core.llm.prompts import generation_messages
 
 
-def generation_requests(mentions: pl.DataFrame, max_triples: int, send_images: bool) -> list[LLMRequest]:
+def generation_requests(mentions: pl.DataFrame, send_images: bool) -> list[LLMRequest]:
     return [
         LLMRequest(
             row["mention_id"],
-            generation_messages(row["sentence"], row["mention"], row["image_path"], max_triples, send_images),
+            generation_messages(row["sentence"], row["mention"], row["image_path"], send_images),
         )
         for row in mentions.iter_rows(named=True)
     ]

@@ -68,28 +68,27 @@ ENTITY_TYPES = [
     "other",
 ]
 
-def generation_system() -> str:
-    """The compact answer format: `<type>; <description>`, then one `<relation>: <object>` per line.
-
-    Decoding is what a generation call costs on CPU (a token of output costs ~4 of prompt), so the format
-    spends no token on the mention (the head of every triple), quotes or section headers. Two examples
-    of different types: with one, the small model copied its relations into every answer. The system
-    message is the same for every call of a stage, so a llama.cpp slot reads it once."""
-    return (
-        "You describe an entity mention for a knowledge graph. Given a sentence and a mention in it, answer "
-        "with the mention's type and a short description on the first line, then one fact about it per "
-        "line, and nothing else:\n"
-        "<type>; <short description>\n<relation>: <object>\n"
-        "Types: " + ", ".join(ENTITY_TYPES) + ".\n"
-        "Prefer these relations: " + ", ".join(PREFERRED_RELATIONS) + ".\n"
-        "Write only facts the sentence supports or that are well known about this entity.\n\n"
-        "Examples:\nSentence: Merkel met the French president in Paris on Monday.\nMention: Merkel\n"
-        "person; German politician\noccupation: politician\n"
-        "position held: Chancellor of Germany\ncountry of citizenship: Germany\n\n"
-        "Sentence: Shares of Nokia fell after the phone maker cut its forecast.\nMention: Nokia\n"
-        "company; Finnish telecommunications company\nindustry: telecommunications\n"
-        "headquarters location: Espoo\ncountry: Finland"
-    )
+# The compact answer format: `<type>; <description>`, then one `<relation>: <object>` per line.
+# Decoding is what a generation call costs on CPU (a token of output costs ~4 of prompt), so the format
+# spends no token on the mention (the head of every triple), quotes or section headers. Two examples of
+# different types: with one, the small model copied its relations into every answer. It names no number
+# of facts: told "at most 5", the small model wrote 5 where it otherwise wrote 2-3 (the grammar and the
+# parser enforce `max_triples`). The same for every call, so a llama.cpp slot reads it once.
+GENERATION_SYSTEM = (
+    "You describe an entity mention for a knowledge graph. Given a sentence and a mention in it, answer "
+    "with the mention's type and a short description on the first line, then one fact about it per "
+    "line, and nothing else:\n"
+    "<type>; <short description>\n<relation>: <object>\n"
+    "Types: " + ", ".join(ENTITY_TYPES) + ".\n"
+    "Prefer these relations: " + ", ".join(PREFERRED_RELATIONS) + ".\n"
+    "Write only facts the sentence supports or that are well known about this entity.\n\n"
+    "Examples:\nSentence: Merkel met the French president in Paris on Monday.\nMention: Merkel\n"
+    "person; German politician\noccupation: politician\n"
+    "position held: Chancellor of Germany\ncountry of citizenship: Germany\n\n"
+    "Sentence: Shares of Nokia fell after the phone maker cut its forecast.\nMention: Nokia\n"
+    "company; Finnish telecommunications company\nindustry: telecommunications\n"
+    "headquarters location: Espoo\ncountry: Finland"
+)
 
 
 def generation_grammar(max_triples: int) -> str:
@@ -115,9 +114,7 @@ RERANK_SYSTEM = (
 )
 RERANK_LAYOUTS = get_args(RerankLayout)
 
-def generation_messages(
-    sentence: str, mention: str, image_path: str | None, max_triples: int, send_image: bool
-) -> list[dict]:
+def generation_messages(sentence: str, mention: str, image_path: str | None, send_image: bool) -> list[dict]:
     user = f"Sentence: {sentence}\nMention: {mention}"
     content: str | list[dict] = user
     if send_image and image_path:
@@ -125,7 +122,7 @@ def generation_messages(
             {"type": "text", "text": user},
             {"type": "image_url", "image_url": {"url": image_data_url(image_path)}},
         ]
-    return [{"role": "system", "content": generation_system()}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": GENERATION_SYSTEM}, {"role": "user", "content": content}]
 
 
 @dataclass
