@@ -1,34 +1,37 @@
-"""Index at scale: recall@16 against exact search and ms/mention, on real fused embeddings and on a
-synthetic KB generated on the fly (memory and build time of an IVF-PQ built from shards).
+"""Index at scale: recall@16 against exact search and ms/mention of IVF-PQ, alone and with its shortlist
+re-scored exactly from memory-mapped vectors, on real fused embeddings and on KBs generated on the fly
+(never all in memory).
 
     # real: the fused entities of an `index` artifact, the val mentions of a `retrieve` artifact
     python -m bench.index_scale real --artifacts artifacts --retrieve KEY
-    # synthetic: 10M entities of width 768 (never all in memory), 200 queries
-    python -m bench.index_scale synthetic --entities 10000000 --dim 768 --nlist 4096
+    # gaussian: 10M unit vectors from a seeded mixture of Gaussians, 200 random queries
+    python -m bench.index_scale synthetic --entities 10000000 --nlist 4096 --workdir /big/disk
+    # real-like: the real fused entities grown to 10M, queried with the real val mentions
+    python -m bench.index_scale synthetic --like real --artifacts artifacts --retrieve KEY --entities 10000000
 
-Run on an idle machine. Peak memory is the process's maximum resident set size.
+Run on an idle machine. Peak memory is the process's maximum resident set size (build included). The
+re-scoring reads the vectors file just written, so its timings are with the file in the page cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
-from kgmel_core.retrieval.index import build_index_from_shards, search
+from kgmel_core.retrieval.index import build_index_from_shards, exact_top_k, recall_at_k, search, set_nprobe
+from kgmel_core.retrieval.rescore import RescoredIndex
 from storage import ArtifactStore
 
 K = 16
-
-
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    """Share of the exact top-k that the approximate top-k holds (per query, averaged)."""
-    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
 def peak_rss_gb() -> float:
@@ -41,46 +44,64 @@ def timed_search(index, queries: np.ndarray) -> tuple[np.ndarray, float]:
     return ids, 1000 * (time.perf_counter() - started) / len(queries)
 
 
-def real(args: argparse.Namespace) -> None:
-    store = ArtifactStore(args.artifacts)
-    retrieve = store.require("retrieve", args.retrieve)
+def real_vectors(artifacts: str, retrieve_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(fused KB entities, fused val mentions, each mention's gold entity row, index key) of a retrieve
+    artifact."""
+    store = ArtifactStore(artifacts)
+    retrieve = store.require("retrieve", retrieve_key)
     indexed = store.input(retrieve, "index")
-    entities = schemas.vector_matrix(indexed.read("fused_entities")["vector"])
-    mentions = retrieve.read("fused_mentions").filter(pl.col("split") == "val")
-    queries = schemas.vector_matrix(mentions["vector"])
+    fused = indexed.read("fused_entities").with_row_index("row")
+    mentions = (
+        retrieve.read("fused_mentions")
+        .filter(pl.col("split") == "val")
+        .join(store.input(retrieve, "ingest").read("mentions").select("mention_id", "gold_qid"), on="mention_id")
+        .join(fused.select("row", gold_qid="qid"), on="gold_qid", how="left", maintain_order="left")
+    )
+    gold = mentions["row"].fill_null(-1).to_numpy().astype(np.int64)
+    return schemas.vector_matrix(fused["vector"]), schemas.vector_matrix(mentions["vector"]), gold, indexed.key
+
+
+def gold_found(ids: np.ndarray, gold: np.ndarray) -> float:
+    """Share of the mentions (with a gold entity in the KB) whose gold row is among the ids."""
+    known = gold >= 0
+    return float((ids[known] == gold[known, None]).any(1).mean())
+
+
+def real(args: argparse.Namespace) -> None:
+    entities, queries, _, key = real_vectors(args.artifacts, args.retrieve)
     n, d = entities.shape
     step = 1 << 15
 
     def shards():
         return (entities[i : i + step] for i in range(0, n, step))
 
-    flat, _ = build_index_from_shards(shards, n, d, IndexConfig(kind="flat"))
-    exact, flat_ms = timed_search(flat, queries)
-    print(f"{n} real fused entities (d={d}, index {indexed.key}), {len(queries)} val mentions, top-{K}\n")
-    print("| index | nlist | nprobe | bytes/vector | build s | ms / mention (batched) | recall@16 vs flat |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| flat | – | – | {4 * d} | – | {flat_ms:.3f} | 1.000 |")
-    for nlist in args.nlist:
-        for kind, pq_m in (("ivf", 0), ("ivfpq", d // 8)):
+    exact = exact_top_k(shards(), queries, K)
+    print(f"{n} real fused entities (d={d}, index {key}), {len(queries)} val mentions, top-{K}\n")
+    print("| index | nlist | nprobe | re-scored | bytes/vector in RAM | build s | ms / mention (batched) | recall@16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for nlist in args.nlist:
+            config = IndexConfig(kind="ivfpq", nlist=nlist, nprobe=1, pq_m=d // 8, pq_nbits=args.pq_nbits,
+                                 rescore=max(args.rescore))
             started = time.perf_counter()
-            config = IndexConfig(kind=kind, nlist=nlist, nprobe=1, pq_m=pq_m)
-            index, plan = build_index_from_shards(shards, n, d, config)
+            built = build_index_from_shards(shards, n, d, config, vectors_path=Path(work) / "v.npy")
             build = time.perf_counter() - started
-            if plan.kind == "flat":
-                print(f"| {kind} nlist={nlist}: too few entities to train (< 39 per list), skipped |")
+            if built.plan.kind == "flat":
+                print(f"| ivfpq nlist={nlist}: too few entities to train (< 39 per list), skipped |")
                 continue
             for nprobe in args.nprobe:
-                index.nprobe = nprobe
-                ids, ms = timed_search(index, queries)
-                size = pq_m or 4 * d
-                print(f"| {plan.kind} | {plan.nlist} | {nprobe} | {size} | {build:.1f} | {ms:.3f} | "
-                      f"{recall_at_k(ids, exact):.3f} |", flush=True)
+                set_nprobe(built.index, nprobe)
+                for shortlist in (0, *args.rescore):
+                    searcher = RescoredIndex(built.index, Path(work) / "v.npy", shortlist) if shortlist else built.index
+                    ids, ms = timed_search(searcher, queries)
+                    print(f"| ivfpq | {nlist} | {nprobe} | {shortlist or '–'} | {d // 8 * args.pq_nbits // 8} | "
+                          f"{build:.1f} | {ms:.3f} | "
+                          f"{recall_at_k(ids, exact):.3f} |", flush=True)
 
 
-def synthetic(args: argparse.Namespace) -> None:
-    """Vectors from a seeded mixture of Gaussians (real KBs cluster; uniform noise is the worst case)."""
-    n, d, shard = args.entities, args.dim, args.shard
-    centers = np.random.default_rng(0).standard_normal((args.clusters, d)).astype(np.float32)
+def gaussian_kb(n: int, d: int, shard: int, clusters: int) -> tuple[Callable[[], Iterator[np.ndarray]], np.ndarray]:
+    """Unit vectors from a seeded mixture of Gaussians (real KBs cluster; uniform noise is the worst case)."""
+    centers = np.random.default_rng(0).standard_normal((clusters, d)).astype(np.float32)
 
     def make(seed: int, size: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
@@ -90,31 +111,77 @@ def synthetic(args: argparse.Namespace) -> None:
     def shards():
         return (make(1 + i, min(shard, n - start)) for i, start in enumerate(range(0, n, shard)))
 
-    queries = make(10**6, args.queries)
-    started = time.perf_counter()
-    config = IndexConfig(kind="ivfpq", nlist=args.nlist, nprobe=args.nprobe[0], pq_m=args.pq_m or d // 8)
-    index, plan = build_index_from_shards(shards, n, d, config)
-    build = time.perf_counter() - started
-    exact_scores = np.full((len(queries), K), -np.inf, np.float32)
-    exact_ids = np.zeros((len(queries), K), np.int64)
-    offset = 0
-    for part in shards():  # exact top-16 by streaming the same shards again
-        scores = queries @ part.T
-        both_scores = np.concatenate([exact_scores, scores], axis=1)
-        both_ids = np.concatenate([exact_ids, offset + np.arange(len(part))[None, :].repeat(len(queries), 0)], 1)
-        top = np.argpartition(-both_scores, K, axis=1)[:, :K]
-        exact_scores, exact_ids = np.take_along_axis(both_scores, top, 1), np.take_along_axis(both_ids, top, 1)
-        offset += len(part)
-    print(f"synthetic: {n} entities, d={d}, {args.clusters} clusters, shards of {shard}; "
-          f"IVF-PQ nlist={plan.nlist} pq_m={plan.pq_m} trained on {plan.train_size}\n")
-    print("| nprobe | ms / mention (batched) | recall@16 vs exact | build s | index GB | peak RSS GB |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    size_gb = n * (plan.pq_m + 8) / 1e9  # codes + ids
-    for nprobe in args.nprobe:
-        index.nprobe = nprobe
-        ids, ms = timed_search(index, queries)
-        print(f"| {nprobe} | {ms:.3f} | {recall_at_k(ids, exact_ids):.3f} | {build:.0f} | {size_gb:.2f} | "
-              f"{peak_rss_gb():.2f} |", flush=True)
+    return shards, make(10**6, 200)
+
+
+def real_like_kb(seeds: np.ndarray, n: int, shard: int) -> Callable[[], Iterator[np.ndarray]]:
+    """The real fused entities grown to `n` with their own structure: the seeds first, then children of
+    random seeds, each the seed plus noise shaped by the seeds' covariance (so the KB keeps their
+    spectrum) at a cosine to its seed of ~0.5–0.8 (the real nearest-neighbour cosine is ~0.55), and
+    one child in five a near-duplicate (cosine ~0.95) of another child: same-name entities."""
+    centred = seeds - seeds.mean(0)
+    _, singular, basis = np.linalg.svd(centred, full_matrices=False)
+    shape = (singular[:, None] * basis / np.sqrt((singular**2).sum())).astype(np.float32)  # E|g @ shape|^2 = 1
+
+    def make(seed: int, size: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal((size, len(singular)), dtype=np.float32) @ shape
+        spread = rng.uniform(0.8, 1.6, (size, 1)).astype(np.float32)
+        x = seeds[rng.integers(0, len(seeds), size)] + spread * noise
+        twins = rng.random(size) < 0.2
+        x[twins] = x[rng.integers(0, size, int(twins.sum()))] + 0.3 * noise[twins][::-1]
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def shards():
+        yield seeds[:n]
+        for i, start in enumerate(range(len(seeds), n, shard)):
+            yield make(1 + i, min(shard, n - start))
+
+    return shards
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    n, gold = args.entities, None
+    if args.like == "real":
+        seeds, queries, gold, key = real_vectors(args.artifacts, args.retrieve)
+        queries, gold = queries[: args.queries], gold[: args.queries]
+        d = seeds.shape[1]
+        shards = real_like_kb(seeds, n, args.shard)
+        what = f"real-like: the {len(seeds)} fused entities of index {key} grown to {n}, {len(queries)} val mentions"
+    else:
+        d = args.dim
+        shards, queries = gaussian_kb(n, d, args.shard, args.clusters)
+        queries = queries[: args.queries]
+        what = f"gaussian: {n} entities, d={d}, {args.clusters} clusters, {len(queries)} queries"
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        vectors = Path(work) / "v.npy"
+        config = IndexConfig(kind="ivfpq", nlist=args.nlist, nprobe=args.nprobe[0], pq_m=args.pq_m or d // 8,
+                             pq_nbits=args.pq_nbits, rescore=max(args.rescore), rescore_dtype=args.dtype)
+        started = time.perf_counter()
+        built = build_index_from_shards(shards, n, d, config, vectors_path=vectors)
+        build = time.perf_counter() - started
+        started = time.perf_counter()
+        exact = exact_top_k(shards(), queries, K)
+        exact_s = time.perf_counter() - started
+        plan = built.plan
+        print(f"{what}; shards of {args.shard}; IVF-PQ nlist={plan.nlist} pq_m={plan.pq_m}x{args.pq_nbits} bits "
+              f"trained on {plan.train_size}, vectors {args.dtype} on disk; build {build:.0f} s "
+              f"(vectors file included), exact top-{K} by streaming {exact_s:.0f} s")
+        if gold is not None:
+            print(f"gold entity in the exact top-{K}: {gold_found(exact, gold):.3f} of the val mentions")
+        print()
+        index_gb = n * (plan.pq_m * args.pq_nbits / 8 + 8) / 1e9  # codes + ids
+        print("| nprobe | re-scored | ms / mention (batched) | recall@16 vs. exact | gold in top-16 | index GB in RAM "
+              "| vectors GB on disk | peak RSS GB |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for nprobe in args.nprobe:
+            set_nprobe(built.index, nprobe)
+            for shortlist in (0, *args.rescore):
+                searcher = RescoredIndex(built.index, vectors, shortlist) if shortlist else built.index
+                ids, ms = timed_search(searcher, queries)
+                found = f"{gold_found(ids, gold):.3f}" if gold is not None else "–"
+                print(f"| {nprobe} | {shortlist or '–'} | {ms:.3f} | {recall_at_k(ids, exact):.3f} | {found} | "
+                      f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {peak_rss_gb():.2f} |", flush=True)
 
 
 def main() -> None:
@@ -125,16 +192,28 @@ def main() -> None:
     r.add_argument("--retrieve", required=True, help="key of a retrieve artifact (its index and val mentions)")
     r.add_argument("--nlist", type=int, nargs="+", default=[64, 256])
     r.add_argument("--nprobe", type=int, nargs="+", default=[1, 8, 32])
+    r.add_argument("--rescore", type=int, nargs="+", default=[64, 256])
+    r.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4, help="4: fast-scan PQ")
+    r.add_argument("--workdir", default=None, help="where the vectors file goes (default: the temp dir)")
     s = sub.add_parser("synthetic")
+    s.add_argument("--like", choices=["gaussian", "real"], default="gaussian")
+    s.add_argument("--artifacts", default="artifacts", help="--like real: the store holding --retrieve")
+    s.add_argument("--retrieve", help="--like real: key of a retrieve artifact (seed entities, val mentions)")
     s.add_argument("--entities", type=int, default=10_000_000)
-    s.add_argument("--dim", type=int, default=768)
+    s.add_argument("--dim", type=int, default=768, help="gaussian only (real-like: the seeds' width)")
     s.add_argument("--clusters", type=int, default=2000)
     s.add_argument("--shard", type=int, default=200_000)
     s.add_argument("--nlist", type=int, default=4096)
     s.add_argument("--pq-m", type=int, default=0)
+    s.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4, help="4: fast-scan PQ")
     s.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
-    s.add_argument("--queries", type=int, default=200)
+    s.add_argument("--rescore", type=int, nargs="+", default=[256, 1024])
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    s.add_argument("--queries", type=int, default=500)
+    s.add_argument("--workdir", default=None, help="where the vectors file goes (10M x 768 fp16: 15 GB)")
     args = parser.parse_args()
+    if args.what == "synthetic" and args.like == "real" and not args.retrieve:
+        parser.error("--like real needs --retrieve KEY (the real fused entities to grow from)")
     real(args) if args.what == "real" else synthetic(args)
 
 

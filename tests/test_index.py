@@ -34,7 +34,7 @@ def test_flat_index_matches_brute_force_and_round_trips(tmp_path):
 def test_approximate_indexes_find_exact_copies(kind):
     rng = np.random.default_rng(1)
     entities = _unit(rng, 3000, 16)
-    index = build_index(entities, IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=8))
+    index = build_index(entities, IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=8, rescore=0))
     _, ids = search(index, entities[:50], 1)
     assert (ids[:, 0] == np.arange(50)).mean() >= (0.8 if kind == "ivfpq" else 0.95)  # PQ codes are lossy
 
@@ -52,8 +52,8 @@ def test_a_sharded_build_equals_the_whole_matrix_build():
     entities, queries = _unit(rng, 4000, 16), _unit(rng, 30, 16)
     config = IndexConfig(kind="ivf", nlist=32, nprobe=4)
     whole = build_index(entities, config)
-    sharded, plan = build_index_from_shards(lambda: (entities[i : i + 700] for i in range(0, 4000, 700)),
-                                            4000, 16, config)
+    built = build_index_from_shards(lambda: (entities[i : i + 700] for i in range(0, 4000, 700)), 4000, 16, config)
+    sharded, plan = built.index, built.plan
     assert plan.kind == "ivf" and sharded.ntotal == 4000
     assert (search(whole, queries, 5)[1] == search(sharded, queries, 5)[1]).all()
 
@@ -81,3 +81,19 @@ def test_candidates_table_numbers_ranks_from_one_and_drops_faiss_padding():
     ]
     assert table["score"].to_list()[:2] == pytest.approx([0.9, 0.5])
     assert candidates_table([], np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), ["Q10"]).height == 0
+
+
+def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu_under_auto_and_fails_under_always(monkeypatch):
+    from kgmel_core.retrieval import index as index_module
+
+    class NoGpuVersion:
+        def index_cpu_to_all_gpus(self, index):
+            raise RuntimeError("This index type is not implemented on GPU")
+
+    cpu_index = build_index(_unit(np.random.default_rng(2), 3, 4), IndexConfig())
+    monkeypatch.setattr(index_module, "gpu_count", lambda: 1)
+    monkeypatch.setattr(index_module, "_faiss", lambda: NoGpuVersion())
+    index, device = to_search_device(cpu_index, IndexConfig(use_gpu="auto"))
+    assert index is cpu_index and device == "cpu (IndexFlatIP has no GPU version)"
+    with pytest.raises(RuntimeError, match="cannot hold this index: This index type is not implemented"):
+        to_search_device(cpu_index, IndexConfig(use_gpu="always"))

@@ -3,7 +3,8 @@
 `flat` is exact and the default below a million entities. For larger KBs (and past RAM) `ivfpq`
 stores each vector as `pq_m` bytes in `nlist` inverted lists; `auto` picks flat below
 `auto_threshold` entities and IVF-PQ above, with parameters derived from the KB size (nlist ~
-4 sqrt(n), a power of two; one byte per 8 dimensions). Every index is built from shards: an
+4 sqrt(n), a power of two; one byte per 8 dimensions) and re-scores its shortlist exactly against the
+full vectors, memory-mapped from disk (`rescore.py`). Every index is built from shards: an
 approximate one is trained on a sample, then each shard of vectors is added, so the full matrix never
 has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A GPU is used only when faiss
 reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index whose `add` fails with a
@@ -12,6 +13,7 @@ bare AssertionError.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -23,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from kgmel_core.config import IndexConfig
+from kgmel_core.retrieval import rescore
 
 
 def _faiss():
@@ -49,6 +52,14 @@ class IndexPlan:
     nprobe: int = 0
     pq_m: int = 0
     train_size: int = 0
+    rescore: int = 0  # shortlist re-scored exactly (ivfpq only; 0: the first pass's answer is final)
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    index: Any
+    plan: IndexPlan
+    held: np.ndarray  # KB vectors drawn (with the training sample) to measure the built index's recall
 
 
 def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
@@ -67,8 +78,11 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
             pq_m = config.pq_m or next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
             if d % pq_m:
                 raise ValueError(f"index.pq_m={pq_m} must divide the vector width {d}")
+        rescore = 0
+        if kind == "ivfpq":
+            rescore = config.rescore if config.rescore is not None else max(256, 16 * config.top_k)
         # k-means costs iterations x sample x nlist x d: ~40 points a centroid is what faiss asks for
-        return IndexPlan(kind, nlist, nprobe, pq_m, min(n, max(40 * nlist, 20_000)))
+        return IndexPlan(kind, nlist, nprobe, pq_m, min(n, max(40 * nlist, 20_000)), rescore)
     return IndexPlan(kind)
 
 
@@ -86,49 +100,84 @@ def new_index(plan: IndexPlan, d: int, config: IndexConfig):
     quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(d)
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    elif config.pq_nbits == 4:
+        index = faiss.IndexIVFPQFastScan(quantizer, d, plan.nlist, plan.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, d, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = plan.nprobe
+    set_nprobe(index, plan.nprobe)
     return index
 
 
+def set_nprobe(index, nprobe: int) -> None:
+    """Probe `nprobe` lists. An HNSW quantizer asked for more lists than its search breadth returns
+    fewer (k=1024 at efSearch 16 found ~700 of 4,096 lists), so its breadth follows nprobe."""
+    index.nprobe = nprobe
+    hnsw = getattr(_faiss().downcast_index(index.quantizer), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = max(hnsw.efSearch, 2 * nprobe)
+
+
 def build_index_from_shards(
-    shards: Callable[[], Iterable[np.ndarray]], n: int, d: int, config: IndexConfig, seed: int = 0
-) -> tuple[Any, IndexPlan]:
+    shards: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    d: int,
+    config: IndexConfig,
+    seed: int = 0,
+    vectors_path: Path | None = None,
+    held: int = 200,
+) -> BuiltIndex:
     """An index over the vectors the `shards()` iterator yields (called twice for an approximate index:
-    once to draw the training sample, once to add); only one shard is in memory at a time."""
+    once to draw the training sample, once to add); only one shard is in memory at a time. A plan that
+    re-scores writes the full vectors to `vectors_path` during the add pass."""
     plan = plan_index(n, d, config)
+    if plan.rescore and vectors_path is None:
+        raise ValueError(f"index {plan.kind} re-scores its top {plan.rescore}: it needs a vectors_path")
     index = new_index(plan, d, config)
+    held_rows = np.zeros((0, d), np.float32)
     if plan.train_size:
         rng = np.random.default_rng(seed)
         keep = np.zeros(n, dtype=bool)
         keep[rng.choice(n, plan.train_size, replace=False)] = True
-        sample, seen = [], 0
+        probe = np.zeros(n, dtype=bool)
+        probe[rng.choice(n, min(held, n), replace=False)] = True
+        sample, probes, seen = [], [], 0
         for shard in shards():
             sample.append(shard[keep[seen : seen + len(shard)]])
+            probes.append(shard[probe[seen : seen + len(shard)]])
             seen += len(shard)
         index.train(np.ascontiguousarray(np.concatenate(sample), dtype=np.float32))
-    for shard in shards():
-        index.add(np.ascontiguousarray(shard, dtype=np.float32))
-    return index, plan
+        held_rows = np.ascontiguousarray(np.concatenate(probes), dtype=np.float32)
+    with open(vectors_path, "wb") if plan.rescore else contextlib.nullcontext() as vectors:
+        if vectors:
+            rescore.write_header(vectors, n, d, config.rescore_dtype)
+        for shard in shards():
+            index.add(np.ascontiguousarray(shard, dtype=np.float32))
+            if vectors:
+                rescore.write_rows(vectors, shard, config.rescore_dtype)
+    return BuiltIndex(index, plan, held_rows)
 
 
 def build_index(vectors: np.ndarray, config: IndexConfig):
     """An index over an in-memory matrix (float32 [n, d]); the CPU version, so it can be saved as is."""
     n, d = vectors.shape
     step = 1 << 16
-    return build_index_from_shards(lambda: (vectors[i : i + step] for i in range(0, n, step)), n, d, config)[0]
+    return build_index_from_shards(lambda: (vectors[i : i + step] for i in range(0, n, step)), n, d, config).index
 
 
 def to_search_device(index, config: IndexConfig):
-    """Move an index to the GPU when asked (`always`) or possible (`auto`); returns (index, device)."""
+    """Move an index to the GPU when asked (`always`) or possible (`auto`); returns (index, device).
+    Under `auto`, an index type faiss-gpu does not implement (fast-scan PQ) stays on the CPU, and says so."""
     gpus = gpu_count() if config.use_gpu != "never" else 0
     if config.use_gpu == "always" and gpus == 0:
         raise RuntimeError("index.use_gpu=always but faiss sees no GPU (is faiss-gpu installed and a GPU present?)")
     if gpus == 0:
         return index, "cpu"
-    faiss = _faiss()
-    return faiss.index_cpu_to_all_gpus(index), f"gpu x{gpus}"
+    try:
+        return _faiss().index_cpu_to_all_gpus(index), f"gpu x{gpus}"
+    except RuntimeError as exc:
+        if config.use_gpu == "always":
+            raise RuntimeError(f"index.use_gpu=always but faiss-gpu cannot hold this index: {exc}") from exc
+        return index, f"cpu ({type(index).__name__} has no GPU version)"
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,14 +194,57 @@ def load_index(path: Path):
     return _faiss().read_index(str(path))
 
 
+def open_searcher(index_path: Path | str, vectors_path: Path | str | None = None, shortlist: int = 0, config=None):
+    """The saved index, moved to the search device (`config.use_gpu`), re-scoring its top `shortlist`
+    from `vectors_path` when the index was built to (checked to be the file it was built with)."""
+    index = load_index(Path(index_path))
+    device = "cpu"
+    if config is not None:
+        index, device = to_search_device(index, config)
+    if not shortlist:
+        return index, device
+    searcher = rescore.RescoredIndex(index, vectors_path, shortlist)
+    searcher.check_pairing()
+    return searcher, f"{device}, top {shortlist} re-scored"
+
+
 @functools.cache
-def _cached_index(path: str):
-    return load_index(Path(path))
+def _cached_searcher(path: str, vectors_path: str | None, shortlist: int):
+    return open_searcher(path, vectors_path, shortlist)[0]
 
 
-def search_file(path: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_file(
+    path: str, vectors_path: str | None, shortlist: int, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`search` with the index read from `path` once per process: a shard of queries on a Dask worker."""
-    return search(_cached_index(path), queries, k)
+    return search(_cached_searcher(path, vectors_path, shortlist), queries, k)
+
+
+def exact_top_k(shards: Iterable[np.ndarray], queries: np.ndarray, k: int, block: int = 1 << 15) -> np.ndarray:
+    """Row ids of the exact top-k inner products, streaming the KB shard by shard, `block` rows at a
+    time (the ground truth an approximate index is measured against, at any KB size, in bounded memory)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    offset = 0
+    for shard in shards:
+        for start in range(0, len(shard), block):
+            scores = queries @ np.asarray(shard[start : start + block], dtype=np.float32).T
+            ids = np.broadcast_to(offset + start + np.arange(scores.shape[1]), scores.shape)
+            both_scores, both_ids = np.concatenate([best_scores, scores], 1), np.concatenate([best_ids, ids], 1)
+            if both_scores.shape[1] > k:
+                top = np.argpartition(-both_scores, k - 1, axis=1)[:, :k]
+                both_scores, both_ids = np.take_along_axis(both_scores, top, 1), np.take_along_axis(both_ids, top, 1)
+            best_scores, best_ids = both_scores, both_ids
+        offset += len(shard)
+    return np.take_along_axis(best_ids, np.argsort(-best_scores, axis=1, kind="stable"), 1)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top-k that the approximate top-k holds (per query, averaged)."""
+    if not len(exact):
+        return float("nan")
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
 def candidates_table(mention_ids: list[str], scores: np.ndarray, rows: np.ndarray, qids: list[str]) -> pl.DataFrame:

@@ -1,0 +1,152 @@
+"""Exact re-scoring of an IVF-PQ shortlist from memory-mapped vectors: same answer as exact search
+where the shortlist covers it, and a vectors file that is not the index's own is refused."""
+
+import numpy as np
+import pytest
+
+from kgmel_core.config import IndexConfig
+from kgmel_core.retrieval import rescore
+from kgmel_core.retrieval.index import (
+    build_index,
+    build_index_from_shards,
+    exact_top_k,
+    open_searcher,
+    plan_index,
+    recall_at_k,
+    save_index,
+    search,
+)
+from kgmel_core.retrieval.rescore import RescoredIndex, VectorsFileError
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _shards(vectors, step=700):
+    return lambda: (vectors[i : i + step] for i in range(0, len(vectors), step))
+
+
+def _build(tmp_path, entities, dtype="float32", shortlist=400, nbits=4):
+    config = IndexConfig(kind="ivfpq", nlist=16, nprobe=16, pq_m=8, pq_nbits=nbits, rescore=shortlist,
+                         rescore_dtype=dtype)
+    built = build_index_from_shards(_shards(entities), *entities.shape, config, vectors_path=tmp_path / "v.npy")
+    save_index(built.index, tmp_path / "x.faiss")
+    return built
+
+
+def test_rescore_orders_a_shortlist_by_exact_score_and_keeps_padding_last():
+    vectors = np.array([[1, 0], [0, 1], [0.6, 0.8], [0.8, 0.6]], dtype=np.float32)
+    queries = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    shortlist = np.array([[1, 2, 3, -1], [0, -1, 3, 2]])
+    scores, rows = rescore.rescore(queries, shortlist, vectors, 4)
+    # query 1 . rows (1, 2, 3) = (0, .6, .8); query 2 . rows (0, 3, 2) = (0, .6, .8)
+    assert rows.tolist() == [[3, 2, 1, -1], [2, 3, 0, -1]]
+    assert scores[:, :3] == pytest.approx(np.array([[0.8, 0.6, 0.0], [0.8, 0.6, 0.0]]))
+    assert np.isneginf(scores[:, 3]).all()
+
+
+@pytest.mark.parametrize(("dtype", "nbits"), [("float32", 4), ("float16", 4), ("float32", 8)])
+def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(tmp_path, dtype, nbits, monkeypatch):
+    monkeypatch.setattr(rescore, "QUERY_BATCH", 128)  # 300 queries: three mappings of the vectors file
+    rng = np.random.default_rng(0)
+    entities, queries = _unit(rng, 3000, 16), _unit(rng, 300, 16)
+    built = _build(tmp_path, entities, dtype, nbits=nbits)
+    flat_scores, flat_ids = search(build_index(entities, IndexConfig(kind="flat")), queries, 10)
+    _, shortlist = search(built.index, queries, 400)
+    assert all(set(f) <= set(s) for f, s in zip(flat_ids, shortlist, strict=True))  # the premise: it covers
+    pq_ids = search(built.index, queries, 10)[1]
+    assert recall_at_k(pq_ids, flat_ids) < 0.9  # the PQ codes alone lose part of the exact top-10
+    searcher, device = open_searcher(tmp_path / "x.faiss", tmp_path / "v.npy", 400)
+    scores, ids = search(searcher, queries, 10)
+    assert device == "cpu, top 400 re-scored"
+    if dtype == "float32":
+        assert (ids == flat_ids).all()
+        assert scores == pytest.approx(flat_scores, abs=1e-5)
+    else:  # fp16 rounding (~1e-3) may swap near-ties, never put a worse entity at a rank
+        exact_scores_of_ids = np.einsum("bd,bkd->bk", queries, entities[ids])
+        assert exact_scores_of_ids == pytest.approx(flat_scores, abs=2e-3)
+        assert recall_at_k(ids, flat_ids) > 0.98
+
+
+def test_the_vectors_file_is_a_standard_npy_in_index_order(tmp_path):
+    entities = _unit(np.random.default_rng(1), 1000, 16)
+    _build(tmp_path, entities, "float16")
+    stored = np.load(tmp_path / "v.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (1000, 16)
+    assert np.abs(stored.astype(np.float32) - entities).max() < 1e-3
+
+
+@pytest.mark.parametrize("cut", [-1, -4096, +16])
+def test_a_truncated_or_padded_vectors_file_is_refused_naming_it(tmp_path, cut):
+    entities = _unit(np.random.default_rng(2), 1000, 16)
+    _build(tmp_path, entities)
+    path = tmp_path / "v.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut < 0 else data + bytes(cut))
+    with pytest.raises(VectorsFileError, match="v.npy.*(truncated|trailing bytes)"):
+        open_searcher(tmp_path / "x.faiss", path, 200)
+
+
+def test_a_vectors_file_of_another_shape_or_not_npy_is_refused(tmp_path):
+    entities = _unit(np.random.default_rng(3), 1000, 16)
+    _build(tmp_path, entities)
+    np.save(tmp_path / "short.npy", entities[:999].astype(np.float16))
+    with pytest.raises(VectorsFileError, match="999 x 16 vectors, the index 1000 x 16"):
+        RescoredIndex(open_searcher(tmp_path / "x.faiss")[0], tmp_path / "short.npy", 200)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(VectorsFileError, match="not a .npy vectors file"):
+        RescoredIndex(open_searcher(tmp_path / "x.faiss")[0], tmp_path / "junk.npy", 200)
+
+
+def test_vectors_of_another_build_with_the_same_shape_are_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    _build(tmp_path, _unit(rng, 1000, 16))
+    np.save(tmp_path / "other.npy", _unit(rng, 1000, 16).astype(np.float16))  # same shape, other KB
+    with pytest.raises(VectorsFileError, match="not the ones this index was built from"):
+        open_searcher(tmp_path / "x.faiss", tmp_path / "other.npy", 200)
+
+
+def test_the_plan_rescores_ivfpq_only_and_a_rescoring_build_needs_a_file():
+    assert plan_index(10_000_000, 768, IndexConfig()).rescore == 256
+    assert plan_index(10_000_000, 768, IndexConfig(top_k=32)).rescore == 512
+    assert plan_index(10_000_000, 768, IndexConfig(rescore=0)).rescore == 0
+    assert plan_index(50_000, 768, IndexConfig(rescore=64)).rescore == 0  # flat is exact already
+    assert plan_index(10_000_000, 768, IndexConfig(kind="ivf")).rescore == 0
+    entities = _unit(np.random.default_rng(5), 1000, 16)
+    with pytest.raises(ValueError, match="needs a vectors_path"):
+        build_index(entities, IndexConfig(kind="ivfpq", nlist=16, pq_m=4))
+
+
+def test_exact_top_k_streams_shards_to_the_brute_force_answer():
+    rng = np.random.default_rng(6)
+    entities, queries = _unit(rng, 2500, 8), _unit(rng, 20, 8)
+    brute = np.argsort(-(queries @ entities.T), axis=1)[:, :16]
+    assert (exact_top_k(_shards(entities, 333)(), queries, 16) == brute).all()
+    assert (exact_top_k(_shards(entities, 700)(), queries, 16, block=100) == brute).all()
+    assert recall_at_k(brute[:, ::-1], brute) == 1.0
+    assert recall_at_k(brute[:, :8], brute[:, 8:]) == 0.0
+
+
+def test_the_held_sample_is_drawn_from_the_kb_for_approximate_indexes_only(tmp_path):
+    entities = _unit(np.random.default_rng(7), 3000, 16)
+    built = _build(tmp_path, entities)
+    assert built.held.shape == (200, 16)
+    assert all(np.isclose(entities @ row, 1.0, atol=1e-5).any() for row in built.held[:20])
+    flat = build_index_from_shards(_shards(entities), 3000, 16, IndexConfig(kind="flat"))
+    assert flat.held.shape == (0, 16)
+
+
+def test_an_hnsw_quantizer_searches_broadly_enough_to_return_nprobe_lists(tmp_path):
+    import faiss
+
+    from kgmel_core.retrieval.index import IndexPlan, load_index, new_index, set_nprobe
+
+    index = new_index(IndexPlan("ivfpq", nlist=4096, nprobe=512, pq_m=4), 16, IndexConfig())
+    assert faiss.downcast_index(index.quantizer).hnsw.efSearch == 1024
+    save_index(index, tmp_path / "x.faiss")
+    loaded = load_index(tmp_path / "x.faiss")
+    assert loaded.nprobe == 512 and faiss.downcast_index(loaded.quantizer).hnsw.efSearch == 1024
+    set_nprobe(loaded, 2048)
+    assert faiss.downcast_index(loaded.quantizer).hnsw.efSearch == 4096
