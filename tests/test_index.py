@@ -42,8 +42,8 @@ def test_approximate_indexes_find_exact_copies(kind):
 def test_auto_plans_flat_for_small_kbs_and_derived_ivfpq_for_large_ones():
     assert plan_index(50_000, 768, IndexConfig()).kind == "flat"
     plan = plan_index(10_000_000, 768, IndexConfig())
-    assert (plan.kind, plan.nlist, plan.nprobe, plan.pq_m) == ("ivfpq", 16384, 256, 96)
-    assert plan.train_size == 40 * 16384
+    assert (plan.kind, plan.nlist, plan.nprobe, plan.pq_m) == ("ivfpq", 4096, 512, 96)
+    assert plan.train_size == 40 * 4096
     assert plan_index(5_000, 768, IndexConfig(kind="ivfpq", nlist=1024)).kind == "flat"  # too few to train
 
 

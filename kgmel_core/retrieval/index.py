@@ -69,10 +69,13 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
     if kind == "auto":
         kind = "flat" if n < config.auto_threshold else "ivfpq"
     if kind in ("ivf", "ivfpq"):
-        nlist = config.nlist or max(16, 1 << round(math.log2(4 * math.sqrt(max(n, 1)))))
+        # ~4 sqrt(n) lists, at most 4,096: k-means over 40 points a list costs sample x nlist x d an
+        # iteration, and 16,384 lists would take hours on 2 cores
+        nlist = config.nlist or min(4096, max(16, 1 << round(math.log2(4 * math.sqrt(max(n, 1))))))
         if n < 39 * nlist:
             return IndexPlan("flat")
-        nprobe = config.nprobe or max(8, nlist // 64)
+        # Real fused embeddings spread a mention's top-16 over many lists (bench.index_scale, real-like KBs)
+        nprobe = config.nprobe or max(8, nlist // 8)
         pq_m = 0
         if kind == "ivfpq":
             pq_m = config.pq_m or next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
@@ -108,13 +111,14 @@ def new_index(plan: IndexPlan, d: int, config: IndexConfig):
     return index
 
 
-def set_nprobe(index, nprobe: int) -> None:
+def set_nprobe(index, nprobe: int, breadth: int | None = None) -> None:
     """Probe `nprobe` lists. An HNSW quantizer asked for more lists than its search breadth returns
-    fewer (k=1024 at efSearch 16 found ~700 of 4,096 lists), so its breadth follows nprobe."""
+    fewer (k=1024 at efSearch 16 found ~700 of 4,096 lists), so its breadth follows nprobe (`breadth`
+    sets it outright: adding vectors needs one list each, and a broad search there costs hours at 10M)."""
     index.nprobe = nprobe
     hnsw = getattr(_faiss().downcast_index(index.quantizer), "hnsw", None)
     if hnsw is not None:
-        hnsw.efSearch = max(hnsw.efSearch, 2 * nprobe)
+        hnsw.efSearch = breadth if breadth is not None else max(16, 2 * nprobe)
 
 
 def build_index_from_shards(
@@ -133,6 +137,8 @@ def build_index_from_shards(
     if plan.rescore and vectors_path is None:
         raise ValueError(f"index {plan.kind} re-scores its top {plan.rescore}: it needs a vectors_path")
     index = new_index(plan, d, config)
+    if plan.nprobe:  # an HNSW quantizer assigns each added vector to one list: a narrow search suffices
+        set_nprobe(index, 1, breadth=16)
     held_rows = np.zeros((0, d), np.float32)
     if plan.train_size:
         rng = np.random.default_rng(seed)
@@ -154,6 +160,8 @@ def build_index_from_shards(
             index.add(np.ascontiguousarray(shard, dtype=np.float32))
             if vectors:
                 rescore.write_rows(vectors, shard, config.rescore_dtype)
+    if plan.nprobe:
+        set_nprobe(index, plan.nprobe)
     return BuiltIndex(index, plan, held_rows)
 
 
