@@ -164,8 +164,8 @@ class IndexConfig(_Section):
     # auto: flat below auto_threshold entities, IVF-PQ above (parameters derived from the KB size)
     kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     auto_threshold: int = Field(1_000_000, ge=1)
-    nlist: int = Field(0, ge=0)  # 0: derived, ~4 sqrt(n) (a power of two)
-    nprobe: int = Field(0, ge=0)  # 0: derived, nlist / 64 (at least 8)
+    nlist: int = Field(0, ge=0)  # 0: derived, ~4 sqrt(n) (a power of two, at most 4,096)
+    nprobe: int = Field(0, ge=0)  # 0: derived, nlist / 8 (at least 8)
     pq_m: int = Field(0, ge=0)  # ivfpq sub-quantizers; 0: derived, one per 8 dimensions
     # bits a sub-quantizer code: 4 is FAISS's fast-scan PQ (SIMD look-ups, ~10x faster to scan, coarser:
     # the re-scoring restores the order), 8 the classic PQ

@@ -23,6 +23,7 @@ from kgmel_core.retrieval.index import (
     open_searcher,
     plan_index,
     recall_at_k,
+    rescoring,
     save_index,
     search,
     search_file,
@@ -76,7 +77,7 @@ def index(ctx: PipelineContext, config: IndexConfig, train: Artifact, ingest: Ar
             rescore_dtype=config.rescore_dtype if plan.rescore else None,
         )
         if len(built.held):  # an approximate index says what it loses, on KB vectors it holds
-            searcher = open_searcher(writer.file_path(INDEX_FILE), vectors_path, plan.rescore)[0]
+            searcher = rescoring(built.index, vectors_path, plan.rescore)  # the index just built, not re-read
             found = search(searcher, built.held, RECALL_K)[1]
             exact = exact_top_k(shards(), built.held, RECALL_K)
             writer.stats.update(recall_at_16_held=round(recall_at_k(found, exact), 4), recall_queries=len(exact))

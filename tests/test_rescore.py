@@ -3,6 +3,7 @@ where the shortlist covers it, and a vectors file that is not the index's own is
 
 import numpy as np
 import pytest
+from test_index import _unit
 
 from kgmel_core.config import IndexConfig
 from kgmel_core.retrieval import rescore
@@ -17,11 +18,6 @@ from kgmel_core.retrieval.index import (
     search,
 )
 from kgmel_core.retrieval.rescore import RescoredIndex, VectorsFileError
-
-
-def _unit(rng, n, d):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _shards(vectors, step=700):

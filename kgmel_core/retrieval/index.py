@@ -1,9 +1,9 @@
 """FAISS inner-product index over fused entity vectors (vectors are L2-normalised: IP = cosine).
 
 `flat` is exact and the default below a million entities. For larger KBs (and past RAM) `ivfpq`
-stores each vector as `pq_m` bytes in `nlist` inverted lists; `auto` picks flat below
+stores each vector as `pq_m` codes of `pq_nbits` bits in `nlist` inverted lists; `auto` picks flat below
 `auto_threshold` entities and IVF-PQ above, with parameters derived from the KB size (nlist ~
-4 sqrt(n), a power of two; one byte per 8 dimensions) and re-scores its shortlist exactly against the
+4 sqrt(n), a power of two, at most 4,096; one code per 8 dimensions) and re-scores its shortlist exactly against the
 full vectors, memory-mapped from disk (`rescore.py`). Every index is built from shards: an
 approximate one is trained on a sample, then each shard of vectors is added, so the full matrix never
 has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A GPU is used only when faiss
@@ -76,13 +76,11 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
             return IndexPlan("flat")
         # Real fused embeddings spread a mention's top-16 over many lists (bench.index_scale, real-like KBs)
         nprobe = config.nprobe or max(8, nlist // 8)
-        pq_m = 0
+        pq_m = rescore = 0
         if kind == "ivfpq":
             pq_m = config.pq_m or next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
             if d % pq_m:
                 raise ValueError(f"index.pq_m={pq_m} must divide the vector width {d}")
-        rescore = 0
-        if kind == "ivfpq":
             rescore = config.rescore if config.rescore is not None else max(256, 16 * config.top_k)
         # k-means costs iterations x sample x nlist x d: ~40 points a centroid is what faiss asks for
         return IndexPlan(kind, nlist, nprobe, pq_m, min(n, max(40 * nlist, 20_000)), rescore)
@@ -209,11 +207,17 @@ def open_searcher(index_path: Path | str, vectors_path: Path | str | None = None
     device = "cpu"
     if config is not None:
         index, device = to_search_device(index, config)
+    return rescoring(index, vectors_path, shortlist), f"{device}, top {shortlist} re-scored" if shortlist else device
+
+
+def rescoring(index, vectors_path: Path | str | None, shortlist: int):
+    """`index` itself, or, when it re-scores, wrapped with its vectors file once that is checked to be
+    the file it was built with."""
     if not shortlist:
-        return index, device
+        return index
     searcher = rescore.RescoredIndex(index, vectors_path, shortlist)
     searcher.check_pairing()
-    return searcher, f"{device}, top {shortlist} re-scored"
+    return searcher
 
 
 @functools.cache
