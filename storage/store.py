@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -116,7 +117,7 @@ class Artifact:
         if table not in self.tables:
             raise ArtifactError(f"artifact {self.id} has no table {table!r}; it has {sorted(self.tables)}")
         prefix = f"{table}/"
-        files = sorted(rel for rel in self.manifest["content"] if rel.startswith(prefix))
+        files = sorted((rel for rel in self.manifest["content"] if rel.startswith(prefix)), key=_part_order)
         return [self.store.fsx.under(self.path, rel) for rel in files]
 
     def read(self, table: str) -> pl.DataFrame:
@@ -492,6 +493,13 @@ class ArtifactStore:
                 if folder.startswith("_"):
                     removed += sweep_stale_temp_files(Path(self.fsx.join(folder)))
         return removed
+
+
+def _part_order(relative: str) -> tuple[int, str]:
+    """Parts in the order they were written: part-10 after part-9 (a string sort reads part-10 second, and
+    a table of 11+ parts, such as fused_entities past 655k entities, would come back out of row order)."""
+    number = re.search(r"part-(\d+)\.parquet$", relative)
+    return (int(number.group(1)) if number else -1, relative)
 
 
 def _read_json(path: Path) -> dict:

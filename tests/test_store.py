@@ -152,3 +152,14 @@ def test_the_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
         os.utime(path, (old, old))
     assert sweep_stale_temp_files(tmp_path) == 1
     assert not orphan.exists() and live.exists() and young.exists() and other.exists()
+
+
+def test_a_table_of_many_parts_reads_back_in_written_order(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.writer("stage", "k", code="c", config={}, inputs={}) as writer:
+        for part in range(12):  # part-10 and part-11 sort before part-2 as strings
+            writer.write_table("numbers", pl.DataFrame({"n": [2 * part, 2 * part + 1]}))
+    artifact = store.require("stage", "k")
+    assert artifact.read("numbers")["n"].to_list() == list(range(24))
+    assert [Path(p).name for p in artifact.parts("numbers")][-3:] == ["part-9.parquet", "part-10.parquet",
+                                                                       "part-11.parquet"]
