@@ -8,6 +8,8 @@ re-scored exactly from memory-mapped vectors, on real fused embeddings and on KB
     python -m bench.index_scale synthetic --entities 10000000 --nlist 4096 --workdir /big/disk
     # real-like: the real fused entities grown to 10M, queried with the real val mentions
     python -m bench.index_scale synthetic --like real --artifacts artifacts --retrieve KEY --entities 10000000
+    # growth: 10k entities appended to a 1M real-like index (as reindex-kb does) vs. a rebuild over all
+    python -m bench.index_scale grow --artifacts artifacts --retrieve KEY --entities 1000000 --add 10000
 
 Run on an idle machine. Peak memory is the process's maximum resident set size (build included). The
 re-scoring reads the vectors file just written, so its timings are with the file in the page cache.
@@ -27,8 +29,19 @@ import polars as pl
 
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
-from kgmel_core.retrieval.index import build_index_from_shards, exact_top_k, recall_at_k, search, set_nprobe
-from kgmel_core.retrieval.rescore import RescoredIndex
+from kgmel_core.retrieval.growth import coarse_distance
+from kgmel_core.retrieval.index import (
+    append_vectors,
+    build_index_from_shards,
+    exact_top_k,
+    ivf_centroids,
+    load_index,
+    recall_at_k,
+    save_index,
+    search,
+    set_nprobe,
+)
+from kgmel_core.retrieval.rescore import RescoredIndex, extend_vectors, write_rows
 from storage import ArtifactStore
 
 K = 16
@@ -184,6 +197,111 @@ def synthetic(args: argparse.Namespace) -> None:
                       f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {peak_rss_gb():.2f} |", flush=True)
 
 
+def split_at(shards: Callable[[], Iterator[np.ndarray]], n: int) -> tuple[Callable[[], Iterator[np.ndarray]],
+                                                                             np.ndarray]:
+    """The first `n` rows (as shards) and the rest (in memory: the entities a KB gains)."""
+
+    def head():
+        seen = 0
+        for shard in shards():
+            if seen < n:
+                yield shard[: n - seen]
+            seen += len(shard)
+
+    rest = [shard[max(0, n - seen) :] for seen, shard in _offsets(shards()) if seen + len(shard) > n]
+    return head, np.concatenate(rest)
+
+
+def _offsets(shards: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    seen = 0
+    for shard in shards:
+        yield seen, shard
+        seen += len(shard)
+
+
+def grow(args: argparse.Namespace) -> None:
+    """What `reindex-kb` does to the index when a KB gains entities: read the index, append the new rows
+    (their lists found by the trained quantizer), copy and extend the vectors file, write the index;
+    against a rebuild over every row, on the same queries. Fusing the new entities with the retriever
+    and the KB diff are not in the append time (they are the stage's, and scale with the rows added)."""
+    seeds, mentions, _, key = real_vectors(args.artifacts, args.retrieve)
+    n, d = args.entities, seeds.shape[1]
+    everything = real_like_kb(seeds, n + args.add, args.shard)
+    old, same = split_at(everything, n)
+    rng = np.random.default_rng(7)  # entities of a new kind: isotropic noise, not shaped like the KB's spread
+    shifted = seeds[rng.integers(0, len(seeds), args.add)] + 0.045 * rng.standard_normal((args.add, d), np.float32)
+    shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
+    config = IndexConfig(kind="ivfpq", pq_nbits=args.pq_nbits)
+    print(f"real-like: the {len(seeds)} fused entities of index {key} grown to {n}, plus {args.add} new entities "
+          f"drawn the same way ('same') or as isotropic noise around the seeds ('shifted', cosine ~0.6 to a "
+          f"seed); {args.queries} val mentions, and {args.queries} queries near the new entities\n")
+    print("| new entities | plan | append s | rebuild s | drift | recall@16 appended (mentions / near new) "
+          "| recall@16 rebuilt (mentions / near new) | peak RSS GB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        work = Path(work)
+        built = build_index_from_shards(old, n, d, config, vectors_path=work / "old.npy")
+        save_index(built.index, work / "old.faiss")
+        centroids, plan = ivf_centroids(built.index), built.plan
+        baseline = coarse_distance(centroids, built.held)
+        del built
+        for name, added in (("same", same), ("shifted", shifted)):
+            near = added[: args.queries] + 0.03 * rng.standard_normal((args.queries, d), np.float32)
+            queries = {"mentions": mentions[: args.queries], "near": near / np.linalg.norm(near, axis=1, keepdims=True)}
+
+            def rows(added=added):
+                yield from old()
+                yield added
+
+            started = time.perf_counter()
+            index = load_index(work / "old.faiss")
+            with open(work / "grown.npy", "wb") as handle:
+                extend_vectors(work / "old.npy", handle, n, d, len(added), config.rescore_dtype)
+                append_vectors(index, added)
+                write_rows(handle, added, config.rescore_dtype)
+            save_index(index, work / "grown.faiss")
+            appended = time.perf_counter() - started
+            started = time.perf_counter()
+            rebuilt = build_index_from_shards(rows, n + len(added), d, config, vectors_path=work / "rebuilt.npy")
+            rebuild = time.perf_counter() - started
+            recalls = {}
+            for label, searcher in (("appended", RescoredIndex(index, work / "grown.npy", plan.rescore)),
+                                    ("rebuilt", RescoredIndex(rebuilt.index, work / "rebuilt.npy", plan.rescore))):
+                recalls[label] = [recall_at_k(search(searcher, q, K)[1], exact_top_k(rows(), q, K))
+                                  for q in queries.values()]
+            drift = coarse_distance(centroids, added) / baseline
+            print(f"| {len(added)} {name} | nlist {plan.nlist}, nprobe {plan.nprobe}, top {plan.rescore} re-scored | "
+                  f"{appended:.1f} | {rebuild:.0f} | {drift:.2f} | {recalls['appended'][0]:.3f} / "
+                  f"{recalls['appended'][1]:.3f} | {recalls['rebuilt'][0]:.3f} / {recalls['rebuilt'][1]:.3f} | "
+                  f"{peak_rss_gb():.2f} |", flush=True)
+            del index, rebuilt
+
+
+def kb_diff(args: argparse.Namespace) -> None:
+    """The index stage's KB diff at scale: which entities of a KB of `--entities` (each with `--triples`
+    triples) are new after `--add` more arrive, as `growth.kb_changes` decides it."""
+    from kgmel_core.retrieval.growth import entity_signatures, kb_changes
+
+    def kb(n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+        qids = pl.Series([f"Q{i}" for i in range(n)])
+        entities = pl.DataFrame({"qid": qids, "label": "entity " + qids, "description": "a thing called " + qids,
+                                 "image_path": None, "image_sha256": None}, schema_overrides={
+                                     "image_path": pl.String, "image_sha256": pl.String})
+        heads = qids.to_frame("head_qid").join(pl.DataFrame({"k": list(range(args.triples))}), how="cross")
+        triples = heads.select(
+            "head_qid", relation=pl.format("relation {}", "k"), relation_description=pl.lit(None, pl.String),
+            tail=pl.format("tail {} of {}", "k", "head_qid"), tail_description=pl.lit(""),
+        )
+        return entities, triples
+
+    before, after = kb(args.entities), kb(args.entities + args.add)
+    started = time.perf_counter()
+    changes = kb_changes(entity_signatures(*before), entity_signatures(*after))
+    print(f"KB diff of {args.entities} + {args.add} entities ({args.triples} triples each): "
+          f"{time.perf_counter() - started:.1f} s, {len(changes.added)} added, {changes.changed} changed, "
+          f"{changes.removed} removed; peak RSS {peak_rss_gb():.2f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -211,10 +329,23 @@ def main() -> None:
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     s.add_argument("--queries", type=int, default=500)
     s.add_argument("--workdir", default=None, help="where the vectors file goes (10M x 768 fp16: 15 GB)")
+    g = sub.add_parser("grow")
+    g.add_argument("--artifacts", default="artifacts")
+    g.add_argument("--retrieve", required=True, help="key of a retrieve artifact (seed entities, val mentions)")
+    g.add_argument("--entities", type=int, default=1_000_000)
+    g.add_argument("--add", type=int, default=10_000)
+    g.add_argument("--shard", type=int, default=200_000)
+    g.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4)
+    g.add_argument("--queries", type=int, default=300)
+    g.add_argument("--workdir", default=None)
+    k = sub.add_parser("kb-diff")
+    k.add_argument("--entities", type=int, default=1_000_000)
+    k.add_argument("--add", type=int, default=10_000)
+    k.add_argument("--triples", type=int, default=10)
     args = parser.parse_args()
     if args.what == "synthetic" and args.like == "real" and not args.retrieve:
         parser.error("--like real needs --retrieve KEY (the real fused entities to grow from)")
-    real(args) if args.what == "real" else synthetic(args)
+    {"real": real, "synthetic": synthetic, "grow": grow, "kb-diff": kb_diff}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -154,14 +154,19 @@ def served_encoder(
 
 @flow(name="reindex-kb", log_prints=True)
 def reindex_kb(config: PipelineConfig, model: str | None = None) -> dict[str, Any]:
-    """Re-read the KB, embed only new or changed strings/images, rebuild the index with the served
-    retriever (no retraining), and make it the index that model serves. Meant to run on a schedule."""
+    """Re-read the KB, embed only new or changed strings/images, index it with the served retriever (no
+    retraining: new entities are appended to the served index while `index.append_max_*` allow, else it
+    is rebuilt), and make it the index that model serves. Meant to run on a schedule."""
     ctx = open_context(config, "reindex-kb")
     version, trained = served_model(ctx, config, model)
     encoder, bootstrap = served_encoder(ctx, config, trained)
     ingested = ingest_dataset(ctx, config)
     embedded = embed_tasks.embed(ctx, encoder, ingested, None, bootstrap)
-    indexed = index_tasks.index(ctx, config.index, trained, ingested, embedded)
+    served = ctx.store.get("index", version.index)  # grown in place of a rebuild when the KB only gained entities
+    if served is None:
+        logger().warning("index %s that model v%d serves is missing or damaged: building from scratch",
+                         version.index, version.number)
+    indexed = index_tasks.index(ctx, config.index, trained, ingested, embedded, previous=served)
     name = model or config.model
     ctx.store.models.record_reindex(name, trained.key, indexed.key)
     ctx.catalog.refresh()

@@ -164,8 +164,8 @@ class IndexConfig(_Section):
     # auto: flat below auto_threshold entities, IVF-PQ above (parameters derived from the KB size)
     kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     auto_threshold: int = Field(1_000_000, ge=1)
-    nlist: int = Field(0, ge=0)  # 0: derived, ~4 sqrt(n) (a power of two, at most 4,096)
-    nprobe: int = Field(0, ge=0)  # 0: derived, nlist / 8 (at least 8)
+    nlist: int = Field(0, ge=0)  # 0: derived, ~sqrt(n) (a power of two, at most 4,096)
+    nprobe: int = Field(0, ge=0)  # 0: derived, lists holding ~375 sqrt(n) vectors (at least 8)
     pq_m: int = Field(0, ge=0)  # ivfpq sub-quantizers; 0: derived, one per 8 dimensions
     # bits a sub-quantizer code: 4 is FAISS's fast-scan PQ (SIMD look-ups, ~10x faster to scan, coarser:
     # the re-scoring restores the order), 8 the classic PQ
@@ -179,6 +179,12 @@ class IndexConfig(_Section):
     hnsw_ef_search: int = Field(128, ge=1)  # candidates HNSW explores per query; keep it well above top_k
     use_gpu: Literal["auto", "never", "always"] = "auto"
     top_k: int = Field(16, ge=1)
+    # reindex-kb appends the entities a KB gained to the served index instead of rebuilding it, while the
+    # rows appended since its last full build stay under this share of that build's rows (0: always
+    # rebuild) and the new vectors lie no further from their nearest IVF list than `append_max_drift`
+    # times the built ones (mean squared distance); changed or removed entities always rebuild.
+    append_max_growth: float = Field(0.25, ge=0)
+    append_max_drift: float = Field(1.2, ge=1)
 
 
 class LLMConfig(_Section):

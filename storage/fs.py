@@ -103,8 +103,8 @@ class StoreFS:
         info = self.fs.info(path)
         return [int(info["size"]), str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")]
 
-    def read_table(self, paths: list[str]) -> pa.Table:
-        tables = [pq.read_table(p if self.local else p, filesystem=None if self.local else self.fs) for p in paths]
+    def read_table(self, paths: list[str], columns: list[str] | None = None) -> pa.Table:
+        tables = [pq.read_table(p, columns=columns, filesystem=None if self.local else self.fs) for p in paths]
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     # -- writing --------------------------------------------------------------------------------

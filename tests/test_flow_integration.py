@@ -111,8 +111,10 @@ def test_reindex_embeds_only_changed_kb_rows_and_keeps_the_retriever(first_run, 
     # new: the entity head text, its label (the name view) and the tail "Atlantis" (plus the absolute image
     # paths moved: images are keyed by content, so none of them is re-encoded)
     assert embed_stats["texts_encoded_now"] == 3 and embed_stats["images_encoded_now"] == 0
-    fused = store.require(*out["artifacts"]["index"].split("/")).read("fused_entities")
-    assert "Q99999" in fused["qid"].to_list()
+    indexed = store.require(*out["artifacts"]["index"].split("/"))
+    assert indexed.read("fused_entities")["qid"].to_list()[-1] == "Q99999"
+    growth = indexed.manifest["stats"]["growth"]  # a flat index grows exactly: appended, never rebuilt
+    assert (growth["mode"], growth["added"], growth["changed"], growth["removed"]) == ("append", 1, 0, 0)
 
 
 def test_link_new_mentions_against_existing_index(first_run, prefect_harness, tmp_path):

@@ -42,8 +42,11 @@ def test_approximate_indexes_find_exact_copies(kind):
 def test_auto_plans_flat_for_small_kbs_and_derived_ivfpq_for_large_ones():
     assert plan_index(50_000, 768, IndexConfig()).kind == "flat"
     plan = plan_index(10_000_000, 768, IndexConfig())
-    assert (plan.kind, plan.nlist, plan.nprobe, plan.pq_m) == ("ivfpq", 4096, 512, 96)
+    # lists holding ~375 sqrt(n) vectors probed: 375 * 4096 / sqrt(1e7) = 485.7
+    assert (plan.kind, plan.nlist, plan.nprobe, plan.pq_m) == ("ivfpq", 4096, 486, 96)
     assert plan.train_size == 40 * 4096
+    million = plan_index(1_000_000, 768, IndexConfig())  # 375 * 1024 / 1000 = 384
+    assert (million.nlist, million.nprobe, million.rescore) == (1024, 384, 256)
     assert plan_index(5_000, 768, IndexConfig(kind="ivfpq", nlist=1024)).kind == "flat"  # too few to train
 
 

@@ -4,12 +4,15 @@ never used to score."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import polars as pl
 import pytest
 from conftest import small_config
 
-from flows.pipeline import full_pipeline
+from flows.pipeline import full_pipeline, link, reindex_kb
 from kgmel_core.data.demo_data import DemoSpec, generate_demo_dataset
 from storage import ArtifactStore
 from tasks.index import VECTORS_FILE
@@ -65,3 +68,59 @@ def test_a_rescoring_index_serves_exact_candidates_and_a_damaged_vectors_file_is
     index_run = last.filter(pl.col("stage") == "index")
     assert not index_run["cache_hit"][0] and "failed verification" in index_run["note"][0]
     assert _artifact(again, "retrieve").read("candidates").sort("mention_id", "rank").equals(served)
+
+
+def _grown_copy(demo, target, new: dict[str, str], edit: dict[str, str] | None = None):
+    """A copy of the demo dataset whose KB gained `new` (qid -> label), each with one triple, and whose
+    entities in `edit` got another description."""
+    shutil.copytree(demo, target)
+    path = target / "kb" / "entities.json"
+    entities = json.loads(path.read_text())
+    for qid, description in (edit or {}).items():
+        entities[qid]["description"] = description
+    entities.update({qid: {"label": label, "description": f"{label}, a town"} for qid, label in new.items()})
+    path.write_text(json.dumps(entities))
+    with open(target / "kb" / "triples.tsv", "a") as handle:
+        handle.writelines(f"{qid}\tcountry\tAtlantis\n" for qid in new)
+    return target
+
+
+def test_reindex_appends_the_entities_a_kb_gained_and_rebuilds_when_one_changed(
+    prefect_harness, large_kb_demo, tmp_path
+):
+    config = small_config(large_kb_demo, tmp_path / "artifacts", index={**IVFPQ, "append_max_drift": 100.0})
+    served = _artifact(full_pipeline(config), "index")
+    before = served.read("fused_entities")
+    new = {f"Q9{i:04d}": f"Newtown {i}" for i in range(12)}
+
+    def reindexed(dataset):
+        moved = config.model_copy(update={"dataset": config.dataset.model_copy(update={"path": str(dataset)})})
+        return moved, reindex_kb(moved)
+
+    grown_config, out = reindexed(_grown_copy(large_kb_demo, tmp_path / "grown", new))
+    grown = _artifact(out, "index")
+    growth = grown.manifest["stats"]["growth"]
+    assert (growth["mode"], growth["added"], growth["previous"]) == ("append", 12, served.key)
+    assert growth["appended_since_build"] == 12 and growth["built_rows"] == before.height
+    fused = grown.read("fused_entities")
+    assert fused.head(before.height).equals(before)  # the served rows, copied as they were
+    assert fused["qid"].to_list()[before.height:] == list(new)
+    assert grown.manifest["stats"]["entities"] == before.height + 12 == len(fused)
+
+    # the appended index serves exact search's candidates (all lists probed, top 128 re-scored)
+    records = [{"id": f"n{i}", "sentence": f"We drove to {label}.", "mention": [label]} for i, label in
+               enumerate(list(new.values())[:3])]
+    linked = link(grown_config, mentions=records)
+    queries = np.stack(_artifact(linked, "retrieve").read("fused_mentions").sort("mention_id")["vector"].to_numpy())
+    vectors = np.stack(fused["vector"].to_numpy())
+    exact = fused["qid"].to_numpy()[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :8]]
+    served_qids = linked["candidates"].sort("mention_id", "rank")["qid"].to_numpy().reshape(3, 8)
+    assert (served_qids == exact).all() and set(served_qids[:, 0]) <= set(new)
+
+    assert reindexed(tmp_path / "grown")[1]["artifacts"]["index"] == f"index/{grown.key}"  # nothing new: kept
+
+    qid = before["qid"][0]
+    _, again = reindexed(_grown_copy(large_kb_demo, tmp_path / "edited", new, edit={qid: "something else now"}))
+    rebuilt = _artifact(again, "index").manifest["stats"]["growth"]
+    assert rebuilt["mode"] == "rebuild" and "1 entities changed" in rebuilt["reason"]
+    assert (rebuilt["previous"], rebuilt["appended_since_build"]) == (grown.key, 0)

@@ -163,3 +163,23 @@ def test_a_table_of_many_parts_reads_back_in_written_order(tmp_path):
     assert artifact.read("numbers")["n"].to_list() == list(range(24))
     assert [Path(p).name for p in artifact.parts("numbers")][-3:] == ["part-9.parquet", "part-10.parquet",
                                                                        "part-11.parquet"]
+
+
+def test_a_table_can_be_read_for_some_of_its_columns(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.writer("stage", "k", code="c", config={}, inputs={}) as writer:
+        writer.write_table("pairs", pl.DataFrame({"a": [1, 2], "b": ["x", "y"]}))
+    assert store.require("stage", "k").read("pairs", columns=["b"]).to_dict(as_series=False) == {"b": ["x", "y"]}
+
+
+def test_a_copied_part_is_counted_from_its_footer_and_a_non_parquet_file_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path)
+    source = _write(store, rows=4)
+    with store.writer("stage", "k2", code="c", config={}, inputs={}) as writer:
+        writer.copy_part("numbers", lambda path: path.write_bytes(Path(source.parts("numbers")[0]).read_bytes()))
+        writer.write_table("numbers", pl.DataFrame({"n": [9]}))
+    copied = store.require("stage", "k2")
+    assert copied.tables == {"numbers": 5} and copied.read("numbers")["n"].to_list() == [0, 1, 2, 3, 9]
+    with pytest.raises(Exception, match="Parquet"), store.writer("stage", "k3", code="c", config={}, inputs={}) as w:
+        w.copy_part("numbers", lambda path: path.write_bytes(b"not parquet"))
+    assert store.get("stage", "k3") is None

@@ -2,13 +2,13 @@
 
 `flat` is exact and the default below a million entities. For larger KBs (and past RAM) `ivfpq`
 stores each vector as `pq_m` codes of `pq_nbits` bits in `nlist` inverted lists; `auto` picks flat below
-`auto_threshold` entities and IVF-PQ above, with parameters derived from the KB size (nlist ~
-4 sqrt(n), a power of two, at most 4,096; one code per 8 dimensions) and re-scores its shortlist exactly against the
-full vectors, memory-mapped from disk (`rescore.py`). Every index is built from shards: an
-approximate one is trained on a sample, then each shard of vectors is added, so the full matrix never
-has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A GPU is used only when faiss
-reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index whose `add` fails with a
-bare AssertionError.
+`auto_threshold` entities and IVF-PQ above, with parameters derived from the KB size (nlist ~ sqrt(n),
+a power of two, at most 4,096; probing lists that hold ~375 sqrt(n) vectors; one code per 8 dimensions)
+and re-scores its shortlist exactly against the full vectors, memory-mapped from disk (`rescore.py`).
+Every index is built from shards: an approximate one is trained on a sample, then each shard of vectors
+is added, so the full matrix never has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A
+GPU is used only when faiss reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index
+whose `add` fails with a bare AssertionError.
 """
 
 from __future__ import annotations
@@ -69,13 +69,15 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
     if kind == "auto":
         kind = "flat" if n < config.auto_threshold else "ivfpq"
     if kind in ("ivf", "ivfpq"):
-        # ~4 sqrt(n) lists, at most 4,096: k-means over 40 points a list costs sample x nlist x d an
+        # ~sqrt(n) lists, at most 4,096: k-means over 40 points a list costs sample x nlist x d an
         # iteration, and 16,384 lists would take hours on 2 cores
-        nlist = config.nlist or min(4096, max(16, 1 << round(math.log2(4 * math.sqrt(max(n, 1))))))
+        nlist = config.nlist or min(4096, max(16, 1 << round(math.log2(math.sqrt(max(n, 1))))))
         if n < 39 * nlist:
             return IndexPlan("flat")
-        # Real fused embeddings spread a mention's top-16 over many lists (bench.index_scale, real-like KBs)
-        nprobe = config.nprobe or max(8, nlist // 8)
+        # A real mention's true top-16 spreads over more lists as the KB grows: probing lists that hold
+        # ~375 sqrt(n) vectors keeps its re-scored recall@16 at ~0.97-0.98 on real-like KBs of 1M and 10M
+        # (docs/scaling.md); a fixed share of the lists loses it at 1M or costs too much at 10M.
+        nprobe = config.nprobe or min(nlist, max(8, round(375 * nlist / math.sqrt(n))))
         pq_m = rescore = 0
         if kind == "ivfpq":
             pq_m = config.pq_m or next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
@@ -161,6 +163,37 @@ def build_index_from_shards(
     if plan.nprobe:
         set_nprobe(index, plan.nprobe)
     return BuiltIndex(index, plan, held_rows)
+
+
+def sample_rows(shards: Iterable[np.ndarray], n: int, size: int, seed: int = 0) -> np.ndarray:
+    """`size` of the `n` rows the shards hold, drawn at random (seeded) in one pass, in row order."""
+    pick = np.zeros(n, dtype=bool)
+    pick[np.random.default_rng(seed).choice(n, min(size, n), replace=False)] = True
+    rows, seen = [], 0
+    for shard in shards:
+        rows.append(np.asarray(shard[pick[seen : seen + len(shard)]], dtype=np.float32))
+        seen += len(shard)
+    return np.ascontiguousarray(np.concatenate(rows)) if rows else np.zeros((0, 0), np.float32)
+
+
+def append_vectors(index, vectors: np.ndarray) -> None:
+    """Add rows to a built index (ids continue from `ntotal`); an IVF files each under its nearest list,
+    found with the same narrow quantizer search the build used, and keeps probing as before."""
+    nprobe = getattr(index, "nprobe", 0)
+    if nprobe:
+        set_nprobe(index, 1, breadth=16)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    if nprobe:
+        set_nprobe(index, nprobe)
+
+
+def ivf_centroids(index) -> np.ndarray | None:
+    """The list centroids of an IVF index (None for an index without lists)."""
+    try:
+        ivf = _faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 
 def build_index(vectors: np.ndarray, config: IndexConfig):

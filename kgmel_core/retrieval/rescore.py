@@ -15,6 +15,7 @@ file's own rows: a file from another build (same shape, other vectors) does not 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +41,21 @@ def write_header(handle: BinaryIO, n: int, d: int, dtype: str) -> None:
 
 def write_rows(handle: BinaryIO, vectors: np.ndarray, dtype: str) -> None:
     handle.write(np.ascontiguousarray(vectors, dtype=DTYPES[dtype]).tobytes())
+
+
+def extend_vectors(source: Path | str, target: BinaryIO, n: int, d: int, added: int, dtype: str) -> None:
+    """Start `target` as a copy of the checked (n, d) vectors file `source` with room for `added` more
+    rows in its header; the new rows follow with `write_rows` (an artifact's files are never edited in
+    place, so a grown index gets a grown copy)."""
+    rows = open_vectors(source, n, d)
+    if rows.dtype != DTYPES[dtype]:
+        raise VectorsFileError(f"{source}: holds {rows.dtype} vectors, this index writes {dtype}")
+    offset = rows.offset
+    del rows
+    write_header(target, n + added, d, dtype)
+    with open(source, "rb") as handle:
+        handle.seek(offset)
+        shutil.copyfileobj(handle, target, 1 << 24)
 
 
 def open_vectors(path: Path | str, n: int, d: int) -> np.memmap:

@@ -1,0 +1,139 @@
+"""`kgmel link` end to end against a 1M-entity index: mentions/s and peak RSS, without the LLM.
+
+A scratch store (hard links to a real store's files, so the real one is never touched) gets an `index`
+artifact of the served WikiMEL retriever grown to `--entities`: the real fused KB entities first, then
+real-like rows (`bench.index_scale.real_like_kb`) under made-up qids, indexed as the index stage indexes
+a KB of that size (`index.kind: auto`: IVF-PQ with its shortlist re-scored from the memory-mapped
+vectors). It is registered as model `<model>-<entities>` and `kgmel link` runs as a user runs it, in a
+child process: ingest the mentions file, embed the mentions, search, re-score, write the candidates.
+
+    python -m bench.link_scale --artifacts artifacts --model wikimel --dataset ../shared/data/wikimel \\
+        --config configs/wikimel.yaml --entities 1000000 --mentions 10000 [--cold]
+
+`--cold` leaves the store's embedding cache out of the scratch copy, so every mention string is
+encoded (new mentions); without it, strings the store has embedded before are served from the cache.
+The mentions are the first `--mentions` of the train split (never test). Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from bench.index_scale import real_like_kb
+from kgmel_core import schemas
+from kgmel_core.config import IndexConfig
+from kgmel_core.retrieval.index import build_index_from_shards, plan_index, save_index
+from storage import ArtifactStore, InputRef
+from tasks.index import INDEX_FILE, VECTORS_FILE
+
+SHARD = 1 << 16
+
+
+def scratch_store(source: Path, target: Path, cold: bool) -> None:
+    """A copy of the store made of hard links (artifacts are immutable: new ones are new files)."""
+    skip = {"_embedding_cache"} if cold else set()
+    shutil.copytree(source, target, copy_function=os.link, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == source and n in skip])
+
+
+def grown_index(store: ArtifactStore, model: str, n: int) -> None:
+    """Write an index artifact of the served retriever over `n` entities; register it as a model."""
+    version = store.models.require(model).serving
+    served = store.require("index", version.index)
+    fused = served.read("fused_entities")
+    seeds = schemas.vector_matrix(fused["vector"])
+    qids = fused["qid"].to_list() + [f"Q-bench-{i}" for i in range(n - len(seeds))]
+    rows = real_like_kb(seeds, n, SHARD)
+    key = hashlib.sha256(f"bench.link_scale {n} {served.key}".encode()).hexdigest()[:20]
+    inputs = {name: InputRef.of(store.input(served, name)) for name in ("train", "ingest", "embed")}
+    config = IndexConfig()
+    with store.writer("index", key, code="bench.link_scale", config={"bench": n}, inputs=inputs) as writer:
+        seen = 0
+        for shard in rows():
+            writer.write_table("fused_entities", pa.table({"qid": qids[seen : seen + len(shard)],
+                                                           "vector": schemas.vector_column(shard)}),
+                               schemas.fused_entities(seeds.shape[1]))
+            seen += len(shard)
+        vectors = writer.file_path(VECTORS_FILE) if plan_index(n, seeds.shape[1], config).rescore else None
+        built = build_index_from_shards(rows, n, seeds.shape[1], config, vectors_path=vectors)
+        save_index(built.index, writer.file_path(INDEX_FILE))
+        plan = built.plan
+        writer.stats.update(entities=n, dim=seeds.shape[1], kind=plan.kind, nlist=plan.nlist, nprobe=plan.nprobe,
+                            pq_m=plan.pq_m, pq_nbits=config.pq_nbits, rescore=plan.rescore,
+                            rescore_dtype=config.rescore_dtype)
+    name = f"{model}-{n}"
+    store.models.register(name, version.train, key, {"bench": "link_scale"})
+    print(f"index {key}: {n} entities ({len(seeds)} real), {plan.kind} nlist={plan.nlist} nprobe={plan.nprobe} "
+          f"top {plan.rescore} re-scored; model {name!r}", flush=True)
+
+
+def mentions_file(dataset: Path, count: int, target: Path) -> int:
+    """The first train records holding `count` mentions, as a MIMIC JSON file; how many mentions."""
+    train = set(json.loads((dataset / "splits.json").read_text())["train"])
+    records, mentions = [], 0
+    for record in json.loads((dataset / "WikiMEL.json").read_text()):
+        if record["id"] in train and mentions < count:
+            records.append(record)
+            mentions += len(record["mention"])
+    target.write_text(json.dumps(records))
+    return mentions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default="artifacts")
+    parser.add_argument("--model", default="wikimel")
+    parser.add_argument("--dataset", default="../shared/data/wikimel")
+    parser.add_argument("--config", default="configs/wikimel.yaml")
+    parser.add_argument("--entities", type=int, default=1_000_000)
+    parser.add_argument("--mentions", type=int, default=10_000)
+    parser.add_argument("--cold", action="store_true", help="no embedding cache: every mention string encoded")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--keep", default=None, help="a folder for the scratch store, kept and reused by later runs "
+                        "(the same --entities and --cold); a link run on it finds its earlier stages cached")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) if not args.keep else contextlib.nullcontext(args.keep) as work:
+        work = Path(work)
+        model = f"{args.model}-{args.entities}"
+        if not (work / "store").exists():
+            scratch_store(Path(args.artifacts).resolve(), work / "store", args.cold)
+            started = time.perf_counter()
+            grown_index(ArtifactStore(work / "store"), args.model, args.entities)
+            print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+        count = mentions_file(Path(args.dataset), args.mentions, work / "mentions.json")
+        kgmel = str(Path(sys.executable).parent / "kgmel")
+        command = [kgmel, "link", str(work / "mentions.json"), "--config", args.config, "--model", model,
+                   "--set", f"artifacts={work / 'store'}", "--set", "rerank.enabled=false",
+                   "--set", "nil.enabled=false", "--set", "generation.enabled=false"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            sys.exit(f"kgmel link failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+        runs = pl.read_parquet(work / "store" / "_runs" / "*.parquet")
+        print(f"\n{count} mentions ({'cold: no embedding cache' if args.cold else 'warm embedding cache'}) against "
+              f"{args.entities} entities: {seconds:.1f} s wall for `kgmel link` (process start included), "
+              f"{count / seconds:.0f} mentions/s, peak RSS {peak:.2f} GB")
+        last = runs.filter(pl.col("run_id") == runs.sort("finished_at")["run_id"][-1])
+        print("\n| stage | cache hit | rows | seconds |\n|---|---|---:|---:|")
+        for row in last.sort("finished_at").iter_rows(named=True):
+            print(f"| {row['stage']} | {row['cache_hit']} | {row['rows']} | {row['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
