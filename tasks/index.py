@@ -7,6 +7,7 @@ with a live config, so an edited config cannot change how an existing model sees
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -87,20 +88,22 @@ def index(
 
     def build(writer):
         model = load_model(train)
-        entities, kb_triples = ingest.read("entities"), ingest.read("kb_triples")
-        plan = plan_index(entities.height, model.output_dim, config)
-        growth = {"mode": "build", "built_rows": entities.height, "appended_since_build": 0}
+        n = ingest.tables["entities"]
+        plan = plan_index(n, model.output_dim, config)
+        growth = {"mode": "build", "built_rows": n, "appended_since_build": 0}
         if previous is not None:
-            decision, changes = _growth_decision(ctx, config, model, train, ingest, embed, previous, plan,
-                                                 entities, kb_triples)
+            previous_index = functools.cache(lambda: load_index(previous.file(INDEX_FILE)))  # read once, if at all
+            decision, changes = _growth_decision(ctx, config, model, train, ingest, embed, previous, previous_index,
+                                                 plan)
             growth = {"mode": "append" if decision.append else "rebuild", "reason": decision.reason,
                       "previous": previous.key, "added": len(changes.added) if changes else None,
                       "changed": changes.changed if changes else None, "removed": changes.removed if changes else None}
             logger().info("stage index: %s (%s)", growth["mode"], decision.reason)
             if decision.append:
-                _append(ctx, writer, config, model, train, ingest, embed, previous, plan, changes, growth)
+                _append(ctx, writer, config, model, train, ingest, embed, previous, previous_index(), plan, changes,
+                        growth)
                 return
-            growth.update(built_rows=entities.height, appended_since_build=0)
+            growth.update(built_rows=n, appended_since_build=0)
         _build(writer, config, model, train, ingest, embed, growth)
 
     settings = config.model_dump(include=INDEX_SETTINGS)
@@ -169,9 +172,16 @@ def _same_settings(previous: Artifact, config: IndexConfig, names: set[str]) -> 
     return {name: previous.manifest["config"].get(name) for name in wanted} == wanted
 
 
+def _history(previous: Artifact) -> tuple[int, int]:
+    """(rows of the last full build, rows appended since) behind `previous`."""
+    stats = previous.manifest["stats"]
+    history = stats.get("growth") or {}
+    return history.get("built_rows", stats["entities"]), history.get("appended_since_build", 0)
+
+
 def _growth_decision(ctx: PipelineContext, config: IndexConfig, model, train: Artifact, ingest: Artifact,
-                     embed: Artifact, previous: Artifact, plan: IndexPlan, entities: pl.DataFrame,
-                     kb_triples: pl.DataFrame) -> tuple[Decision, KBChanges | None]:
+                     embed: Artifact, previous: Artifact, previous_index, plan: IndexPlan
+                     ) -> tuple[Decision, KBChanges | None]:
     """May the entities the KB gained be appended to `previous`? The cheap reasons first; the drift is
     measured on a sample of the new entities, fused with the retriever, against the previous lists."""
     if ctx.store.input(previous, "train").key != train.key:
@@ -180,18 +190,16 @@ def _growth_decision(ctx: PipelineContext, config: IndexConfig, model, train: Ar
         return Decision(False, f"the index settings differ from index {previous.key}'s"), None
     before = ctx.store.input(previous, "ingest")
     changes = kb_changes(entity_signatures(before.read("entities"), before.read("kb_triples")),
-                         entity_signatures(entities, kb_triples))
+                         entity_signatures(ingest.read("entities"), ingest.read("kb_triples")))
     stats = previous.manifest["stats"]
     built = IndexPlan(stats["kind"], stats.get("nlist") or 0, stats.get("nprobe") or 0, stats.get("pq_m") or 0,
                       0, stats.get("rescore") or 0)
-    history = stats.get("growth") or {}
     rule = GrowthRule(config.append_max_growth, config.append_max_drift)
-    facts = (built, plan, changes, history.get("built_rows", stats["entities"]),
-             history.get("appended_since_build", 0), rule)
+    facts = (built, plan, changes, *_history(previous), rule)
     decision = decide(*facts)
     if not decision.append or not changes.added or not stats.get("coarse_distance_held"):
         return decision, changes
-    centroids = ivf_centroids(load_index(previous.file(INDEX_FILE)))
+    centroids = ivf_centroids(previous_index())
     sample = np.random.default_rng(0).choice(changes.added, min(DRIFT_SAMPLE, len(changes.added)), replace=False)
     features = load_features(ingest, embed, None, trained_heads(train), model.config.max_triples, sample.tolist())
     vectors = encode_side(model, features.entities, features.banks).numpy()
@@ -200,10 +208,10 @@ def _growth_decision(ctx: PipelineContext, config: IndexConfig, model, train: Ar
 
 
 def _append(ctx: PipelineContext, writer, config: IndexConfig, model, train: Artifact, ingest: Artifact,
-            embed: Artifact, previous: Artifact, plan: IndexPlan, changes: KBChanges, growth: dict) -> None:
+            embed: Artifact, previous: Artifact, index_now, plan: IndexPlan, changes: KBChanges,
+            growth: dict) -> None:
     """A copy of `previous` with the new entities added: its fused rows copied part by part, its FAISS
-    index read and extended, its vectors file copied and extended; no list is retrained."""
-    index_now = load_index(previous.file(INDEX_FILE))
+    index (`index_now`, read from it) extended, its vectors file copied and extended; no list is retrained."""
     n_before, d = index_now.ntotal, model.output_dim
     if n_before != previous.manifest["stats"]["entities"]:
         raise ArtifactDamaged(f"index {previous.key}: its FAISS file holds {n_before} vectors, its manifest "
@@ -225,9 +233,8 @@ def _append(ctx: PipelineContext, writer, config: IndexConfig, model, train: Art
             if vectors:
                 write_rows(vectors, shard, config.rescore_dtype)
     save_index(index_now, writer.file_path(INDEX_FILE))
-    history = previous.manifest["stats"].get("growth") or {}
-    growth.update(built_rows=history.get("built_rows", n_before),
-                  appended_since_build=history.get("appended_since_build", 0) + n - n_before)
+    built_rows, appended_before = _history(previous)
+    growth.update(built_rows=built_rows, appended_since_build=appended_before + n - n_before)
     shards = _shards(parts)
     held = sample_rows(shards(), n, HELD_ROWS) if plan.train_size else np.zeros((0, d), np.float32)
     _record(writer, config, index_now, plan, n, d, vectors_path, shards, held, growth)

@@ -15,7 +15,7 @@ retriever, so its row in the previous index stays valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -85,7 +85,7 @@ def decide(
     if changes.changed or changes.removed:
         return Decision(False, f"{changes.changed} entities changed and {changes.removed} removed: "
                                "an index only grows in place")
-    if _plan(built) != _plan(wanted) or built.pq_m != wanted.pq_m or built.rescore != wanted.rescore:
+    if replace(built, train_size=0) != replace(wanted, train_size=0):  # the sample size follows n
         return Decision(False, f"the KB's size now calls for another index ({_plan(built)} -> {_plan(wanted)})")
     growth = (appended_before + len(changes.added)) / max(built_rows, 1)
     if growth > rule.max_growth:
