@@ -78,7 +78,7 @@ class KBConfig(_Section):
     partitions: int = Field(1, ge=1)  # byte ranges of an uncompressed dump parsed in parallel
 
 
-RerankLayout = Literal["question_first", "reference"]  # how the LLM method's prompt orders its parts
+RerankLayout = Literal["question_first", "reference", "numbered"]  # how the LLM method's prompt orders its parts
 
 # `clip_pretrained` value: a tiny open_clip stand-in trained on the dataset itself (offline demos, tests).
 TRAIN_ON_DATASET = "train-on-dataset"
@@ -307,7 +307,9 @@ class RerankConfig(_Section):
     max_description_chars: int = Field(160, ge=10)  # candidate descriptions are cut here in the LLM prompt
     # question_first: sentence and mention, then the candidates in retrieval order (a small model leans towards
     # what it reads first, so the order should agree with retrieval); reference: the candidates first in
-    # reverse retrieval order, then the mention (docs/results.md compares them).
+    # reverse retrieval order, then the mention (docs/results.md compares them); numbered: as question_first,
+    # the candidates numbered 1..K and the answer a number (one token up to K = 9, so its log-probabilities
+    # grade every candidate: bench/llm_probabilities.py).
     layout: RerankLayout = "question_first"
     scope: LLMScope = LLMScope()
 

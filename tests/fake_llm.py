@@ -76,9 +76,13 @@ class FakeLLM(CustomLLM):
             if roll < self.failure_rate + self.timeout_rate + self.garbage_rate
             else self.answer(prompt)
         )
+        choice = {"message": {"role": "assistant", "content": text}, "finish_reason": "stop", "index": 0}
+        if kwargs.get("optional_params", {}).get("logprobs"):  # the answer's first token, certain of itself
+            first = {"token": text.split()[0] if text.split() else "", "logprob": 0.0, "bytes": None}
+            choice["logprobs"] = {"content": [{**first, "top_logprobs": [first]}]}
         return litellm.ModelResponse(
             model=kwargs["model"],
-            choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop", "index": 0}],
+            choices=[choice],
             usage={
                 "prompt_tokens": len(prompt.split()),
                 "completion_tokens": len(text.split()),

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import litellm
+import numpy as np
 import pytest
 from fake_llm import FakeLLM, install
 
@@ -28,6 +29,19 @@ def test_cache_hit_makes_zero_calls(tmp_path):
     assert fake.calls == 5  # nothing new reached the provider
     assert all(r.call["cached"] for r in second) and [r.text for r in second] == [r.text for r in first]
     assert second[0].call["tokens_in"] == first[0].call["tokens_in"]
+
+
+def test_first_token_logprobs_are_kept_and_cached_when_asked(tmp_path):
+    fake = FakeLLM(answer=lambda prompt: "2")
+    install(fake)
+    settings = LLMConfig(model="fake/model", timeout_s=3, retries=0, backoff_s=0.0)
+    plain = LLMClient(settings, "rerank", tmp_path / "cache").run(_requests(1), progress=False)[0]
+    assert plain.first_token is None  # not asked: nothing requested from the provider
+    asked = LLMClient(settings, "rerank", tmp_path / "cache", top_logprobs=5)
+    first = asked.run(_requests(1), progress=False)[0]
+    again = asked.run(_requests(1), progress=False)[0]
+    assert fake.calls == 2  # asking for logprobs is another request: it did not reuse the plain answer
+    assert first.first_token == {"2": 0.0} and again.call["cached"] and again.first_token == {"2": 0.0}
 
 
 def test_injected_failures_are_retried_then_recorded_never_lost(tmp_path):
@@ -74,24 +88,32 @@ def test_images_go_as_openai_image_url_data_urls(small_demo):
 
 @pytest.mark.slow
 def test_packaged_local_model_answers_through_litellm(tmp_path):
-    """The real packaged Qwen2.5-Coder-1.5B-Instruct on llama.cpp: one rerank question, answered with a QID."""
+    """The real packaged Qwen2.5-Coder-1.5B-Instruct on llama.cpp: one rerank question, answered with a QID;
+    asked with numbered candidates, its first token's alternatives grade them."""
     pytest.importorskip("xllamacpp")
     from kgmel_core.llm.local import LOCAL_MODEL_NAME, local_llm_server
     from kgmel_core.llm.parsing import parse_rerank_answer
     from kgmel_core.llm.prompts import CandidateCard, rerank_messages
+    from kgmel_core.rerank.llm_choice import number_logprobs
 
     cards = [
         CandidateCard("Q41421", "Michael Jordan", "American basketball player", [("occupation", "basketball player")]),
         CandidateCard("Q810", "Jordan", "country in Western Asia", [("instance of", "country")]),
     ]
-    messages = rerank_messages("Jordan scored 40 points for the Bulls.", "Jordan", None, [], cards)
+    sentence = "Jordan scored 40 points for the Bulls."
     config = LLMConfig(model="local", max_tokens=12, timeout_s=300)
     with local_llm_server(parallel=1) as api_base:
         client = LLMClient(config, "rerank", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}")
-        [result] = client.run([LLMRequest("m", messages)], progress=False)
+        [result] = client.run([LLMRequest("m", rerank_messages(sentence, "Jordan", None, [], cards))], progress=False)
+        grading = LLMClient(config, "rerank", None, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
+                            top_logprobs=10)
+        numbered = rerank_messages(sentence, "Jordan", None, [], cards, layout="numbered")
+        [graded] = grading.run([LLMRequest("m", numbered)], progress=False)
     assert result.ok, result.call["error"]
     assert result.call["tokens_in"] > 60 and result.call["tokens_out"] > 0
     assert parse_rerank_answer(result.text, [(c.qid, c.label) for c in cards])[0] == "Q41421", result.text
+    logprobs = number_logprobs(graded.first_token, len(cards))
+    assert logprobs is not None and int(np.argmax(logprobs)) == 0, graded.first_token
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from kgmel_core.llm.generation import generation_requests, generation_tables
 from kgmel_core.llm.parsing import parse_generation, parse_rerank_answer
 from kgmel_core.llm.prompts import (
     GENERATION_SYSTEM,
+    RERANK_NUMBERED_SYSTEM,
     RERANK_SYSTEM,
     CandidateCard,
     generation_grammar,
@@ -14,6 +15,7 @@ from kgmel_core.llm.prompts import (
     rerank_messages,
 )
 from kgmel_core.rerank.filtering import Triple, filter_triples
+from kgmel_core.rerank.llm_choice import number_logprobs
 
 MESSY = [
     # (raw model output, expected (relation, tail) pairs)
@@ -110,7 +112,7 @@ def test_rerank_answer_parsing(answer, expected):
     assert parse_rerank_answer(answer, CANDS) == expected
 
 
-def test_rerank_prompt_golden_in_both_layouts():
+def test_rerank_prompt_golden_in_every_layout():
     cards = [
         CandidateCard("Q41421", "Michael Jordan", "American basketball player", [("occupation", "basketball player")]),
         CandidateCard("Q810", "Jordan", "country in Western Asia " * 20, []),
@@ -139,6 +141,30 @@ def test_rerank_prompt_golden_in_both_layouts():
         'Which candidate is "Jordan" in this sentence?\n'
         "Answer:"
     )
+    numbered = rerank_messages(*args, layout="numbered")
+    assert numbered[0] == {"role": "system", "content": RERANK_NUMBERED_SYSTEM}
+    assert numbered[1]["content"] == (
+        "Sentence: Jordan scored 40 points.\n"
+        "Mention description: US basketball player\n"
+        "Mention facts: occupation: athlete\n"
+        'Which candidate is "Jordan" in this sentence?\n'
+        "1. Michael Jordan, American basketball player [occupation: basketball player]\n"
+        "2. Jordan, country in Western Asia country in West…\n"
+        "Answer:"
+    )
+    assert parse_rerank_answer("2", [(c.qid, c.label) for c in cards]) == ("Q810", "index")
+
+
+def test_number_logprobs_grade_every_candidate_by_hand():
+    first_token = {"2": np.log(0.6), "1": np.log(0.2), " 2": np.log(0.1), "The": np.log(0.05), "7": np.log(0.04)}
+    graded = number_logprobs(first_token, 3)
+    # "2" and " 2" name one candidate; "3" is missing, so it gets the least likely alternative's 0.04;
+    # "7" is no candidate of three; renormalised over 0.2 + 0.7 + 0.04.
+    assert np.allclose(np.exp(graded), np.array([0.2, 0.7, 0.04]) / 0.94)
+    assert number_logprobs({"The": -0.1, "Answer": -3.0}, 3) is None  # no number: nothing graded
+    assert number_logprobs(None, 3) is None
+    with pytest.raises(ValueError, match="1..9"):
+        number_logprobs(first_token, 16)  # "1" would also begin "10".."16"
 
 
 def test_generation_prompt_golden():

@@ -65,6 +65,9 @@ class LLMResult:
     key: str
     text: str | None  # None when the call failed
     call: dict[str, Any] = field(default_factory=dict)  # the llm_calls row
+    # With `top_logprobs`: the most likely first tokens of the answer and their log-probabilities, which
+    # grade every option of a one-token answer (a candidate's number) instead of naming one.
+    first_token: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -74,6 +77,17 @@ class LLMResult:
     def truncated(self) -> bool:
         """The answer stopped at `max_tokens`: its last line may be cut short."""
         return self.call.get("finish_reason") == "length"
+
+
+def first_token_logprobs(choice: Any) -> dict[str, float] | None:
+    """token -> log-probability of the alternatives the provider gave for the answer's first token
+    (None when it gave none: not asked, or a provider without logprobs)."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    first = content[0]
+    alternatives = getattr(first, "top_logprobs", None) or [first]
+    return {alt.token: float(alt.logprob) for alt in alternatives}
 
 
 class LLMClient:
@@ -87,10 +101,13 @@ class LLMClient:
         extra_body: dict[str, Any] | None = None,
         served_by: str | None = None,
         grammar: str | None = None,
+        top_logprobs: int | None = None,
     ):
         """`served_by`: what answers, for the cache key, where `api_base` does not say it – the packaged
         model's server binds a new port on every start, but serves the same model file. `grammar`: a
-        llama.cpp GBNF grammar the server holds every answer to (only servers that take one)."""
+        llama.cpp GBNF grammar the server holds every answer to (only servers that take one).
+        `top_logprobs`: ask for that many alternatives of each answer token (OpenAI's `logprobs`; the
+        packaged llama.cpp server gives them) and keep the first token's in `LLMResult.first_token`."""
         self.config, self.stage = config, stage
         self.model = model or config.model
         self.api_base = api_base or config.api_base
@@ -100,6 +117,8 @@ class LLMClient:
         self.extra_body = extra_body  # provider-specific request fields (llama.cpp: cache_prompt)
         if grammar is not None:  # it shapes the answer, so it is part of the cache key too
             self.params["grammar"] = grammar
+        if top_logprobs is not None:
+            self.params.update(logprobs=True, top_logprobs=top_logprobs)
         self.cache = diskcache.Cache(str(cache_dir)) if cache_dir else None
 
     def _kwargs(self, messages: list[dict]) -> dict[str, Any]:
@@ -118,7 +137,9 @@ class LLMClient:
             kwargs["api_key"] = "not-needed"  # local OpenAI-compatible servers ignore it, the client wants one
         return kwargs
 
-    async def _call(self, request: LLMRequest, limiter: asyncio.Semaphore, call: dict[str, Any]) -> str:
+    async def _call(
+        self, request: LLMRequest, limiter: asyncio.Semaphore, call: dict[str, Any]
+    ) -> tuple[str, dict[str, float] | None]:
         """One attempt. Only the request itself holds a concurrency slot; back-off waits outside it."""
         async with limiter:
             call["attempts"] += 1
@@ -138,7 +159,7 @@ class LLMClient:
             tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
             finish_reason=choice.finish_reason,
         )
-        return choice.message.content or ""
+        return choice.message.content or "", first_token_logprobs(choice)
 
     async def _one(
         self, request: LLMRequest, limiter: asyncio.Semaphore, same_prompt: dict[str, asyncio.Lock]
@@ -164,7 +185,7 @@ class LLMClient:
             if self.cache is not None and (hit := self.cache.get(digest)) is not None:
                 call.update(cached=True, tokens_in=hit["tokens_in"], tokens_out=hit["tokens_out"],
                             finish_reason=hit.get("finish_reason"))
-                return LLMResult(request.key, hit["text"], call)
+                return LLMResult(request.key, hit["text"], call, hit.get("first_token"))
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self.config.retries + 1),
                 wait=wait_exponential(multiplier=self.config.backoff_s, min=self.config.backoff_s),
@@ -172,15 +193,15 @@ class LLMClient:
                 reraise=True,
             )
             try:
-                text = await retrying(self._call, request, limiter, call)
+                text, first_token = await retrying(self._call, request, limiter, call)
             except Exception as exc:  # recorded, never raised: the stage decides what a failure means
                 timeout = isinstance(exc, TimeoutError | litellm.exceptions.Timeout)
                 call.update(status="timeout" if timeout else "error", error=f"{type(exc).__name__}: {exc}"[:500])
                 return LLMResult(request.key, None, call)
             if self.cache is not None:
                 kept = {key: call[key] for key in ("tokens_in", "tokens_out", "finish_reason")}
-                self.cache.set(digest, {"text": text, **kept})
-            return LLMResult(request.key, text, call)
+                self.cache.set(digest, {"text": text, "first_token": first_token, **kept})
+            return LLMResult(request.key, text, call, first_token)
 
     async def _all(self, requests: list[LLMRequest], progress: bool) -> list[LLMResult]:
         limiter = asyncio.Semaphore(self.config.calls_at_once)

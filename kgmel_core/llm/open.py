@@ -16,13 +16,15 @@ from kgmel_core.llm.client import LLMClient
 
 @contextmanager
 def open_llm(
-    config: LLMConfig, stage: str, cache_dir: Path | None, grammar: str | None = None
+    config: LLMConfig, stage: str, cache_dir: Path | None, grammar: str | None = None,
+    top_logprobs: int | None = None,
 ) -> Iterator[tuple[LLMClient, bool]]:
     """A client for the configured model, and whether images are sent. `model: local` starts the packaged
     model's llama.cpp server for the duration of the block (text-only: it never gets an image) and holds
-    its answers to `grammar`; hosted providers take no GBNF grammar and get the prompt alone."""
+    its answers to `grammar`; hosted providers take no GBNF grammar and get the prompt alone. `top_logprobs`:
+    see `LLMClient`."""
     if config.model != "local":
-        with closing(LLMClient(config, stage, cache_dir)) as client:
+        with closing(LLMClient(config, stage, cache_dir, top_logprobs=top_logprobs)) as client:
             yield client, config.vision != "no"
         return
     if config.vision == "yes":
@@ -32,6 +34,6 @@ def open_llm(
     with local_llm_server(parallel=config.calls_at_once, threads=config.threads) as api_base, closing(LLMClient(
         config, stage, cache_dir, api_base=api_base, model=f"openai/{LOCAL_MODEL_NAME}",
         extra_body={"cache_prompt": True}, served_by=f"packaged:{LOCAL_MODEL.file_name}:{LOCAL_MODEL.sha256}",
-        grammar=grammar,
+        grammar=grammar, top_logprobs=top_logprobs,
     )) as client:
         yield client, False

@@ -9,9 +9,10 @@ line (the mention is the head of every triple), relations preferably from ~20 fr
 properties (`instance of <type>` is added by the parser when missing). A server that takes a grammar
 (the packaged model's llama.cpp) is held to the format by `generation_grammar`.
 Rerank: each candidate as `QID: Label, description [filtered triples]`, and the mention with its
-sentence, generated description and triples; the answer is one QID. Two layouts: the reference's
-(candidates first, in reverse retrieval order, then the mention) and `question_first` (the default,
-better for a small model; see `rerank_messages`).
+sentence, generated description and triples; the answer is one QID. Layouts: the reference's
+(candidates first, in reverse retrieval order, then the mention), `question_first` (the default,
+better for a small model; see `rerank_messages`) and `numbered` (question first, the candidates
+numbered and the answer a number).
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def generation_grammar(max_triples: int) -> str:
 RERANK_SYSTEM = (
     "You link an entity mention to a knowledge base. Reply with the QID of the right candidate only."
 )
+RERANK_NUMBERED_SYSTEM = (
+    "You link an entity mention to a knowledge base. Reply with the number of the right candidate only."
+)
 RERANK_LAYOUTS = get_args(RerankLayout)
 
 def generation_messages(sentence: str, mention: str, image_path: str | None, send_image: bool) -> list[dict]:
@@ -139,7 +143,8 @@ def _short(text: str | None, limit: int) -> str:
 
 
 def _candidate_line(card: CandidateCard, max_description_chars: int) -> str:
-    line = f"{card.qid}: {card.label}, {_short(card.description, max_description_chars)}"
+    """`Label, description [relation: tail; ...]`, without the name the answer uses (QID or number)."""
+    line = f"{card.label}, {_short(card.description, max_description_chars)}"
     if card.triples:
         line += " [" + "; ".join(f"{relation}: {tail}" for relation, tail in card.triples) + "]"
     return line
@@ -161,16 +166,22 @@ def rerank_messages(
     `question_first`: the sentence and mention first, then the candidates in retrieval order: a
     small model leans towards the candidates it reads first, so the order should agree with retrieval
     (the two layouts compared with the packaged model: docs/results.md).
+    `numbered`: as `question_first`, each candidate numbered (`1. Label, description`) and the answer its
+    number: up to 9 candidates that is one token, whose log-probabilities grade every candidate.
     """
     about = [f"Mention description: {mention_description}"] if mention_description else []
     if mention_triples:
         about.append("Mention facts: " + "; ".join(f"{relation}: {tail}" for relation, tail in mention_triples))
     question = f'Which candidate is "{mention}" in this sentence?'
-    cards = [_candidate_line(card, max_description_chars) for card in candidates]
+    cards = [f"{card.qid}: {_candidate_line(card, max_description_chars)}" for card in candidates]
     if layout == "reference":
         lines = ["Candidates:", *reversed(cards), "", f"Sentence: {sentence}", *about, question, "Answer:"]
     elif layout == "question_first":
         lines = [f"Sentence: {sentence}", *about, question, *cards, "Answer:"]
+    elif layout == "numbered":
+        numbered = [f"{i}. {_candidate_line(card, max_description_chars)}" for i, card in enumerate(candidates, 1)]
+        lines = [f"Sentence: {sentence}", *about, question, *numbered, "Answer:"]
+        return [{"role": "system", "content": RERANK_NUMBERED_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
     else:
         raise ValueError(f"unknown rerank layout {layout!r}; choose one of {RERANK_LAYOUTS}")
     return [{"role": "system", "content": RERANK_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]

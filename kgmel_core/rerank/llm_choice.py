@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from kgmel_core import schemas
@@ -88,3 +89,26 @@ def llm_predictions(
              "margin": margins.get(mid), "answer": result.text if result is not None else None}
         )
     return pl.DataFrame(rows, schema=pl.Schema(schemas.PREDICTIONS)), reasons
+
+
+def number_logprobs(first_token: Mapping[str, float] | None, options: int) -> np.ndarray | None:
+    """Log-probability of each candidate's number (1..`options`) as the first token of the LLM's answer,
+    renormalised over the numbers: a grade of every candidate where the answer names one (`numbered`
+    prompt layout). A number missing from the alternatives the provider returned gets the least likely
+    returned one's probability, an upper bound of its own. None when no number is among them.
+
+    Up to 9 options only: "1" would also begin "10".."16", so its probability would not be the first
+    candidate's."""
+    if not 1 <= options <= 9:
+        raise ValueError(f"a number is one token for 1..9 candidates only, not {options}")
+    if not first_token:
+        return None
+    probability = np.zeros(options)
+    for token, logprob in first_token.items():
+        text = token.strip()  # " 2" and "2" are different tokens naming the same candidate
+        if text.isdigit() and 1 <= int(text) <= options:
+            probability[int(text) - 1] += math.exp(logprob)
+    if not probability.any():
+        return None
+    probability[probability == 0] = math.exp(min(first_token.values()))
+    return np.log(probability / probability.sum())
