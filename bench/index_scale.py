@@ -12,13 +12,18 @@ re-scored exactly from memory-mapped vectors, on real fused embeddings and on KB
     python -m bench.index_scale grow --artifacts artifacts --retrieve KEY --entities 1000000 --add 10000
 
 Run on an idle machine. Peak memory is the process's maximum resident set size (build included). The
-re-scoring reads the vectors file just written, so its timings are with the file in the page cache.
+`synthetic` searches run in a fresh process from the saved index, after reading the vectors file once
+so it is in the page cache (`--cold`: not), and report that process's own peak RSS and how much of the
+file the page cache held (util-linux `fincore`).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import resource
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -184,17 +189,80 @@ def synthetic(args: argparse.Namespace) -> None:
             print(f"gold entity in the exact top-{K}: {gold_found(exact, gold):.3f} of the val mentions")
         print()
         index_gb = n * (plan.pq_m * args.pq_nbits / 8 + 8) / 1e9  # codes + ids
-        print("| nprobe | re-scored | ms / mention (batched) | recall@16 vs. exact | gold in top-16 | index GB in RAM "
-              "| vectors GB on disk | peak RSS GB |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for nprobe in args.nprobe:
-            set_nprobe(built.index, nprobe)
-            for shortlist in (0, *args.rescore):
-                searcher = RescoredIndex(built.index, vectors, shortlist) if shortlist else built.index
-                ids, ms = timed_search(searcher, queries)
-                found = f"{gold_found(ids, gold):.3f}" if gold is not None else "–"
-                print(f"| {nprobe} | {shortlist or '–'} | {ms:.3f} | {recall_at_k(ids, exact):.3f} | {found} | "
-                      f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {peak_rss_gb():.2f} |", flush=True)
+        index_path, arrays = Path(work) / "index.faiss", Path(work) / "arrays.npz"
+        save_index(built.index, index_path)
+        np.savez(arrays, queries=queries, exact=exact, gold=gold if gold is not None else np.zeros(0, np.int64))
+        del built
+        print(f"index saved; build process peak RSS {peak_rss_gb():.2f} GB, {current_rss_gb():.2f} GB held while "
+              f"the searches run in a fresh one{' (vectors file cold)' if args.cold else ''}\n")
+        # A fresh process, as a server would be: the saved index loaded, the vectors file read through the page
+        # cache (the build's leftovers would otherwise crowd the file out of it), its own peak RSS.
+        child = multiprocessing.get_context("spawn").Process(
+            target=search_sweep, args=(index_path, vectors, arrays, args.nprobe, args.rescore, index_gb, not args.cold))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise SystemExit(f"the search process failed (exit code {child.exitcode})")
+
+
+def search_process_peak_gb() -> float:
+    """This process's own peak resident set (VmHWM): `ru_maxrss` would carry the build process's peak,
+    which a spawned child inherits across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def current_rss_gb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def resident_gb(path: Path) -> str:
+    """How much of the file is in the page cache (util-linux `fincore`), or "?" without it."""
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", str(path)], capture_output=True, text=True,
+                             check=True)
+        return f"{int(out.stdout.split()[0]) / 1e9:.1f}"
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return "?"
+
+
+def warm(path: Path) -> float:
+    """Read the file once, front to back, so its pages are in the page cache (as in a server that has been
+    answering for a while); seconds taken."""
+    started = time.perf_counter()
+    buffer = bytearray(1 << 26)
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+    return time.perf_counter() - started
+
+
+def search_sweep(index_path: Path, vectors: Path, arrays: Path, nprobes: list[int], rescores: list[int],
+                 index_gb: float, warm_first: bool) -> None:
+    """The nprobe x shortlist table, from the saved index and vectors file (run in a fresh process)."""
+    saved = np.load(arrays)
+    queries, exact, gold = saved["queries"], saved["exact"], saved["gold"]
+    gold = gold if len(gold) else None
+    index = load_index(index_path)
+    if warm_first:
+        print(f"vectors file read once in {warm(vectors):.0f} s before the searches", flush=True)
+    print(f"vectors file in the page cache before the searches: {resident_gb(vectors)} of "
+          f"{vectors.stat().st_size / 1e9:.1f} GB\n")
+    print("| nprobe | re-scored | ms / mention (batched) | recall@16 vs. exact | gold in top-16 | index GB in RAM "
+          "| vectors GB on disk | peak RSS GB (search process) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for nprobe in nprobes:
+        set_nprobe(index, nprobe)
+        for shortlist in (0, *rescores):
+            searcher = RescoredIndex(index, vectors, shortlist) if shortlist else index
+            ids, ms = timed_search(searcher, queries)
+            found = f"{gold_found(ids, gold):.3f}" if gold is not None else "–"
+            print(f"| {nprobe} | {shortlist or '–'} | {ms:.3f} | {recall_at_k(ids, exact):.3f} | {found} | "
+                  f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {search_process_peak_gb():.2f} |",
+                  flush=True)
+    print(f"\nvectors file in the page cache after the searches: {resident_gb(vectors)} GB")
 
 
 def split_at(shards: Callable[[], Iterator[np.ndarray]], n: int) -> tuple[Callable[[], Iterator[np.ndarray]],
@@ -329,6 +397,8 @@ def main() -> None:
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     s.add_argument("--queries", type=int, default=500)
     s.add_argument("--workdir", default=None, help="where the vectors file goes (10M x 768 fp16: 15 GB)")
+    s.add_argument("--cold", action="store_true", help="search without reading the vectors file into the page "
+                   "cache first (what is left there after the build)")
     g = sub.add_parser("grow")
     g.add_argument("--artifacts", default="artifacts")
     g.add_argument("--retrieve", required=True, help="key of a retrieve artifact (seed entities, val mentions)")
