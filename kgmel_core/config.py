@@ -170,7 +170,7 @@ class IndexConfig(_Section):
     # bits a sub-quantizer code: 4 is FAISS's fast-scan PQ (SIMD look-ups, ~10x faster to scan, coarser:
     # the re-scoring restores the order), 8 the classic PQ
     pq_nbits: Literal[4, 8] = 4
-    # ivfpq: re-score the first pass's top `rescore` exactly against the full vectors, memory-mapped from
+    # ivfpq: re-score the first pass's top `rescore` exactly against the full vectors, read from a file of
     # the index artifact (PQ codes alone lose a third of the true top-16). None: derived, 16 x top_k (at
     # least 256); 0: off. Flat, IVF-Flat and HNSW already score with the full vectors.
     rescore: int | None = Field(None, ge=0)

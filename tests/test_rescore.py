@@ -44,8 +44,7 @@ def test_rescore_orders_a_shortlist_by_exact_score_and_keeps_padding_last():
 
 
 @pytest.mark.parametrize(("dtype", "nbits"), [("float32", 4), ("float16", 4), ("float32", 8)])
-def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(tmp_path, dtype, nbits, monkeypatch):
-    monkeypatch.setattr(rescore, "QUERY_BATCH", 128)  # 300 queries: three mappings of the vectors file
+def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(tmp_path, dtype, nbits):
     rng = np.random.default_rng(0)
     entities, queries = _unit(rng, 3000, 16), _unit(rng, 300, 16)
     built = _build(tmp_path, entities, dtype, nbits=nbits)
@@ -146,3 +145,15 @@ def test_an_hnsw_quantizer_searches_broadly_enough_to_return_nprobe_lists(tmp_pa
     assert loaded.nprobe == 512 and faiss.downcast_index(loaded.quantizer).hnsw.efSearch == 1024
     set_nprobe(loaded, 2048)
     assert faiss.downcast_index(loaded.quantizer).hnsw.efSearch == 4096
+
+
+def test_vector_rows_read_what_the_array_holds_and_refuse_a_file_that_shrank(tmp_path):
+    entities = _unit(np.random.default_rng(2), 1000, 16)
+    _build(tmp_path, entities, "float16")
+    ids = np.array([999, 0, 7, 7, 250])
+    with rescore.VectorRows(tmp_path / "v.npy", 1000, 16) as rows_of:
+        assert (rows_of[ids] == np.load(tmp_path / "v.npy")[ids]).all()
+        with open(tmp_path / "v.npy", "r+b") as handle:  # cut after the check at open: a read comes up short
+            handle.truncate(handle.seek(0, 2) - 32)
+        with pytest.raises(VectorsFileError, match="row 999 could not be read whole"):
+            rows_of[ids]

@@ -4,7 +4,7 @@
 stores each vector as `pq_m` codes of `pq_nbits` bits in `nlist` inverted lists; `auto` picks flat below
 `auto_threshold` entities and IVF-PQ above, with parameters derived from the KB size (nlist ~ sqrt(n),
 a power of two, at most 4,096; probing lists that hold ~375 sqrt(n) vectors; one code per 8 dimensions)
-and re-scores its shortlist exactly against the full vectors, memory-mapped from disk (`rescore.py`).
+and re-scores its shortlist exactly against the full vectors, read row by row from disk (`rescore.py`).
 Every index is built from shards: an approximate one is trained on a sample, then each shard of vectors
 is added, so the full matrix never has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A
 GPU is used only when faiss reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index

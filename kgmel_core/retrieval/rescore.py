@@ -1,10 +1,11 @@
-"""Exact re-scoring of a compressed index's shortlist against the full vectors, read memory-mapped.
+"""Exact re-scoring of a compressed index's shortlist against the full vectors, read row by row from disk.
 
 IVF-PQ keeps a 10M-entity KB in a few GB, but its codes blur nearby vectors: the true top-16 is often
 in its top few hundred and rarely in its top 16. Re-scoring a shortlist of `R` rows with the full
-vectors restores the exact order inside it, and the vectors stay on disk: only the rows a batch of
-queries touches are paged in, and each batch's mapping is dropped before the next, so the resident
-set is bounded by the batch, never by the KB.
+vectors restores the exact order inside it, and the vectors stay on disk: each shortlisted row is read
+with a positioned read (`pread`) through the page cache, so the resident set holds the rows of one
+query, never the KB. A memory mapping would not: each row it touches maps the neighbouring page-cache
+pages as well (fault-around), so the resident set grows with every shortlist, by gigabytes at 10M.
 
 The vectors file is a standard `.npy` (its header holds dtype and shape), written shard by shard so
 the matrix is never whole in memory. Opening it checks its size against the header (a truncated copy
@@ -23,10 +24,6 @@ import numpy as np
 import torch
 
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-# Queries re-scored under one mapping of the vectors file, dropped before the next batch. The kernel maps
-# ~16 neighbouring page-cache pages around each page a row faults in (fault-around), so a mapping adds
-# up to batch x R x 64 KB to the resident set: ~1 GB at R=256, whatever the KB's size.
-QUERY_BATCH = 64
 
 
 class VectorsFileError(ValueError):
@@ -60,7 +57,14 @@ def extend_vectors(source: Path | str, target: BinaryIO, n: int, d: int, added: 
 
 
 def open_vectors(path: Path | str, n: int, d: int) -> np.memmap:
-    """The file's rows, memory-mapped read-only, after checking header, size and shape."""
+    """The file's rows, memory-mapped read-only, after checking header, size and shape (for whole-file
+    passes: copying, probing; re-scoring reads rows with `VectorRows`)."""
+    offset, dtype = checked_layout(path, n, d)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, d))
+
+
+def checked_layout(path: Path | str, n: int, d: int) -> tuple[int, np.dtype]:
+    """(offset of the first row, dtype) of an (n, d) vectors file, after checking header, size and shape."""
     path = Path(path)
     with open(path, "rb") as handle:
         try:
@@ -79,10 +83,41 @@ def open_vectors(path: Path | str, n: int, d: int) -> np.memmap:
     if actual != expected:
         raise VectorsFileError(f"{path}: {actual} bytes, expected {expected} for {n} x {d} {dtype} "
                                f"({'truncated' if actual < expected else 'trailing bytes'})")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, d))
+    return offset, dtype
 
 
-def rescore(queries: np.ndarray, shortlist: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+class VectorRows:
+    """Rows of a checked vectors file, read on demand with positioned reads: `rows_of[ids]` is the
+    (len(ids), d) matrix of those rows, like fancy indexing of the array, without mapping the file."""
+
+    def __init__(self, path: Path | str, n: int, d: int):
+        self.path = Path(path)
+        self.offset, self.dtype = checked_layout(path, n, d)
+        self.row_bytes = d * self.dtype.itemsize
+        self.d = d
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), self.d), self.dtype)
+        view = memoryview(out).cast("B")
+        for j, row in enumerate(np.asarray(ids, np.int64).tolist()):
+            part = view[j * self.row_bytes : (j + 1) * self.row_bytes]
+            if os.preadv(self.fd, [part], self.offset + row * self.row_bytes) != self.row_bytes:
+                raise VectorsFileError(f"{self.path}: row {row} could not be read whole (the file shrank)")
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> VectorRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rescore(queries: np.ndarray, shortlist: np.ndarray, vectors: np.ndarray | VectorRows,
+            k: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k (scores, rows) of each query among its shortlisted rows (-1: padding, kept last).
 
     One query at a time: its R rows are a few hundred KB that stay in cache, where a batched gather
@@ -114,16 +149,10 @@ class RescoredIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _, shortlist = self.first_pass.search(queries, min(max(k, self.shortlist), self.ntotal))
-        scores, rows = [], []
-        for start in range(0, len(queries), QUERY_BATCH):
-            vectors = open_vectors(self.vectors_path, self.ntotal, self.d)  # a fresh mapping a batch: bounded RSS
-            part = rescore(queries[start : start + QUERY_BATCH], shortlist[start : start + QUERY_BATCH], vectors, k)
-            del vectors
-            scores.append(part[0])
-            rows.append(part[1])
-        if not scores:
+        if not len(queries):
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate(scores), np.concatenate(rows)
+        with VectorRows(self.vectors_path, self.ntotal, self.d) as rows_of:
+            return rescore(queries, shortlist, rows_of, k)
 
     def check_pairing(self, probes: int = 8) -> None:
         """Ask the first pass for a few of the file's own rows: each must come back in its own shortlist.
