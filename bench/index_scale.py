@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import resource
 import subprocess
 import tempfile
 import time
@@ -52,8 +50,21 @@ from storage import ArtifactStore
 K = 16
 
 
+def _status_gb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1e6  # kB
+    return float("nan")
+
+
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    """This process's own peak resident set (VmHWM); `ru_maxrss` would carry the build process's peak into
+    the search process, which a spawned child inherits across fork and exec."""
+    return _status_gb("VmHWM")
+
+
+def current_rss_gb() -> float:
+    return _status_gb("VmRSS")
 
 
 def timed_search(index, queries: np.ndarray) -> tuple[np.ndarray, float]:
@@ -205,19 +216,6 @@ def synthetic(args: argparse.Namespace) -> None:
             raise SystemExit(f"the search process failed (exit code {child.exitcode})")
 
 
-def search_process_peak_gb() -> float:
-    """This process's own peak resident set (VmHWM): `ru_maxrss` would carry the build process's peak,
-    which a spawned child inherits across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e6
-    return float("nan")
-
-
-def current_rss_gb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-
-
 def resident_gb(path: Path) -> str:
     """How much of the file is in the page cache (util-linux `fincore`), or "?" without it."""
     try:
@@ -260,7 +258,7 @@ def search_sweep(index_path: Path, vectors: Path, arrays: Path, nprobes: list[in
             ids, ms = timed_search(searcher, queries)
             found = f"{gold_found(ids, gold):.3f}" if gold is not None else "–"
             print(f"| {nprobe} | {shortlist or '–'} | {ms:.3f} | {recall_at_k(ids, exact):.3f} | {found} | "
-                  f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {search_process_peak_gb():.2f} |",
+                  f"{index_gb:.2f} | {vectors.stat().st_size / 1e9:.2f} | {peak_rss_gb():.2f} |",
                   flush=True)
     print(f"\nvectors file in the page cache after the searches: {resident_gb(vectors)} GB")
 

@@ -20,7 +20,7 @@ from kgmel_core.retrieval.index import (
     sample_rows,
     search,
 )
-from kgmel_core.retrieval.rescore import RescoredIndex, VectorsFileError, extend_vectors, open_vectors, write_rows
+from kgmel_core.retrieval.rescore import RescoredIndex, VectorsFileError, checked_layout, extend_vectors, write_rows
 
 IVF = IndexPlan("ivfpq", 1024, 384, 96, 40960, 256)
 RULE = GrowthRule(max_growth=0.25, max_drift=1.2)
@@ -111,8 +111,8 @@ def test_an_extended_vectors_file_is_the_copy_plus_the_new_rows(tmp_path):
     with open(target, "wb") as handle:
         extend_vectors(source, handle, 30, 8, 5, "float16")
         write_rows(handle, new, "float16")
-    grown = open_vectors(target, 35, 8)
-    assert (np.asarray(grown) == np.concatenate([old, new]).astype(np.float16)).all()
+    checked_layout(target, 35, 8)  # header, size and shape of a 35-row file
+    assert (np.load(target) == np.concatenate([old, new]).astype(np.float16)).all()
     with pytest.raises(VectorsFileError, match="float16 vectors, this index writes float32"):
         extend_vectors(source, io.BytesIO(), 30, 8, 5, "float32")
     with pytest.raises(VectorsFileError, match="30 x 8 vectors, the index 31 x 8"):

@@ -45,22 +45,13 @@ def extend_vectors(source: Path | str, target: BinaryIO, n: int, d: int, added: 
     """Start `target` as a copy of the checked (n, d) vectors file `source` with room for `added` more
     rows in its header; the new rows follow with `write_rows` (an artifact's files are never edited in
     place, so a grown index gets a grown copy)."""
-    rows = open_vectors(source, n, d)
-    if rows.dtype != DTYPES[dtype]:
-        raise VectorsFileError(f"{source}: holds {rows.dtype} vectors, this index writes {dtype}")
-    offset = rows.offset
-    del rows
+    offset, found = checked_layout(source, n, d)
+    if found != DTYPES[dtype]:
+        raise VectorsFileError(f"{source}: holds {found} vectors, this index writes {dtype}")
     write_header(target, n + added, d, dtype)
     with open(source, "rb") as handle:
         handle.seek(offset)
         shutil.copyfileobj(handle, target, 1 << 24)
-
-
-def open_vectors(path: Path | str, n: int, d: int) -> np.memmap:
-    """The file's rows, memory-mapped read-only, after checking header, size and shape (for whole-file
-    passes: copying, probing; re-scoring reads rows with `VectorRows`)."""
-    offset, dtype = checked_layout(path, n, d)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, d))
 
 
 def checked_layout(path: Path | str, n: int, d: int) -> tuple[int, np.dtype]:
@@ -144,13 +135,13 @@ class RescoredIndex:
     def __init__(self, first_pass: Any, vectors_path: Path | str, shortlist: int):
         self.first_pass, self.vectors_path, self.shortlist = first_pass, Path(vectors_path), shortlist
         self.ntotal, self.d = first_pass.ntotal, first_pass.d
-        open_vectors(self.vectors_path, self.ntotal, self.d)  # refuse a bad file now, not mid-run
+        checked_layout(self.vectors_path, self.ntotal, self.d)  # refuse a bad file now, not mid-run
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        _, shortlist = self.first_pass.search(queries, min(max(k, self.shortlist), self.ntotal))
         if not len(queries):
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        _, shortlist = self.first_pass.search(queries, min(max(k, self.shortlist), self.ntotal))
         with VectorRows(self.vectors_path, self.ntotal, self.d) as rows_of:
             return rescore(queries, shortlist, rows_of, k)
 
@@ -160,9 +151,8 @@ class RescoredIndex:
         A vectors file from another build of the same shape finds none of its rows; the artifact's
         sha256 covers corruption of the right file."""
         rows = np.unique(np.linspace(0, self.ntotal - 1, min(probes, self.ntotal)).astype(np.int64))
-        vectors = open_vectors(self.vectors_path, self.ntotal, self.d)
-        queries = np.asarray(vectors[rows], dtype=np.float32)
-        del vectors
+        with VectorRows(self.vectors_path, self.ntotal, self.d) as rows_of:
+            queries = rows_of[rows].astype(np.float32)
         _, shortlist = self.first_pass.search(queries, min(max(self.shortlist, 1), self.ntotal))
         found = int(sum(row in answer for row, answer in zip(rows, shortlist, strict=True)))
         if 2 * found <= len(rows):
