@@ -10,6 +10,7 @@ re-scored exactly from memory-mapped vectors, on real fused embeddings and on KB
     python -m bench.index_scale synthetic --like real --artifacts artifacts --retrieve KEY --entities 10000000
     # growth: 10k entities appended to a 1M real-like index (as reindex-kb does) vs. a rebuild over all
     python -m bench.index_scale grow --artifacts artifacts --retrieve KEY --entities 1000000 --add 10000
+    python -m bench.index_scale append-stage --artifacts artifacts --retrieve KEY --entities 1000000 --add 10000
 
 Run on an idle machine. Peak memory is the process's maximum resident set size (build included). The
 `synthetic` searches run in a fresh process from the saved index, after reading the vectors file once
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
@@ -343,6 +345,58 @@ def grow(args: argparse.Namespace) -> None:
             del index, rebuilt
 
 
+def append_stage(args: argparse.Namespace) -> None:
+    """The index stage's append as `reindex-kb` runs it, at scale: `tasks.index._append` itself (copy the
+    served fused_entities parts, fuse the new entities with the served retriever, add them to the FAISS
+    index and the vectors file, measure the held recall) and the artifact's commit (hashing every file),
+    on a previous index of `--entities` real-like rows in a scratch store. The new entities are `--add`
+    real KB entities of the retrieve artifact's KB, fused from their stored frozen embeddings (the embed
+    stage's work on new entities, the KB diff and the drift sample are not in this time)."""
+    from types import SimpleNamespace
+
+    from kgmel_core.retrieval.growth import KBChanges
+    from kgmel_core.retrieval.index import plan_index
+    from tasks.index import ENCODE_BATCH, INDEX_FILE, VECTORS_FILE, _append
+    from tasks.inputs import load_model
+
+    served = ArtifactStore(args.artifacts)
+    indexed = served.input(served.require("retrieve", args.retrieve), "index")
+    train, ingest, embed = (served.input(indexed, name) for name in ("train", "ingest", "embed"))
+    seeds, _, _, key = real_vectors(args.artifacts, args.retrieve)
+    n, d = args.entities, seeds.shape[1]
+    added = ingest.read("entities")["qid"].to_list()[: args.add]
+    config = IndexConfig(kind="ivfpq", pq_nbits=args.pq_nbits)
+    plan = plan_index(n, d, config)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        scratch = ArtifactStore(str(Path(work) / "store"))
+        started = time.perf_counter()
+        with scratch.writer("index", "previous", code="bench", config={}, inputs={}) as writer:
+            shards = real_like_kb(seeds, n, ENCODE_BATCH)
+            for start, shard in _offsets(shards()):  # written as `_fuse` writes them: one part per batch
+                qids = [f"S{i}" for i in range(start, start + len(shard))]
+                table = pa.table({"qid": qids, "vector": schemas.vector_column(shard)})
+                writer.write_table("fused_entities", table, schemas.fused_entities(d))
+            built = build_index_from_shards(shards, n, d, config, vectors_path=writer.file_path(VECTORS_FILE))
+            save_index(built.index, writer.file_path(INDEX_FILE))
+            writer.stats.update(entities=n, growth={"mode": "build", "built_rows": n, "appended_since_build": 0})
+        print(f"previous index: {n} real-like rows grown from the fused entities of index {key}, {plan.kind} "
+              f"nlist {plan.nlist}, nprobe {plan.nprobe}, top {plan.rescore} re-scored; written in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        previous = scratch.require("index", "previous")
+        model = load_model(train)
+        started = time.perf_counter()
+        index_now = load_index(previous.file(INDEX_FILE))
+        with scratch.writer("index", "grown", code="bench", config={}, inputs={}) as writer:
+            _append(SimpleNamespace(store=scratch), writer, config, model, train, ingest, embed, previous,
+                    index_now, plan, KBChanges(added, 0, 0), {})
+            appended = time.perf_counter() - started
+        total = time.perf_counter() - started
+        grown = scratch.require("index", "grown")
+        print(f"append {len(added)} real entities to {n}: {appended:.1f} s in `_append`, {total:.1f} s with the "
+              f"commit; {grown.manifest['stats']['entities']} rows, held recall@16 "
+              f"{grown.manifest['stats'].get('recall_at_16_held')}; peak RSS {peak_rss_gb():.2f} GB")
+
+
 def kb_diff(args: argparse.Namespace) -> None:
     """The index stage's KB diff at scale: which entities of a KB of `--entities` (each with `--triples`
     triples) are new after `--add` more arrive, as `growth.kb_changes` decides it."""
@@ -406,6 +460,13 @@ def main() -> None:
     g.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4)
     g.add_argument("--queries", type=int, default=300)
     g.add_argument("--workdir", default=None)
+    a = sub.add_parser("append-stage")
+    a.add_argument("--artifacts", default="artifacts")
+    a.add_argument("--retrieve", required=True, help="key of a retrieve artifact (seeds, the KB's new entities)")
+    a.add_argument("--entities", type=int, default=1_000_000)
+    a.add_argument("--add", type=int, default=10_000)
+    a.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4)
+    a.add_argument("--workdir", default=None)
     k = sub.add_parser("kb-diff")
     k.add_argument("--entities", type=int, default=1_000_000)
     k.add_argument("--add", type=int, default=10_000)
@@ -413,7 +474,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "synthetic" and args.like == "real" and not args.retrieve:
         parser.error("--like real needs --retrieve KEY (the real fused entities to grow from)")
-    {"real": real, "synthetic": synthetic, "grow": grow, "kb-diff": kb_diff}[args.what](args)
+    {"real": real, "synthetic": synthetic, "grow": grow, "append-stage": append_stage,
+     "kb-diff": kb_diff}[args.what](args)
 
 
 if __name__ == "__main__":
