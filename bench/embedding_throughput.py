@@ -68,11 +68,63 @@ def _dataset_strings(name: str, n: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(strings, min(n, len(strings)))
 
 
+def _time_models(args: argparse.Namespace, batch: int, texts: list[str], paths: list[Path], rows: list,
+                 agreement: list[str]) -> None:
+    """One row per model (and text encoder precision) at one batch size."""
+    for name in args.models:
+        encoder = OpenClipEncoder(name, None, batch_size=batch, device="cpu")
+        open_clip = import_open_clip()
+        tokenizer = open_clip.get_tokenizer(name)
+
+        def direct_texts(encoder=encoder, tokenizer=tokenizer):
+            with torch.inference_mode():
+                for s in range(0, len(texts), batch):
+                    encoder.model.encode_text(tokenizer(texts[s : s + batch]), normalize=True)
+
+        def direct_images(encoder=encoder):
+            with torch.inference_mode():
+                for s in range(0, len(paths), batch):
+                    pixels = [encoder.preprocess(Image.open(p).convert("RGB")) for p in paths[s : s + batch]]
+                    encoder.model.encode_image(torch.stack(pixels), normalize=True)
+
+        kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))
+        dir_t = _timed(direct_texts)
+        kg_i = _timed(lambda encoder=encoder: encoder.encode_images(paths, progress=False), repeats=1)
+        dir_i = _timed(direct_images, repeats=1)
+        rows.append((f"{name} (batch {batch})", len(texts) / kg_t, len(texts) / dir_t, len(paths) / kg_i,
+                     len(paths) / dir_i))
+    for name in args.text_encoders:
+        reference = None
+        for precision in args.precisions:
+            try:
+                encoder = SentenceTransformerTextEncoder(name, batch_size=batch, device="cpu",
+                                                         precision=precision)
+            except PackagedModelError as exc:
+                print(f"skipped {name}: {exc}")
+                break
+
+            def direct(encoder=encoder, precision=precision):
+                with autocast(precision, "cpu"):
+                    encoder.model.encode(texts, batch_size=batch, normalize_embeddings=True)
+
+            vectors = encoder.encode_texts(texts, progress=False)  # the warm-up; kept for the cosine below
+            kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False), warmed=True)
+            dir_t = _timed(direct)
+            label = f"{encoder.identity.split(':')[1]} {precision} (batch {batch})"
+            rows.append((label, len(texts) / kg_t, len(texts) / dir_t, float("nan"), float("nan")))
+            if reference is None:
+                reference = (precision, vectors)
+            else:
+                cosines = (vectors * reference[1]).sum(axis=1)
+                agreement.append(f"{name} {precision} vs {reference[0]}: cosine min {cosines.min():.5f}, "
+                                 f"median {float(np.median(cosines)):.5f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256], help="batch sizes, timed side by side")
     parser.add_argument("--models", nargs="*", default=["kgmel-tiny-clip", "ViT-B-32"])
     parser.add_argument("--text-encoders", nargs="+", default=["minilm"], help="packaged sentence encoders")
     parser.add_argument("--strings-from", help="a shared dataset (configs/<name>.yaml): time its real strings")
@@ -86,55 +138,11 @@ def main() -> None:
     rows, agreement = [], []
     with tempfile.TemporaryDirectory() as tmp:
         paths = _images(Path(tmp), args.images, 224)
-        for name in args.models:
-            encoder = OpenClipEncoder(name, None, batch_size=args.batch, device="cpu")
-            open_clip = import_open_clip()
-            tokenizer = open_clip.get_tokenizer(name)
-
-            def direct_texts(encoder=encoder, tokenizer=tokenizer):
-                with torch.inference_mode():
-                    for s in range(0, len(texts), args.batch):
-                        encoder.model.encode_text(tokenizer(texts[s : s + args.batch]), normalize=True)
-
-            def direct_images(encoder=encoder):
-                with torch.inference_mode():
-                    for s in range(0, len(paths), args.batch):
-                        batch = [encoder.preprocess(Image.open(p).convert("RGB")) for p in paths[s : s + args.batch]]
-                        encoder.model.encode_image(torch.stack(batch), normalize=True)
-
-            kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False))
-            dir_t = _timed(direct_texts)
-            kg_i = _timed(lambda encoder=encoder: encoder.encode_images(paths, progress=False), repeats=1)
-            dir_i = _timed(direct_images, repeats=1)
-            rows.append((name, len(texts) / kg_t, len(texts) / dir_t, len(paths) / kg_i, len(paths) / dir_i))
-        for name in args.text_encoders:
-            reference = None
-            for precision in args.precisions:
-                try:
-                    encoder = SentenceTransformerTextEncoder(name, batch_size=args.batch, device="cpu",
-                                                             precision=precision)
-                except PackagedModelError as exc:
-                    print(f"skipped {name}: {exc}")
-                    break
-
-                def direct(encoder=encoder, precision=precision):
-                    with autocast(precision, "cpu"):
-                        encoder.model.encode(texts, batch_size=args.batch, normalize_embeddings=True)
-
-                vectors = encoder.encode_texts(texts, progress=False)  # the warm-up; kept for the cosine below
-                kg_t = _timed(lambda encoder=encoder: encoder.encode_texts(texts, progress=False), warmed=True)
-                dir_t = _timed(direct)
-                rows.append((f"{encoder.identity.split(':')[1]} {precision}", len(texts) / kg_t, len(texts) / dir_t,
-                             float("nan"), float("nan")))
-                if reference is None:
-                    reference = (precision, vectors)
-                else:
-                    cosines = (vectors * reference[1]).sum(axis=1)
-                    agreement.append(f"{name} {precision} vs {reference[0]}: cosine min {cosines.min():.5f}, "
-                                     f"median {float(np.median(cosines)):.5f}")
+        for batch in args.batch:
+            _time_models(args, batch, texts, paths, rows, agreement)
     mean_chars = sum(map(len, texts)) / len(texts)
     print(f"torch threads: {torch.get_num_threads()}, texts: {len(texts)} ({args.strings_from or 'synthetic'}, "
-          f"mean {mean_chars:.0f} chars), images: {args.images}, batch: {args.batch}")
+          f"mean {mean_chars:.0f} chars), images: {args.images}, batches: {args.batch}")
     print("| model | kgmel strings/s | direct strings/s | kgmel images/s | direct images/s |")
     print("|---|---:|---:|---:|---:|")
     for name, a, b, c, d in rows:

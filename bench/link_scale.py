@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--mentions", type=int, default=10_000)
     parser.add_argument("--cold", action="store_true", help="no embedding cache: every mention string encoded")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="passed to `kgmel link --set` (repeatable), e.g. encoder.batch_size=32")
     parser.add_argument("--keep", default=None, help="a folder for the scratch store, kept and reused by later runs "
                         "(the same --entities and --cold); a link run on it finds its earlier stages cached")
     args = parser.parse_args()
@@ -119,6 +121,7 @@ def main() -> None:
         command = [kgmel, "link", str(work / "mentions.json"), "--config", args.config, "--model", model,
                    "--set", f"artifacts={work / 'store'}", "--set", "rerank.enabled=false",
                    "--set", "nil.enabled=false", "--set", "generation.enabled=false"]
+        command += [part for override in args.overrides for part in ("--set", override)]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         seconds = time.perf_counter() - started
@@ -128,7 +131,7 @@ def main() -> None:
         runs = pl.read_parquet(work / "store" / "_runs" / "*.parquet")
         print(f"\n{count} mentions ({'cold: no embedding cache' if args.cold else 'warm embedding cache'}) against "
               f"{args.entities} entities: {seconds:.1f} s wall for `kgmel link` (process start included), "
-              f"{count / seconds:.0f} mentions/s, peak RSS {peak:.2f} GB")
+              f"{count / seconds:.0f} mentions/s, peak RSS {peak:.2f} GB; --set {args.overrides}")
         last = runs.filter(pl.col("run_id") == runs.sort("finished_at")["run_id"][-1])
         print("\n| stage | cache hit | rows | seconds |\n|---|---|---:|---:|")
         for row in last.sort("finished_at").iter_rows(named=True):
