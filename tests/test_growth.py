@@ -18,6 +18,7 @@ from kgmel_core.retrieval.index import (
     build_index_from_shards,
     ivf_centroids,
     sample_rows,
+    samples_of_rows,
     search,
 )
 from kgmel_core.retrieval.rescore import RescoredIndex, VectorsFileError, checked_layout, extend_vectors, write_rows
@@ -98,6 +99,9 @@ def test_sample_rows_draws_the_same_rows_whatever_the_sharding():
     rows = np.arange(40, dtype=np.float32).reshape(20, 2)
     whole = sample_rows([rows], 20, 5)
     assert len(whole) == 5 and (sample_rows([rows[:7], rows[7:]], 20, 5) == whole).all()
+    # several samples in one pass: the first is what sample_rows draws alone; each stays in row order
+    first, second = samples_of_rows([rows[:3], rows[3:]], 20, [5, 8])
+    assert (first == whole).all() and len(second) == 8 and (np.diff(second[:, 0]) > 0).all()
 
 
 def test_an_extended_vectors_file_is_the_copy_plus_the_new_rows(tmp_path):

@@ -141,18 +141,8 @@ def build_index_from_shards(
         set_nprobe(index, 1, breadth=16)
     held_rows = np.zeros((0, d), np.float32)
     if plan.train_size:
-        rng = np.random.default_rng(seed)
-        keep = np.zeros(n, dtype=bool)
-        keep[rng.choice(n, plan.train_size, replace=False)] = True
-        probe = np.zeros(n, dtype=bool)
-        probe[rng.choice(n, min(held, n), replace=False)] = True
-        sample, probes, seen = [], [], 0
-        for shard in shards():
-            sample.append(shard[keep[seen : seen + len(shard)]])
-            probes.append(shard[probe[seen : seen + len(shard)]])
-            seen += len(shard)
-        index.train(np.ascontiguousarray(np.concatenate(sample), dtype=np.float32))
-        held_rows = np.ascontiguousarray(np.concatenate(probes), dtype=np.float32)
+        sample, held_rows = samples_of_rows(shards(), n, [plan.train_size, min(held, n)], seed)
+        index.train(sample)
     with open(vectors_path, "wb") if plan.rescore else contextlib.nullcontext() as vectors:
         if vectors:
             rescore.write_header(vectors, n, d, config.rescore_dtype)
@@ -165,15 +155,28 @@ def build_index_from_shards(
     return BuiltIndex(index, plan, held_rows)
 
 
+def samples_of_rows(shards: Iterable[np.ndarray], n: int, sizes: list[int], seed: int = 0) -> list[np.ndarray]:
+    """For each of `sizes`, that many of the `n` rows the shards hold, drawn at random (seeded; each
+    sample drawn independently of the others, in order, from one generator) in a single pass over the
+    shards, in row order: the KB's vectors are read once however many samples are wanted."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for size in sizes:
+        pick = np.zeros(n, dtype=bool)
+        pick[rng.choice(n, min(size, n), replace=False)] = True
+        picks.append(pick)
+    rows: list[list[np.ndarray]] = [[] for _ in sizes]
+    seen = 0
+    for shard in shards:
+        for kept, pick in zip(rows, picks, strict=True):
+            kept.append(np.asarray(shard[pick[seen : seen + len(shard)]], dtype=np.float32))
+        seen += len(shard)
+    return [np.ascontiguousarray(np.concatenate(kept)) if kept else np.zeros((0, 0), np.float32) for kept in rows]
+
+
 def sample_rows(shards: Iterable[np.ndarray], n: int, size: int, seed: int = 0) -> np.ndarray:
     """`size` of the `n` rows the shards hold, drawn at random (seeded) in one pass, in row order."""
-    pick = np.zeros(n, dtype=bool)
-    pick[np.random.default_rng(seed).choice(n, min(size, n), replace=False)] = True
-    rows, seen = [], 0
-    for shard in shards:
-        rows.append(np.asarray(shard[pick[seen : seen + len(shard)]], dtype=np.float32))
-        seen += len(shard)
-    return np.ascontiguousarray(np.concatenate(rows)) if rows else np.zeros((0, 0), np.float32)
+    return samples_of_rows(shards, n, [size], seed)[0]
 
 
 def append_vectors(index, vectors: np.ndarray) -> None:
