@@ -10,6 +10,9 @@ decide the cost far more than the model overhead does.
 
     python -m bench.embedding_throughput [--texts 2048] [--images 256] [--models kgmel-tiny-clip ViT-B-32]
         [--text-encoders minilm mpnet] [--strings-from wikimel|richpediamel|wikidiverse] [--precisions fp32 bf16]
+        [--batch 16 32 64 256]
+
+`--batch` times every model at each batch size, side by side (`encoder.batch_size` chooses it in the pipeline).
 
 `--precisions` times each text encoder per `encoder.precision` (bf16: the forward pass under bf16
 autocast, worth it only where the CPU has AMX tiles or the GPU bf16) and prints the cosine of each
