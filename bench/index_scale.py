@@ -36,11 +36,13 @@ from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
 from kgmel_core.retrieval.growth import coarse_distance
 from kgmel_core.retrieval.index import (
+    IndexPlan,
     append_vectors,
     build_index_from_shards,
     exact_top_k,
     ivf_centroids,
     load_index,
+    plan_index,
     recall_at_k,
     save_index,
     search,
@@ -345,6 +347,27 @@ def grow(args: argparse.Namespace) -> None:
             del index, rebuilt
 
 
+def write_index_artifact(writer, rows: Callable[[], Iterator[np.ndarray]], qids: list[str],
+                         config: IndexConfig) -> IndexPlan:
+    """What the index stage writes for a KB whose fused vectors are `rows()` (one part per shard): the
+    fused_entities table, the FAISS index, the vectors file when the plan re-scores, and the stats
+    `tasks.index._record` keeps (held recall included), so a bench's index reads like a built one."""
+    from tasks.index import INDEX_FILE, VECTORS_FILE, _record
+
+    n, d = len(qids), None
+    for start, shard in _offsets(rows()):
+        d = shard.shape[1]
+        table = pa.table({"qid": qids[start : start + len(shard)], "vector": schemas.vector_column(shard)})
+        writer.write_table("fused_entities", table, schemas.fused_entities(d))
+    plan = plan_index(n, d, config)
+    vectors = writer.file_path(VECTORS_FILE) if plan.rescore else None
+    built = build_index_from_shards(rows, n, d, config, vectors_path=vectors)
+    save_index(built.index, writer.file_path(INDEX_FILE))
+    _record(writer, config, built.index, plan, n, d, vectors, rows, built.held,
+            {"mode": "build", "built_rows": n, "appended_since_build": 0})
+    return plan
+
+
 def append_stage(args: argparse.Namespace) -> None:
     """The index stage's append as `reindex-kb` runs it, at scale: `tasks.index._append` itself (copy the
     served fused_entities parts, fuse the new entities with the served retriever, add them to the FAISS
@@ -355,8 +378,7 @@ def append_stage(args: argparse.Namespace) -> None:
     from types import SimpleNamespace
 
     from kgmel_core.retrieval.growth import KBChanges
-    from kgmel_core.retrieval.index import plan_index
-    from tasks.index import ENCODE_BATCH, INDEX_FILE, VECTORS_FILE, _append
+    from tasks.index import ENCODE_BATCH, INDEX_FILE, _append
     from tasks.inputs import load_model
 
     served = ArtifactStore(args.artifacts)
@@ -371,14 +393,8 @@ def append_stage(args: argparse.Namespace) -> None:
         scratch = ArtifactStore(str(Path(work) / "store"))
         started = time.perf_counter()
         with scratch.writer("index", "previous", code="bench", config={}, inputs={}) as writer:
-            shards = real_like_kb(seeds, n, ENCODE_BATCH)
-            for start, shard in _offsets(shards()):  # written as `_fuse` writes them: one part per batch
-                qids = [f"S{i}" for i in range(start, start + len(shard))]
-                table = pa.table({"qid": qids, "vector": schemas.vector_column(shard)})
-                writer.write_table("fused_entities", table, schemas.fused_entities(d))
-            built = build_index_from_shards(shards, n, d, config, vectors_path=writer.file_path(VECTORS_FILE))
-            save_index(built.index, writer.file_path(INDEX_FILE))
-            writer.stats.update(entities=n, growth={"mode": "build", "built_rows": n, "appended_since_build": 0})
+            # one part per batch, as `_fuse` writes them
+            write_index_artifact(writer, real_like_kb(seeds, n, ENCODE_BATCH), [f"S{i}" for i in range(n)], config)
         print(f"previous index: {n} real-like rows grown from the fused entities of index {key}, {plan.kind} "
               f"nlist {plan.nlist}, nprobe {plan.nprobe}, top {plan.rescore} re-scored; written in "
               f"{time.perf_counter() - started:.0f} s", flush=True)

@@ -31,14 +31,11 @@ import time
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
-from bench.index_scale import real_like_kb
+from bench.index_scale import real_like_kb, write_index_artifact
 from kgmel_core import schemas
 from kgmel_core.config import IndexConfig
-from kgmel_core.retrieval.index import build_index_from_shards, plan_index, save_index
 from storage import ArtifactStore, InputRef
-from tasks.index import INDEX_FILE, VECTORS_FILE
 
 SHARD = 1 << 16
 
@@ -60,21 +57,8 @@ def grown_index(store: ArtifactStore, model: str, n: int) -> None:
     rows = real_like_kb(seeds, n, SHARD)
     key = hashlib.sha256(f"bench.link_scale {n} {served.key}".encode()).hexdigest()[:20]
     inputs = {name: InputRef.of(store.input(served, name)) for name in ("train", "ingest", "embed")}
-    config = IndexConfig()
     with store.writer("index", key, code="bench.link_scale", config={"bench": n}, inputs=inputs) as writer:
-        seen = 0
-        for shard in rows():
-            writer.write_table("fused_entities", pa.table({"qid": qids[seen : seen + len(shard)],
-                                                           "vector": schemas.vector_column(shard)}),
-                               schemas.fused_entities(seeds.shape[1]))
-            seen += len(shard)
-        vectors = writer.file_path(VECTORS_FILE) if plan_index(n, seeds.shape[1], config).rescore else None
-        built = build_index_from_shards(rows, n, seeds.shape[1], config, vectors_path=vectors)
-        save_index(built.index, writer.file_path(INDEX_FILE))
-        plan = built.plan
-        writer.stats.update(entities=n, dim=seeds.shape[1], kind=plan.kind, nlist=plan.nlist, nprobe=plan.nprobe,
-                            pq_m=plan.pq_m, pq_nbits=config.pq_nbits, rescore=plan.rescore,
-                            rescore_dtype=config.rescore_dtype)
+        plan = write_index_artifact(writer, rows, qids, IndexConfig())
     name = f"{model}-{n}"
     store.models.register(name, version.train, key, {"bench": "link_scale"})
     print(f"index {key}: {n} entities ({len(seeds)} real), {plan.kind} nlist={plan.nlist} nprobe={plan.nprobe} "
