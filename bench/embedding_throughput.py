@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kgmel_core.config import EncoderConfig
 from kgmel_core.packaged import PackagedModelError
 from kgmel_core.retrieval.device import autocast
 from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder
@@ -127,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch", type=int, nargs="+", default=[256], help="batch sizes, timed side by side")
+    parser.add_argument("--batch", type=int, nargs="+", default=[EncoderConfig().batch_size],
+                        help="batch sizes, timed side by side (default: the pipeline's encoder.batch_size)")
     parser.add_argument("--models", nargs="*", default=["kgmel-tiny-clip", "ViT-B-32"])
     parser.add_argument("--text-encoders", nargs="+", default=["minilm"], help="packaged sentence encoders")
     parser.add_argument("--strings-from", help="a shared dataset (configs/<name>.yaml): time its real strings")

@@ -385,16 +385,16 @@ def append_stage(args: argparse.Namespace) -> None:
     indexed = served.input(served.require("retrieve", args.retrieve), "index")
     train, ingest, embed = (served.input(indexed, name) for name in ("train", "ingest", "embed"))
     seeds, _, _, key = real_vectors(args.artifacts, args.retrieve)
-    n, d = args.entities, seeds.shape[1]
+    n = args.entities
     added = ingest.read("entities")["qid"].to_list()[: args.add]
     config = IndexConfig(kind="ivfpq", pq_nbits=args.pq_nbits)
-    plan = plan_index(n, d, config)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         scratch = ArtifactStore(str(Path(work) / "store"))
         started = time.perf_counter()
         with scratch.writer("index", "previous", code="bench", config={}, inputs={}) as writer:
             # one part per batch, as `_fuse` writes them
-            write_index_artifact(writer, real_like_kb(seeds, n, ENCODE_BATCH), [f"S{i}" for i in range(n)], config)
+            plan = write_index_artifact(writer, real_like_kb(seeds, n, ENCODE_BATCH), [f"S{i}" for i in range(n)],
+                                        config)
         print(f"previous index: {n} real-like rows grown from the fused entities of index {key}, {plan.kind} "
               f"nlist {plan.nlist}, nprobe {plan.nprobe}, top {plan.rescore} re-scored; written in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
