@@ -15,7 +15,7 @@ decide the cost far more than the model overhead does.
 `--batch` times every model at each batch size, side by side (`encoder.batch_size` chooses it in the pipeline).
 
 `--precisions` times each text encoder per `encoder.precision` (bf16: the forward pass under bf16
-autocast, worth it only where the CPU has AMX tiles or the GPU bf16) and prints the cosine of each
+autocast, worth it only where the CPU has AMX tiles or AVX512-BF16, or the GPU bf16) and prints the cosine of each
 precision's vectors to the first one's.
 """
 

@@ -2,13 +2,14 @@
 throughput, on the real candidate lists a finished `train_reranker` artifact was trained on.
 
     python -m bench.reranker_cost --artifacts artifacts [--reranker KEY] [--mentions 300] [--steps 40]
-                                  [--batch-pairs 64 128 256] [--repeats 3]
+                                  [--batch-pairs 64 128 256] [--score-precisions fp32 bf16] [--repeats 3]
 
 Scoring: the trained model ranks `--mentions` val mentions, each with its K candidates, batched across
 mentions as the `rerank` stage does, and one mention at a time (what `kgmel link` of one sentence
-pays); `--batch-pairs` compares scoring batch sizes side by side, each the median of `--repeats`
-runs in turn. Training (`--steps 0` skips it): `--steps` steps of a fresh model at each batch size and
-precision, in pairs/s and the minutes a full training of the artifact's size would take.
+pays); `--batch-pairs` compares scoring batch sizes and `--score-precisions` the trained model under
+fp32 and bf16 autocast side by side, each the median of `--repeats` runs in turn. Training (`--steps 0`
+skips it): `--steps` steps of a fresh model at each batch size and precision, in pairs/s and the minutes
+a full training of the artifact's size would take.
 Run it with nothing else running.
 """
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-pairs", type=int, nargs="+", default=None,
                         help="scoring batch sizes to compare (default: the artifact's batch_pairs)")
+    parser.add_argument("--score-precisions", nargs="+", default=None,
+                        help="precisions to score in, side by side (default: the artifact's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"])
@@ -61,18 +64,22 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads\n")
     print("| scoring | precision | ms / mention |")
     print("|---|---|---:|")
-    model = create_cross_encoder(ce, trained=trained.folder("reranker"))
-    model.score(val[:8], ce.batch_pairs)  # warm-up
+    precisions = args.score_precisions or [ce.precision]
+    models = {p: create_cross_encoder(ce.model_copy(update={"precision": p}), trained=trained.folder("reranker"))
+              for p in precisions}
+    for model in models.values():
+        model.score(val[:8], ce.batch_pairs)  # warm-up
     sizes = args.batch_pairs or [ce.batch_pairs]
-    timings: dict[int, list[float]] = {size: [] for size in sizes}
-    for _ in range(args.repeats):  # sizes in turn, so a noisy moment does not land on one size only
-        for size in sizes:
+    timings: dict[tuple[str, int], list[float]] = {(p, size): [] for p in precisions for size in sizes}
+    for _ in range(args.repeats):  # variants in turn, so a noisy moment does not land on one of them only
+        for (precision, size), runs in timings.items():
             started = time.perf_counter()
-            model.score(val, size)
-            timings[size].append(1000 * (time.perf_counter() - started) / len(val))
-    for size in sizes:
-        runs = ", ".join(f"{t:.1f}" for t in timings[size])
-        print(f"| batched ({size} pairs) | {model.precision} | {statistics.median(timings[size]):.1f} ({runs}) |")
+            models[precision].score(val, size)
+            runs.append(1000 * (time.perf_counter() - started) / len(val))
+    for (precision, size), runs in timings.items():
+        listed = ", ".join(f"{t:.1f}" for t in runs)
+        print(f"| batched ({size} pairs) | {models[precision].precision} | {statistics.median(runs):.1f} ({listed}) |")
+    model = models[precisions[0]]
     started = time.perf_counter()
     for group in val[:100]:
         model.score([group], ce.batch_pairs)

@@ -98,8 +98,8 @@ class EncoderConfig(_Section):
     batch_size: int = runtime(32, ge=1)  # per forward pass; on a CPU small batches encode faster (docs/results.md)
     device: str = runtime("auto")
     # The encoders' forward pass under bf16 autocast (vectors normalised in fp32). auto: bf16 where the
-    # hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32. The resolved precision is part of
-    # the embed artifact's key and the embedding cache's encoder identity.
+    # hardware multiplies it natively (AMX or AVX512-BF16 CPU, bf16 GPU), else fp32. The resolved
+    # precision is part of the embed artifact's key and the embedding cache's encoder identity.
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     mention_text: Literal["mention_sentence", "mention_only"] = "mention_sentence"
     entity_text: Literal["label_description", "label"] = "label_description"
@@ -154,9 +154,9 @@ class TrainingConfig(_Section):
     seed: int = 0
     device: str = runtime("auto")
     # Training steps under bf16 autocast (fp32 weights and optimizer; validation, encoding and the index
-    # stay fp32). auto: bf16 where the hardware multiplies it natively (AMX CPU, bf16 GPU), else fp32.
-    # fp32 by default, so the same config gives the same model on every machine; the benchmark configs use
-    # auto (its effect on quality: docs/results.md).
+    # stay fp32). auto: bf16 where the hardware multiplies it natively (AMX or AVX512-BF16 CPU, bf16
+    # GPU), else fp32. fp32 by default, so the same config gives the same model on every machine; the
+    # benchmark configs use auto (its effect on quality: docs/results.md).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 

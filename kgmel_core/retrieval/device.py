@@ -16,12 +16,14 @@ def resolve_device(device: str) -> str:
 
 
 def has_native_bf16(device: str) -> bool:
-    """True where bf16 matrix products run in hardware: a CUDA GPU with bf16, or a CPU with AMX tiles
-    (oneDNN uses them). Elsewhere bf16 is emulated and slower than fp32."""
+    """True where bf16 matrix products run in hardware: a CUDA GPU with bf16, or a CPU whose oneDNN
+    kernels multiply bf16 – AMX tiles (Intel Sapphire Rapids on), or AVX512-BF16's dot products (AMD
+    Zen 4, Intel Cooper Lake). Elsewhere bf16 is emulated and slower than fp32."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent = no AMX
-    return device == "cpu" and amx_probe is not None and bool(amx_probe())
+    # Private probes in torch 2.x: an absent one counts as no such hardware.
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return device == "cpu" and any(probe is not None and bool(probe()) for probe in probes)
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
