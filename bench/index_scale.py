@@ -4,7 +4,8 @@ re-scored exactly from memory-mapped vectors, on real fused embeddings and on KB
 
     # real: the fused entities of an `index` artifact, the val mentions of a `retrieve` artifact
     python -m bench.index_scale real --artifacts artifacts --retrieve KEY
-    # gaussian: 10M unit vectors from a seeded mixture of Gaussians, 200 random queries
+    # gaussian: 10M unit vectors from a seeded mixture of Gaussians, 200 random queries (--kind ivfsq:
+    # scalar-quantised residuals instead of PQ codes in the first pass)
     python -m bench.index_scale synthetic --entities 10000000 --nlist 4096 --workdir /big/disk
     # real-like: the real fused entities grown to 10M, queried with the real val mentions
     python -m bench.index_scale synthetic --like real --artifacts artifacts --retrieve KEY --entities 10000000
@@ -188,8 +189,9 @@ def synthetic(args: argparse.Namespace) -> None:
         what = f"gaussian: {n} entities, d={d}, {args.clusters} clusters, {len(queries)} queries"
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         vectors = Path(work) / "v.npy"
-        config = IndexConfig(kind="ivfpq", nlist=args.nlist, nprobe=args.nprobe[0], pq_m=args.pq_m or d // 8,
-                             pq_nbits=args.pq_nbits, rescore=max(args.rescore), rescore_dtype=args.dtype)
+        config = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe[0], pq_m=args.pq_m or d // 8,
+                             pq_nbits=args.pq_nbits, sq_bits=args.sq_bits, rescore=max(args.rescore),
+                             rescore_dtype=args.dtype)
         started = time.perf_counter()
         built = build_index_from_shards(shards, n, d, config, vectors_path=vectors)
         build = time.perf_counter() - started
@@ -197,13 +199,15 @@ def synthetic(args: argparse.Namespace) -> None:
         exact = exact_top_k(shards(), queries, K)
         exact_s = time.perf_counter() - started
         plan = built.plan
-        print(f"{what}; shards of {args.shard}; IVF-PQ nlist={plan.nlist} pq_m={plan.pq_m}x{args.pq_nbits} bits "
+        codes = f"IVF-PQ pq_m={plan.pq_m}x{args.pq_nbits} bits" if plan.pq_m else f"IVF-SQ {args.sq_bits} bits a dim"
+        print(f"{what}; shards of {args.shard}; {codes} nlist={plan.nlist} "
               f"trained on {plan.train_size}, vectors {args.dtype} on disk; build {build:.0f} s "
               f"(vectors file included), exact top-{K} by streaming {exact_s:.0f} s")
         if gold is not None:
             print(f"gold entity in the exact top-{K}: {gold_found(exact, gold):.3f} of the val mentions")
         print()
-        index_gb = n * (plan.pq_m * args.pq_nbits / 8 + 8) / 1e9  # codes + ids
+        code_bytes = plan.pq_m * args.pq_nbits / 8 if plan.pq_m else d * args.sq_bits / 8
+        index_gb = n * (code_bytes + 8) / 1e9  # codes + ids
         index_path, arrays = Path(work) / "index.faiss", Path(work) / "arrays.npz"
         save_index(built.index, index_path)
         np.savez(arrays, queries=queries, exact=exact, gold=gold if gold is not None else np.zeros(0, np.int64))
@@ -460,6 +464,9 @@ def main() -> None:
     s.add_argument("--nlist", type=int, default=4096)
     s.add_argument("--pq-m", type=int, default=0)
     s.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4, help="4: fast-scan PQ")
+    s.add_argument("--kind", choices=["ivfpq", "ivfsq"], default="ivfpq",
+                   help="the first pass's codes: product-quantised, or scalar-quantised residuals")
+    s.add_argument("--sq-bits", type=int, choices=[4, 6, 8], default=4, help="--kind ivfsq: bits a dimension")
     s.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     s.add_argument("--rescore", type=int, nargs="+", default=[256, 1024])
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16")

@@ -162,7 +162,7 @@ class TrainingConfig(_Section):
 
 class IndexConfig(_Section):
     # auto: flat below auto_threshold entities, IVF-PQ above (parameters derived from the KB size)
-    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "ivfsq", "hnsw"] = "auto"
     auto_threshold: int = Field(1_000_000, ge=1)
     nlist: int = Field(0, ge=0)  # 0: derived, ~sqrt(n) (a power of two, at most 4,096)
     nprobe: int = Field(0, ge=0)  # 0: derived, lists holding ~375 sqrt(n) vectors (at least 8)
@@ -170,7 +170,11 @@ class IndexConfig(_Section):
     # bits a sub-quantizer code: 4 is FAISS's fast-scan PQ (SIMD look-ups, ~10x faster to scan, coarser:
     # the re-scoring restores the order), 8 the classic PQ
     pq_nbits: Literal[4, 8] = 4
-    # ivfpq: re-score the first pass's top `rescore` exactly against the full vectors, read from a file of
+    # ivfsq: bits a dimension of each vector's residual to its list centroid. 4 bits x 768 = 384 bytes, 8x
+    # the fast-scan PQ codes and slower to scan, but ranks near-ties (tight clusters) that PQ cannot
+    # tell apart; it suits KBs whose neighbours sit in few lists (a small nprobe: set it).
+    sq_bits: Literal[4, 6, 8] = 4
+    # ivfpq, ivfsq: re-score the first pass's top `rescore` exactly against the full vectors, read from a file of
     # the index artifact (PQ codes alone lose a third of the true top-16). None: derived, 16 x top_k (at
     # least 256); 0: off. Flat, IVF-Flat and HNSW already score with the full vectors.
     rescore: int | None = Field(None, ge=0)

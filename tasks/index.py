@@ -54,8 +54,8 @@ from tasks.inputs import load_features, load_model
 from tasks.parallel import map_shards
 
 GROWTH_SETTINGS = {"append_max_growth", "append_max_drift"}  # when reindex-kb appends instead of rebuilding
-INDEX_SETTINGS = {"kind", "auto_threshold", "nlist", "nprobe", "pq_m", "pq_nbits", "hnsw_m", "hnsw_ef_search",
-                  "rescore", "rescore_dtype"} | GROWTH_SETTINGS
+INDEX_SETTINGS = {"kind", "auto_threshold", "nlist", "nprobe", "pq_m", "pq_nbits", "sq_bits", "hnsw_m",
+                  "hnsw_ef_search", "rescore", "rescore_dtype"} | GROWTH_SETTINGS
 INDEX_FILE, VECTORS_FILE = "entities.faiss", "entities.vectors.npy"
 RECALL_K = 16  # the recall an approximate index records on its held KB vectors (the retriever's usual top-K)
 ENCODE_BATCH = 1 << 16  # entities fused (and written) at a time: the KB's vectors are never all in memory
@@ -146,7 +146,8 @@ def _record(writer, config: IndexConfig, built, plan: IndexPlan, n: int, d: int,
     loses (recall on KB vectors it holds) and how close its lists fit them (the drift rule's yardstick)."""
     writer.stats.update(
         entities=n, dim=d, kind=plan.kind, nlist=plan.nlist, nprobe=plan.nprobe, pq_m=plan.pq_m,
-        pq_nbits=config.pq_nbits if plan.pq_m else None, rescore=plan.rescore,
+        pq_nbits=config.pq_nbits if plan.pq_m else None, sq_bits=config.sq_bits if plan.kind == "ivfsq" else None,
+        rescore=plan.rescore,
         rescore_dtype=config.rescore_dtype if plan.rescore else None, growth=growth,
     )
     if len(held):

@@ -30,7 +30,7 @@ def test_flat_index_matches_brute_force_and_round_trips(tmp_path):
     assert (search(load_index(tmp_path / "x.faiss"), queries, 5)[1] == ids).all()
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "ivfsq", "hnsw"])
 def test_approximate_indexes_find_exact_copies(kind):
     rng = np.random.default_rng(1)
     entities = _unit(rng, 3000, 16)

@@ -1,4 +1,4 @@
-"""Exact re-scoring of an IVF-PQ shortlist from memory-mapped vectors: same answer as exact search
+"""Exact re-scoring of an IVF-PQ (or IVF-SQ) shortlist from the vectors file: same answer as exact search
 where the shortlist covers it, and a vectors file that is not the index's own is refused."""
 
 import numpy as np
@@ -24,8 +24,8 @@ def _shards(vectors, step=700):
     return lambda: (vectors[i : i + step] for i in range(0, len(vectors), step))
 
 
-def _build(tmp_path, entities, dtype="float32", shortlist=400, nbits=4):
-    config = IndexConfig(kind="ivfpq", nlist=16, nprobe=16, pq_m=8, pq_nbits=nbits, rescore=shortlist,
+def _build(tmp_path, entities, dtype="float32", shortlist=400, nbits=4, kind="ivfpq"):
+    config = IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=8, pq_nbits=nbits, rescore=shortlist,
                          rescore_dtype=dtype)
     built = build_index_from_shards(_shards(entities), *entities.shape, config, vectors_path=tmp_path / "v.npy")
     save_index(built.index, tmp_path / "x.faiss")
@@ -63,6 +63,36 @@ def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(
         exact_scores_of_ids = np.einsum("bd,bkd->bk", queries, entities[ids])
         assert exact_scores_of_ids == pytest.approx(flat_scores, abs=2e-3)
         assert recall_at_k(ids, flat_ids) > 0.98
+
+
+def test_an_ivfsq_shortlist_re_scored_is_exactly_the_flat_top_k(tmp_path):
+    rng = np.random.default_rng(0)
+    entities, queries = _unit(rng, 3000, 16), _unit(rng, 300, 16)
+    _build(tmp_path, entities, kind="ivfsq")
+    flat_scores, flat_ids = search(build_index(entities, IndexConfig(kind="flat")), queries, 10)
+    searcher, device = open_searcher(tmp_path / "x.faiss", tmp_path / "v.npy", 400)
+    scores, ids = search(searcher, queries, 10)
+    assert device == "cpu, top 400 re-scored"
+    assert (ids == flat_ids).all()
+    assert scores == pytest.approx(flat_scores, abs=1e-5)
+
+
+def test_scalar_codes_order_the_near_ties_of_tight_clusters_that_pq_codes_cannot():
+    """Why `ivfsq` exists: in a tight cluster every point is almost as close to a query as the next, and
+    the 4-bit PQ codes of an 8-dimensional slice are too coarse to shortlist the true top-16 among them."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((16, 64)).astype(np.float32)
+
+    def draw(n):
+        x = centers[rng.integers(0, 16, n)] + 0.6 * rng.standard_normal((n, 64)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    entities, queries = draw(4000), draw(100)
+    exact = search(build_index(entities, IndexConfig(kind="flat")), queries, 16)[1]
+    recall = {kind: recall_at_k(search(build_index(entities, IndexConfig(kind=kind, nlist=16, nprobe=2, pq_m=8,
+                                                                         rescore=0)), queries, 16)[1], exact)
+              for kind in ("ivfsq", "ivfpq")}
+    assert recall["ivfsq"] > 0.7 > 0.2 > recall["ivfpq"]  # codes alone, no re-scoring (0.75 vs. 0.10)
 
 
 def test_the_vectors_file_is_a_standard_npy_in_index_order(tmp_path):
@@ -103,8 +133,10 @@ def test_vectors_of_another_build_with_the_same_shape_are_refused(tmp_path):
         open_searcher(tmp_path / "x.faiss", tmp_path / "other.npy", 200)
 
 
-def test_the_plan_rescores_ivfpq_only_and_a_rescoring_build_needs_a_file():
+def test_the_plan_rescores_ivfpq_and_ivfsq_only_and_a_rescoring_build_needs_a_file():
     assert plan_index(10_000_000, 768, IndexConfig()).rescore == 256
+    sq = plan_index(10_000_000, 768, IndexConfig(kind="ivfsq"))
+    assert (sq.kind, sq.nlist, sq.pq_m, sq.rescore) == ("ivfsq", 4096, 0, 256)
     assert plan_index(10_000_000, 768, IndexConfig(top_k=32)).rescore == 512
     assert plan_index(10_000_000, 768, IndexConfig(rescore=0)).rescore == 0
     assert plan_index(50_000, 768, IndexConfig(rescore=64)).rescore == 0  # flat is exact already

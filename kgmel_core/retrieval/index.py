@@ -6,7 +6,9 @@ stores each vector as `pq_m` codes of `pq_nbits` bits in `nlist` inverted lists;
 a power of two, at most 4,096; probing lists that hold ~375 sqrt(n) vectors; one code per 8 dimensions)
 and re-scores its shortlist exactly against the full vectors, read row by row from disk (`rescore.py`).
 Every index is built from shards: an approximate one is trained on a sample, then each shard of vectors
-is added, so the full matrix never has to be in memory. `ivf` (IVF-Flat) and `hnsw` stay available. A
+is added, so the full matrix never has to be in memory. `ivfsq` keeps 4-8 bits a dimension instead of PQ
+codes (re-scored the same way): for KBs of tight clusters, whose near-ties PQ cannot order. `ivf`
+(IVF-Flat) and `hnsw` stay available. A
 GPU is used only when faiss reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index
 whose `add` fails with a bare AssertionError.
 """
@@ -47,12 +49,12 @@ def gpu_count() -> int:
 class IndexPlan:
     """What will be built for a KB of `n` vectors of width `d`."""
 
-    kind: str  # flat | ivf | ivfpq | hnsw
+    kind: str  # flat | ivf | ivfpq | ivfsq | hnsw
     nlist: int = 0
     nprobe: int = 0
     pq_m: int = 0
     train_size: int = 0
-    rescore: int = 0  # shortlist re-scored exactly (ivfpq only; 0: the first pass's answer is final)
+    rescore: int = 0  # shortlist re-scored exactly (ivfpq, ivfsq; 0: the first pass's answer is final)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
     kind = config.kind
     if kind == "auto":
         kind = "flat" if n < config.auto_threshold else "ivfpq"
-    if kind in ("ivf", "ivfpq"):
+    if kind in ("ivf", "ivfpq", "ivfsq"):
         # ~sqrt(n) lists, at most 4,096: k-means over 40 points a list costs sample x nlist x d an
         # iteration, and 16,384 lists would take hours on 2 cores
         nlist = config.nlist or min(4096, max(16, 1 << round(math.log2(math.sqrt(max(n, 1))))))
@@ -83,6 +85,7 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
             pq_m = config.pq_m or next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
             if d % pq_m:
                 raise ValueError(f"index.pq_m={pq_m} must divide the vector width {d}")
+        if kind != "ivf":
             rescore = config.rescore if config.rescore is not None else max(256, 16 * config.top_k)
         # k-means costs iterations x sample x nlist x d: ~40 points a centroid is what faiss asks for
         return IndexPlan(kind, nlist, nprobe, pq_m, min(n, max(40 * nlist, 20_000)), rescore)
@@ -103,6 +106,10 @@ def new_index(plan: IndexPlan, d: int, config: IndexConfig):
     quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(d)
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    elif plan.kind == "ivfsq":
+        bits = {4: faiss.ScalarQuantizer.QT_4bit, 6: faiss.ScalarQuantizer.QT_6bit, 8: faiss.ScalarQuantizer.QT_8bit}
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, plan.nlist, bits[config.sq_bits],
+                                              faiss.METRIC_INNER_PRODUCT)  # codes of the residuals to the lists
     elif config.pq_nbits == 4:
         index = faiss.IndexIVFPQFastScan(quantizer, d, plan.nlist, plan.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
     else:
