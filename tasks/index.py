@@ -37,6 +37,7 @@ from kgmel_core.retrieval.index import (
     exact_top_k,
     ivf_centroids,
     load_index,
+    low_recall_advice,
     open_searcher,
     plan_index,
     recall_at_k,
@@ -154,7 +155,11 @@ def _record(writer, config: IndexConfig, built, plan: IndexPlan, n: int, d: int,
         searcher = rescoring(built, vectors_path, plan.rescore)  # the index just built, not re-read
         found = search(searcher, held, RECALL_K)[1]
         exact = exact_top_k(shards(), held, RECALL_K)
-        writer.stats.update(recall_at_16_held=round(recall_at_k(found, exact), 4), recall_queries=len(exact))
+        recall = recall_at_k(found, exact)
+        writer.stats.update(recall_at_16_held=round(recall, 4), recall_queries=len(exact))
+        advice = low_recall_advice(plan, recall)
+        if advice:
+            logger().warning("stage index: %s", advice)
         centroids = ivf_centroids(built)
         if centroids is not None:
             writer.stats.update(coarse_distance_held=round(coarse_distance(centroids, held), 6))

@@ -3,10 +3,12 @@ import pytest
 
 from kgmel_core.config import IndexConfig
 from kgmel_core.retrieval.index import (
+    IndexPlan,
     build_index,
     build_index_from_shards,
     candidates_table,
     load_index,
+    low_recall_advice,
     plan_index,
     save_index,
     search,
@@ -100,3 +102,13 @@ def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu_under_auto_and_fails_un
     assert index is cpu_index and device == "cpu (IndexFlatIP has no GPU version)"
     with pytest.raises(RuntimeError, match="cannot hold this index: This index type is not implemented"):
         to_search_device(cpu_index, IndexConfig(use_gpu="always"))
+
+
+def test_a_low_held_recall_names_the_setting_to_change():
+    pq = IndexPlan("ivfpq", 4096, 486, 96, 0, 256)
+    assert low_recall_advice(pq, 0.96) is None
+    assert "index.kind: ivfsq" in low_recall_advice(pq, 0.29)
+    assert "index.nprobe (now 8 of 4096 lists)" in low_recall_advice(IndexPlan("ivfsq", 4096, 8, 0, 0, 256), 0.5)
+    assert "index.hnsw_ef_search" in low_recall_advice(IndexPlan("hnsw"), 0.5)
+    assert low_recall_advice(IndexPlan("flat"), 0.0) is None  # exact: nothing to tune
+    assert low_recall_advice(pq, float("nan")) is None  # nothing measured

@@ -302,6 +302,24 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
+LOW_HELD_RECALL = 0.9  # below this an approximate index loses right answers the reranker never sees
+
+
+def low_recall_advice(plan: IndexPlan, held_recall: float) -> str | None:
+    """What to change when a built index finds too little of its held vectors' exact top-16 (None: it
+    does not). The held vectors are KB rows, easier queries than mentions, so a low value is never noise."""
+    if plan.kind == "flat" or not held_recall < LOW_HELD_RECALL:
+        return None
+    found = f"the {plan.kind} index finds {held_recall:.2f} of its held KB vectors' exact top-16"
+    if plan.kind == "ivfpq":
+        return (f"{found}: likely a KB of tight clusters, whose near-ties PQ codes cannot shortlist. index.kind: ivfsq "
+                f"with a small index.nprobe keeps such a KB's recall (docs/scaling.md); so does a larger "
+                f"index.rescore, at a cost")
+    if plan.kind == "hnsw":
+        return f"{found}: raise index.hnsw_ef_search"
+    return f"{found}: raise index.nprobe (now {plan.nprobe} of {plan.nlist} lists) or index.rescore"
+
+
 def candidates_table(mention_ids: list[str], scores: np.ndarray, rows: np.ndarray, qids: list[str]) -> pl.DataFrame:
     """FAISS's answer as `candidates` rows (mention, rank from 1, qid, score). FAISS pads a short answer
     (fewer indexed entities than k, or an IVF probe that found fewer) with row -1: those are dropped, not
