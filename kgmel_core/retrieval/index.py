@@ -8,9 +8,8 @@ and re-scores its shortlist exactly against the full vectors, read row by row fr
 Every index is built from shards: an approximate one is trained on a sample, then each shard of vectors
 is added, so the full matrix never has to be in memory. `ivfsq` keeps 4-8 bits a dimension instead of PQ
 codes (re-scored the same way): for KBs of tight clusters, whose near-ties PQ cannot order. `ivf`
-(IVF-Flat) and `hnsw` stay available. A
-GPU is used only when faiss reports one: on a GPU-less machine `index_cpu_to_all_gpus` returns an index
-whose `add` fails with a bare AssertionError.
+(IVF-Flat) and `hnsw` stay available. A GPU is used only when faiss reports one: on a GPU-less machine
+`index_cpu_to_all_gpus` returns an index whose `add` fails with a bare AssertionError.
 """
 
 from __future__ import annotations
@@ -307,7 +306,7 @@ LOW_HELD_RECALL = 0.9  # below this an approximate index loses right answers the
 
 def low_recall_advice(plan: IndexPlan, held_recall: float) -> str | None:
     """What to change when a built index finds too little of its held vectors' exact top-16 (None: it
-    does not). The held vectors are KB rows, easier queries than mentions, so a low value is never noise."""
+    does not). The held vectors are KB rows, easier queries than mentions: mentions fare worse still."""
     if plan.kind == "flat" or not held_recall < LOW_HELD_RECALL:
         return None
     found = f"the {plan.kind} index finds {held_recall:.2f} of its held KB vectors' exact top-16"
