@@ -18,6 +18,7 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import threading
 from pathlib import Path
 
 PROJECT_PACKAGES = ("kgmel_core", "tasks")
@@ -68,12 +69,19 @@ def _without_docstrings(tree: ast.Module) -> ast.Module:
     return tree
 
 
+# Prefect runs tasks in threads, and each stage digests its code. CPython's AST construction keeps a
+# recursion counter that concurrent parses can corrupt ("SystemError: AST constructor recursion depth
+# mismatch", cpython gh-106905: a stage of a CI run failed on it), so parsing is one thread at a time.
+_AST_LOCK = threading.RLock()
+
+
 @functools.cache
 def _module_tree(module: str) -> ast.Module:
     path = _source_path(module)
     if path is None:
         raise ImportError(f"cannot find the source of module {module!r}")
-    return ast.parse(path.read_text(), filename=str(path))
+    with _AST_LOCK:
+        return ast.parse(path.read_text(), filename=str(path))
 
 
 @functools.cache
@@ -95,6 +103,7 @@ def code_digest(module: str) -> str:
     """A short digest of what the code of `module` and its project imports does (docstrings aside)."""
     digest = hashlib.sha256()
     for name in module_closure(module):
-        tree = _without_docstrings(ast.parse(ast.unparse(_module_tree(name))))
+        with _AST_LOCK:
+            tree = _without_docstrings(ast.parse(ast.unparse(_module_tree(name))))
         digest.update(f"{name}\0{ast.dump(tree, include_attributes=False)}\n".encode())
     return digest.hexdigest()[:16]
