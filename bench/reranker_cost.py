@@ -19,6 +19,7 @@ import argparse
 import random
 import statistics
 import time
+import typing
 
 import torch
 
@@ -26,6 +27,9 @@ from kgmel_core.config import CrossEncoderConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
 from storage import ArtifactStore
 from tasks.reranker import stage3_tables
+
+# `model_copy(update=...)` skips pydantic's validation: an unknown name would silently run in fp32
+PRECISIONS = typing.get_args(CrossEncoderConfig.model_fields["precision"].annotation)
 
 
 def _reranker(store: ArtifactStore, key: str | None):
@@ -45,11 +49,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-pairs", type=int, nargs="+", default=None,
                         help="scoring batch sizes to compare (default: the artifact's batch_pairs)")
-    parser.add_argument("--score-precisions", nargs="+", default=None,
+    parser.add_argument("--score-precisions", nargs="+", default=None, choices=PRECISIONS,
                         help="precisions to score in, side by side (default: the artifact's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"])
+    parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=PRECISIONS)
     args = parser.parse_args()
     store = ArtifactStore(args.artifacts)
     trained = _reranker(store, args.reranker)
