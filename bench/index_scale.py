@@ -5,7 +5,7 @@ re-scored exactly from memory-mapped vectors, on real fused embeddings and on KB
     # real: the fused entities of an `index` artifact, the val mentions of a `retrieve` artifact
     python -m bench.index_scale real --artifacts artifacts --retrieve KEY
     # gaussian: 10M unit vectors from a seeded mixture of Gaussians, 200 random queries (--kind ivfsq:
-    # scalar-quantised residuals instead of PQ codes in the first pass)
+    # scalar-quantised residuals instead of PQ codes in the first pass; --kind auto: what the stage picks)
     python -m bench.index_scale synthetic --entities 10000000 --nlist 4096 --workdir /big/disk
     # real-like: the real fused entities grown to 10M, queried with the real val mentions
     python -m bench.index_scale synthetic --like real --artifacts artifacts --retrieve KEY --entities 10000000
@@ -189,9 +189,10 @@ def synthetic(args: argparse.Namespace) -> None:
         what = f"gaussian: {n} entities, d={d}, {args.clusters} clusters, {len(queries)} queries"
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         vectors = Path(work) / "v.npy"
-        config = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe[0], pq_m=args.pq_m or d // 8,
-                             pq_nbits=args.pq_nbits, sq_bits=args.sq_bits, rescore=max(args.rescore),
-                             rescore_dtype=args.dtype)
+        auto = args.kind == "auto"  # derived nprobe and pq_m, and the kind chosen by measuring the built index
+        config = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=0 if auto else args.nprobe[0],
+                             pq_m=0 if auto else args.pq_m or d // 8, pq_nbits=args.pq_nbits, sq_bits=args.sq_bits,
+                             rescore=max(args.rescore), rescore_dtype=args.dtype)
         started = time.perf_counter()
         built = build_index_from_shards(shards, n, d, config, vectors_path=vectors)
         build = time.perf_counter() - started
@@ -200,6 +201,11 @@ def synthetic(args: argparse.Namespace) -> None:
         exact_s = time.perf_counter() - started
         plan = built.plan
         codes = f"IVF-PQ pq_m={plan.pq_m}x{args.pq_nbits} bits" if plan.pq_m else f"IVF-SQ {args.sq_bits} bits a dim"
+        if auto:
+            codes = f"auto chose {codes}, nprobe {plan.nprobe} (held recall@16 of each plan tried: {built.measured})"
+            nprobes = [plan.nprobe]
+        else:
+            nprobes = args.nprobe
         print(f"{what}; shards of {args.shard}; {codes} nlist={plan.nlist} "
               f"trained on {plan.train_size}, vectors {args.dtype} on disk; build {build:.0f} s "
               f"(vectors file included), exact top-{K} by streaming {exact_s:.0f} s")
@@ -217,7 +223,7 @@ def synthetic(args: argparse.Namespace) -> None:
         # A fresh process, as a server would be: the saved index loaded, the vectors file read through the page
         # cache (the build's leftovers would otherwise crowd the file out of it), its own peak RSS.
         child = multiprocessing.get_context("spawn").Process(
-            target=search_sweep, args=(index_path, vectors, arrays, args.nprobe, args.rescore, index_gb, not args.cold))
+            target=search_sweep, args=(index_path, vectors, arrays, nprobes, args.rescore, index_gb, not args.cold))
         child.start()
         child.join()
         if child.exitcode:
@@ -464,8 +470,10 @@ def main() -> None:
     s.add_argument("--nlist", type=int, default=4096)
     s.add_argument("--pq-m", type=int, default=0)
     s.add_argument("--pq-nbits", type=int, choices=[4, 8], default=4, help="4: fast-scan PQ")
-    s.add_argument("--kind", choices=["ivfpq", "ivfsq"], default="ivfpq",
-                   help="the first pass's codes: product-quantised, or scalar-quantised residuals")
+    s.add_argument("--kind", choices=["ivfpq", "ivfsq", "auto"], default="ivfpq",
+                   help="the first pass's codes: product-quantised, or scalar-quantised residuals; auto: the "
+                        "index stage's default, which measures the built IVF-PQ and may re-file it as IVF-SQ "
+                        "(--nprobe and --pq-m are then derived)")
     s.add_argument("--sq-bits", type=int, choices=[4, 6, 8], default=4, help="--kind ivfsq: bits a dimension")
     s.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     s.add_argument("--rescore", type=int, nargs="+", default=[256, 1024])

@@ -30,18 +30,19 @@ from kgmel_core.retrieval.growth import (
     kb_changes,
 )
 from kgmel_core.retrieval.index import (
+    RECALL_K,
     IndexPlan,
     append_vectors,
     build_index_from_shards,
     candidates_table,
     exact_top_k,
+    held_recall,
     ivf_centroids,
+    kept_measured_choice,
     load_index,
     low_recall_advice,
     open_searcher,
     plan_index,
-    recall_at_k,
-    rescoring,
     sample_rows,
     save_index,
     search,
@@ -58,7 +59,6 @@ GROWTH_SETTINGS = {"append_max_growth", "append_max_drift"}  # when reindex-kb a
 INDEX_SETTINGS = {"kind", "auto_threshold", "nlist", "nprobe", "pq_m", "pq_nbits", "sq_bits", "hnsw_m",
                   "hnsw_ef_search", "rescore", "rescore_dtype"} | GROWTH_SETTINGS
 INDEX_FILE, VECTORS_FILE = "entities.faiss", "entities.vectors.npy"
-RECALL_K = 16  # the recall an approximate index records on its held KB vectors (the retriever's usual top-K)
 ENCODE_BATCH = 1 << 16  # entities fused (and written) at a time: the KB's vectors are never all in memory
 HELD_ROWS = 200  # KB vectors an approximate index is measured on
 DRIFT_SAMPLE = 2000  # new entities fused to measure their drift before deciding to append them
@@ -93,6 +93,8 @@ def index(
         plan = plan_index(n, model.output_dim, config)
         growth = {"mode": "build", "built_rows": n, "appended_since_build": 0}
         if previous is not None:
+            measured = previous.manifest["stats"].get("auto_measured")
+            plan = kept_measured_choice(plan, _built_plan(previous), measured)
             previous_index = functools.cache(lambda: load_index(previous.file(INDEX_FILE)))  # read once, if at all
             decision, changes = _growth_decision(ctx, config, model, train, ingest, embed, previous, previous_index,
                                                  plan)
@@ -138,24 +140,27 @@ def _build(writer, config: IndexConfig, model, train: Artifact, ingest: Artifact
     vectors_path = writer.file_path(VECTORS_FILE) if plan_index(n, d, config).rescore else None
     built = build_index_from_shards(shards, n, d, config, vectors_path=vectors_path)
     save_index(built.index, writer.file_path(INDEX_FILE))
-    _record(writer, config, built.index, built.plan, n, d, vectors_path, shards, built.held, growth)
+    if built.measured:
+        logger().info("stage index: auto built %s (held recall@16 of each plan tried: %s)", built.plan.kind,
+                      built.measured)
+    _record(writer, config, built.index, built.plan, n, d, vectors_path, shards, built.held, growth,
+            exact=built.held_exact, measured=built.measured)
 
 
 def _record(writer, config: IndexConfig, built, plan: IndexPlan, n: int, d: int, vectors_path: Path | None, shards,
-            held: np.ndarray, growth: dict) -> None:
-    """The manifest's account of the index: its plan, how it came about, and what an approximate one
-    loses (recall on KB vectors it holds) and how close its lists fit them (the drift rule's yardstick)."""
+            held: np.ndarray, growth: dict, exact: np.ndarray | None = None, measured: dict | None = None) -> None:
+    """The manifest's account of the index: its plan, how it came about (with `auto`'s measurements, where
+    it chose by them), and what an approximate one loses (recall on KB vectors it holds) and how close
+    its lists fit them (the drift rule's yardstick). `exact`: the held rows' exact top-16, if known."""
     writer.stats.update(
         entities=n, dim=d, kind=plan.kind, nlist=plan.nlist, nprobe=plan.nprobe, pq_m=plan.pq_m,
         pq_nbits=config.pq_nbits if plan.pq_m else None, sq_bits=config.sq_bits if plan.kind == "ivfsq" else None,
         rescore=plan.rescore,
-        rescore_dtype=config.rescore_dtype if plan.rescore else None, growth=growth,
+        rescore_dtype=config.rescore_dtype if plan.rescore else None, growth=growth, auto_measured=measured or None,
     )
     if len(held):
-        searcher = rescoring(built, vectors_path, plan.rescore)  # the index just built, not re-read
-        found = search(searcher, held, RECALL_K)[1]
-        exact = exact_top_k(shards(), held, RECALL_K)
-        recall = recall_at_k(found, exact)
+        exact = exact if exact is not None else exact_top_k(shards(), held, RECALL_K)
+        recall = held_recall(built, plan, vectors_path, held, exact)  # the index just built, not re-read
         writer.stats.update(recall_at_16_held=round(recall, 4), recall_queries=len(exact))
         advice = low_recall_advice(plan, recall)
         if advice:
@@ -178,6 +183,12 @@ def _same_settings(previous: Artifact, config: IndexConfig, names: set[str]) -> 
     return {name: previous.manifest["config"].get(name) for name in wanted} == wanted
 
 
+def _built_plan(previous: Artifact) -> IndexPlan:
+    stats = previous.manifest["stats"]
+    return IndexPlan(stats["kind"], stats.get("nlist") or 0, stats.get("nprobe") or 0, stats.get("pq_m") or 0,
+                     0, stats.get("rescore") or 0)
+
+
 def _history(previous: Artifact) -> tuple[int, int]:
     """(rows of the last full build, rows appended since) behind `previous`."""
     stats = previous.manifest["stats"]
@@ -198,8 +209,7 @@ def _growth_decision(ctx: PipelineContext, config: IndexConfig, model, train: Ar
     changes = kb_changes(entity_signatures(before.read("entities"), before.read("kb_triples")),
                          entity_signatures(ingest.read("entities"), ingest.read("kb_triples")))
     stats = previous.manifest["stats"]
-    built = IndexPlan(stats["kind"], stats.get("nlist") or 0, stats.get("nprobe") or 0, stats.get("pq_m") or 0,
-                      0, stats.get("rescore") or 0)
+    built = _built_plan(previous)
     rule = GrowthRule(config.append_max_growth, config.append_max_drift)
     facts = (built, plan, changes, *_history(previous), rule)
     decision = decide(*facts)
@@ -243,7 +253,8 @@ def _append(ctx: PipelineContext, writer, config: IndexConfig, model, train: Art
     growth.update(built_rows=built_rows, appended_since_build=appended_before + n - n_before)
     shards = _shards(parts)
     held = sample_rows(shards(), n, HELD_ROWS) if plan.train_size else np.zeros((0, d), np.float32)
-    _record(writer, config, index_now, plan, n, d, vectors_path, shards, held, growth)
+    _record(writer, config, index_now, plan, n, d, vectors_path, shards, held, growth,
+            measured=previous.manifest["stats"].get("auto_measured"))
 
 
 @task(name="retrieve", **STAGE_TASK)

@@ -18,7 +18,9 @@ from storage import ArtifactStore
 from tasks.index import VECTORS_FILE
 
 pytestmark = pytest.mark.slow
-IVFPQ = {"kind": "ivfpq", "nlist": 4, "nprobe": 4, "pq_m": 16, "rescore": 128, "rescore_dtype": "float32"}
+# auto past its threshold: IVF-PQ, kept after auto measures its held recall (an IVF-SQ switch: test_rescore.py)
+IVFPQ = {"kind": "auto", "auto_threshold": 100, "nlist": 4, "nprobe": 4, "pq_m": 16, "rescore": 128,
+         "rescore_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,7 @@ def test_a_rescoring_index_serves_exact_candidates_and_a_damaged_vectors_file_is
     assert (stats["kind"], stats["rescore"], stats["rescore_dtype"]) == ("ivfpq", 128, "float32")
     # all lists probed and the top 128 re-scored: exact but for ties (same-label demo entities can share a vector)
     assert stats["recall_queries"] == 200 and stats["recall_at_16_held"] >= 0.99
+    assert stats["auto_measured"] == {"ivfpq nprobe=4": stats["recall_at_16_held"]}
 
     entities = indexed.read("fused_entities")
     vectors = np.stack(entities["vector"].to_numpy())
@@ -106,6 +109,7 @@ def test_reindex_appends_the_entities_a_kb_gained_and_rebuilds_when_one_changed(
     assert fused.head(before.height).equals(before)  # the served rows, copied as they were
     assert fused["qid"].to_list()[before.height:] == list(new)
     assert grown.manifest["stats"]["entities"] == before.height + 12 == len(fused)
+    assert grown.manifest["stats"]["auto_measured"] == served.manifest["stats"]["auto_measured"]  # what auto chose by
 
     # the appended index serves exact search's candidates (all lists probed, top 128 re-scored)
     records = [{"id": f"n{i}", "sentence": f"We drove to {label}.", "mention": [label]} for i, label in

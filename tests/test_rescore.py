@@ -1,6 +1,8 @@
 """Exact re-scoring of an IVF-PQ (or IVF-SQ) shortlist from the vectors file: same answer as exact search
 where the shortlist covers it, and a vectors file that is not the index's own is refused."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_index import _unit
@@ -8,9 +10,11 @@ from test_index import _unit
 from kgmel_core.config import IndexConfig
 from kgmel_core.retrieval import rescore
 from kgmel_core.retrieval.index import (
+    IndexPlan,
     build_index,
     build_index_from_shards,
     exact_top_k,
+    kept_measured_choice,
     open_searcher,
     plan_index,
     recall_at_k,
@@ -189,3 +193,51 @@ def test_vector_rows_read_what_the_array_holds_and_refuse_a_file_that_shrank(tmp
             handle.truncate(handle.seek(0, 2) - 32)
         with pytest.raises(VectorsFileError, match="row 999 could not be read whole"):
             rows_of[ids]
+
+
+def _clusters(rng, n, centers, spread):
+    x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, centers.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_auto_refiles_a_kb_of_tight_clusters_as_ivfsq_in_the_same_lists(tmp_path):
+    rng = np.random.default_rng(0)
+    entities = _clusters(rng, 30_000, rng.standard_normal((16, 64)), 0.6)  # ~1,900 near-ties a cluster
+    config = IndexConfig(kind="auto", auto_threshold=1000)
+    planned = plan_index(len(entities), 64, config)
+    assert (planned.kind, planned.nlist, planned.nprobe, planned.rescore) == ("ivfpq", 128, 128, 256)
+    built = build_index_from_shards(_shards(entities, 5000), *entities.shape, config, vectors_path=tmp_path / "v.npy")
+
+    assert built.plan == replace(planned, kind="ivfsq", nprobe=built.plan.nprobe, pq_m=0)
+    assert built.measured["ivfpq nprobe=128"] < 0.5  # the PQ shortlist of 256 misses most of the top-16
+    assert built.measured[f"ivfsq nprobe={built.plan.nprobe}"] >= 0.95 and built.plan.nprobe <= 64
+    assert list(built.measured)[-1] == f"ivfsq nprobe={built.plan.nprobe}"  # the probe stops at the target
+    assert (built.held_exact == exact_top_k(_shards(entities, 5000)(), built.held, 16)).all()
+    assert built.index.ntotal == len(entities)
+    save_index(built.index, tmp_path / "x.faiss")  # served as the index stage serves it: file paired, re-scored
+    searcher, _ = open_searcher(tmp_path / "x.faiss", tmp_path / "v.npy", built.plan.rescore)
+    queries = entities[rng.choice(len(entities), 100, replace=False)]
+    recall = recall_at_k(search(searcher, queries, 16)[1], exact_top_k(_shards(entities)(), queries, 16))
+    assert recall >= 0.95
+
+
+def test_auto_keeps_ivfpq_where_its_shortlist_holds_the_neighbours(tmp_path):
+    rng = np.random.default_rng(1)
+    entities = _clusters(rng, 20_000, rng.standard_normal((1000, 64)), 0.05)  # groups of ~20, far apart
+    config = IndexConfig(kind="auto", auto_threshold=1000)
+    built = build_index_from_shards(_shards(entities, 5000), *entities.shape, config, vectors_path=tmp_path / "v.npy")
+    assert built.plan == plan_index(len(entities), 64, config)
+    assert list(built.measured) == ["ivfpq nprobe=128"] and built.measured["ivfpq nprobe=128"] >= 0.95
+    explicit = build_index_from_shards(_shards(entities, 5000), *entities.shape,
+                                       config.model_copy(update={"kind": "ivfpq"}), vectors_path=tmp_path / "w.npy")
+    assert not explicit.measured and explicit.held_exact is None  # only auto measures before choosing
+
+
+def test_an_index_grown_keeps_the_kind_auto_measured_and_a_rebuild_measures_again():
+    pq = IndexPlan("ivfpq", 4096, 486, 96, 163_840, 256)
+    sq = IndexPlan("ivfsq", 4096, 8, 0, 0, 256)
+    measured = {"ivfpq nprobe=486": 0.29, "ivfsq nprobe=8": 0.96}
+    assert kept_measured_choice(pq, sq, measured) == IndexPlan("ivfsq", 4096, 8, 0, 163_840, 256)
+    assert kept_measured_choice(pq, sq, None) == pq  # ivfsq set by hand, then auto: the plan changed
+    assert kept_measured_choice(replace(pq, nlist=8192), sq, measured).kind == "ivfpq"  # the KB outgrew the lists
+    assert kept_measured_choice(pq, pq, {"ivfpq nprobe=486": 0.97}) == pq

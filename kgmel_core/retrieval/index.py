@@ -7,7 +7,9 @@ a power of two, at most 4,096; probing lists that hold ~375 sqrt(n) vectors; one
 and re-scores its shortlist exactly against the full vectors, read row by row from disk (`rescore.py`).
 Every index is built from shards: an approximate one is trained on a sample, then each shard of vectors
 is added, so the full matrix never has to be in memory. `ivfsq` keeps 4-8 bits a dimension instead of PQ
-codes (re-scored the same way): for KBs of tight clusters, whose near-ties PQ cannot order. `ivf`
+codes (re-scored the same way): for KBs of tight clusters, whose near-ties PQ cannot order. `auto` tells
+such a KB from its built IVF-PQ: when the PQ shortlist loses its held vectors' neighbours, it re-files the
+vectors as IVF-SQ in the same lists and keeps whichever finds more of them (`measured_choice`). `ivf`
 (IVF-Flat) and `hnsw` stay available. A GPU is used only when faiss reports one: on a GPU-less machine
 `index_cpu_to_all_gpus` returns an index whose `add` fails with a bare AssertionError.
 """
@@ -18,7 +20,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +58,19 @@ class IndexPlan:
     rescore: int = 0  # shortlist re-scored exactly (ivfpq, ivfsq; 0: the first pass's answer is final)
 
 
+RECALL_K = 16  # the recall an approximate index is measured by on its held KB vectors (the retriever's usual top-K)
+LOW_HELD_RECALL = 0.9  # below this an approximate index loses right answers the reranker never sees
+AUTO_TARGET_RECALL = 0.95  # auto keeps IVF-PQ at or above this held recall, and stops probing IVF-SQ once there
+AUTO_SQ_NPROBES = (8, 16, 32, 64)  # IVF-SQ scans 8x PQ's bytes a list: it pays off with few lists probed
+
+
 @dataclass(frozen=True)
 class BuiltIndex:
     index: Any
     plan: IndexPlan
     held: np.ndarray  # KB vectors drawn (with the training sample) to measure the built index's recall
+    held_exact: np.ndarray | None = None  # their exact top-RECALL_K rows, where the build measured them
+    measured: dict[str, float] = field(default_factory=dict)  # auto's held recall@16 of each plan it tried
 
 
 def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
@@ -91,7 +101,8 @@ def plan_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
     return IndexPlan(kind)
 
 
-def new_index(plan: IndexPlan, d: int, config: IndexConfig):
+def new_index(plan: IndexPlan, d: int, config: IndexConfig, quantizer=None):
+    """An empty index for `plan`; an IVF one over `quantizer`'s lists where given (trained: its lists are kept)."""
     faiss = _faiss()
     if plan.kind == "flat":
         return faiss.IndexFlatIP(d)
@@ -101,8 +112,9 @@ def new_index(plan: IndexPlan, d: int, config: IndexConfig):
         return index
     # Assigning 10M vectors to 4096+ lists by brute force costs hours on a CPU; an HNSW graph over the
     # centroids finds the list in a few dozen distance computations.
-    hnsw = plan.nlist >= 4096
-    quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(d)
+    if quantizer is None:
+        hnsw = plan.nlist >= 4096
+        quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(d)
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     elif plan.kind == "ivfsq":
@@ -145,7 +157,7 @@ def build_index_from_shards(
     index = new_index(plan, d, config)
     if plan.nprobe:  # an HNSW quantizer assigns each added vector to one list: a narrow search suffices
         set_nprobe(index, 1, breadth=16)
-    held_rows = np.zeros((0, d), np.float32)
+    held_rows = sample = np.zeros((0, d), np.float32)
     if plan.train_size:
         sample, held_rows = samples_of_rows(shards(), n, [plan.train_size, min(held, n)], seed)
         index.train(sample)
@@ -158,7 +170,89 @@ def build_index_from_shards(
                 rescore.write_rows(vectors, shard, config.rescore_dtype)
     if plan.nprobe:
         set_nprobe(index, plan.nprobe)
-    return BuiltIndex(index, plan, held_rows)
+    built = BuiltIndex(index, plan, held_rows)
+    if config.kind == "auto" and plan.kind == "ivfpq" and len(held_rows):
+        return measured_choice(built, shards, sample, config, vectors_path)
+    return built
+
+
+def measured_choice(built: BuiltIndex, shards: Callable[[], Iterable[np.ndarray]], sample: np.ndarray,
+                    config: IndexConfig, vectors_path: Path) -> BuiltIndex:
+    """`auto`'s IVF-PQ, or the same lists holding scalar-quantised vectors where that finds more.
+
+    PQ codes suit a KB whose neighbours spread over many lists (real entity embeddings: the plan probes
+    hundreds), and fail a KB of tight clusters, whose near-ties they cannot order however many lists are
+    probed. Which KB this is shows only in the built index, so the held vectors' recall@16 decides: below
+    the target, the vectors are re-filed as IVF-SQ under the same trained lists (each in the list PQ gave
+    it: no coarse search, no k-means), read back from the vectors file, and probed with few lists."""
+    exact = exact_top_k(shards(), built.held, RECALL_K)
+    pq_recall = held_recall(built.index, built.plan, vectors_path, built.held, exact)
+    measured = {f"ivfpq nprobe={built.plan.nprobe}": round(pq_recall, 4)}
+    if pq_recall >= AUTO_TARGET_RECALL:
+        return replace(built, held_exact=exact, measured=measured)
+    sq = _ivfsq_in_the_same_lists(built.index, sample, config, vectors_path)
+    best, best_recall = None, pq_recall
+    for nprobe in AUTO_SQ_NPROBES:
+        if nprobe > built.plan.nlist:
+            break
+        plan = replace(built.plan, kind="ivfsq", nprobe=nprobe, pq_m=0)
+        set_nprobe(sq, nprobe)
+        recall = held_recall(sq, plan, vectors_path, built.held, exact)
+        measured[f"ivfsq nprobe={nprobe}"] = round(recall, 4)
+        if recall > best_recall:
+            best, best_recall = plan, recall
+        if recall >= AUTO_TARGET_RECALL:
+            break
+    if best is None:
+        return replace(built, held_exact=exact, measured=measured)
+    set_nprobe(sq, best.nprobe)
+    return BuiltIndex(sq, best, built.held, exact, measured)
+
+
+def kept_measured_choice(wanted: IndexPlan, built: IndexPlan, measured: dict | None) -> IndexPlan:
+    """The plan to grow an index by: `auto` plans IVF-PQ, but where it measured IVF-SQ to be better for
+    this KB (`measured`: the index manifest's record), appending keeps those lists and that probe (a
+    rebuild measures again)."""
+    if measured and (wanted.kind, built.kind) == ("ivfpq", "ivfsq") and wanted.nlist == built.nlist:
+        return replace(wanted, kind="ivfsq", nprobe=built.nprobe, pq_m=0)
+    return wanted
+
+
+def held_recall(index, plan: IndexPlan, vectors_path: Path | None, held: np.ndarray, exact: np.ndarray) -> float:
+    """Recall@16 of the index as it will search (its shortlist re-scored) for KB vectors it holds. The
+    vectors file is the one the build just wrote: the pairing check for files read back is not needed."""
+    searcher = rescore.RescoredIndex(index, vectors_path, plan.rescore) if plan.rescore else index
+    return recall_at_k(search(searcher, held, RECALL_K)[1], exact)
+
+
+def list_assignment(index) -> np.ndarray:
+    """The list each vector of an IVF index is filed under, by row id."""
+    ivf = _faiss().extract_index_ivf(index)
+    assignment = np.full(ivf.ntotal, -1, np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            assignment[_faiss().rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+    return assignment
+
+
+def _ivfsq_in_the_same_lists(pq, sample: np.ndarray, config: IndexConfig, vectors_path: Path):
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(pq)
+    sq = new_index(IndexPlan("ivfsq", ivf.nlist), ivf.d, config, quantizer=faiss.clone_index(ivf.quantizer))
+    sq.train(sample)  # the quantizer holds nlist centroids already: this trains the SQ ranges only
+    assignment = list_assignment(pq)
+    for start, rows in _offsets(rescore.rows_in_order(vectors_path, ivf.ntotal, ivf.d)):
+        lists = np.ascontiguousarray(assignment[start : start + len(rows)])
+        sq.add_core(len(rows), faiss.swig_ptr(rows), None, faiss.swig_ptr(lists))
+    return sq
+
+
+def _offsets(chunks: Iterable[np.ndarray]) -> Iterable[tuple[int, np.ndarray]]:
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += len(chunk)
 
 
 def samples_of_rows(shards: Iterable[np.ndarray], n: int, sizes: list[int], seed: int = 0) -> list[np.ndarray]:
@@ -301,15 +395,12 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
-LOW_HELD_RECALL = 0.9  # below this an approximate index loses right answers the reranker never sees
-
-
-def low_recall_advice(plan: IndexPlan, held_recall: float) -> str | None:
+def low_recall_advice(plan: IndexPlan, recall: float) -> str | None:
     """What to change when a built index finds too little of its held vectors' exact top-16 (None: it
     does not). The held vectors are KB rows, easier queries than mentions: mentions fare worse still."""
-    if plan.kind == "flat" or not held_recall < LOW_HELD_RECALL:
+    if plan.kind == "flat" or not recall < LOW_HELD_RECALL:
         return None
-    found = f"the {plan.kind} index finds {held_recall:.2f} of its held KB vectors' exact top-16"
+    found = f"the {plan.kind} index finds {recall:.2f} of its held KB vectors' exact top-16"
     if plan.kind == "ivfpq":
         return (f"{found}: likely a KB of tight clusters, whose near-ties PQ codes cannot shortlist. index.kind: ivfsq "
                 f"with a small index.nprobe keeps such a KB's recall (docs/scaling.md); so does a larger "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,6 +76,19 @@ def checked_layout(path: Path | str, n: int, d: int) -> tuple[int, np.dtype]:
         raise VectorsFileError(f"{path}: {actual} bytes, expected {expected} for {n} x {d} {dtype} "
                                f"({'truncated' if actual < expected else 'trailing bytes'})")
     return offset, dtype
+
+
+def rows_in_order(path: Path | str, n: int, d: int, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+    """The rows of a checked (n, d) vectors file front to back, `chunk` at a time, as float32: one
+    sequential read, for building another index over the vectors an index was built from."""
+    offset, dtype = checked_layout(path, n, d)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        for start in range(0, n, chunk):
+            rows = np.empty((min(chunk, n - start), d), dtype)
+            if handle.readinto(memoryview(rows).cast("B")) != rows.nbytes:
+                raise VectorsFileError(f"{path}: rows from {start} could not be read whole (the file shrank)")
+            yield rows.astype(np.float32)
 
 
 class VectorRows:
