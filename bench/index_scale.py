@@ -48,6 +48,7 @@ from kgmel_core.retrieval.index import (
     save_index,
     search,
     set_nprobe,
+    with_offsets,
 )
 from kgmel_core.retrieval.rescore import RescoredIndex, extend_vectors, write_rows
 from storage import ArtifactStore
@@ -200,7 +201,8 @@ def synthetic(args: argparse.Namespace) -> None:
         exact = exact_top_k(shards(), queries, K)
         exact_s = time.perf_counter() - started
         plan = built.plan
-        codes = f"IVF-PQ pq_m={plan.pq_m}x{args.pq_nbits} bits" if plan.pq_m else f"IVF-SQ {args.sq_bits} bits a dim"
+        codes = {"ivfpq": f"IVF-PQ pq_m={plan.pq_m}x{args.pq_nbits} bits",
+                 "ivfsq": f"IVF-SQ {args.sq_bits} bits a dim"}.get(plan.kind, plan.kind)
         if auto:
             codes = f"auto chose {codes}, nprobe {plan.nprobe} (held recall@16 of each plan tried: {built.measured})"
             nprobes = [plan.nprobe]
@@ -288,15 +290,8 @@ def split_at(shards: Callable[[], Iterator[np.ndarray]], n: int) -> tuple[Callab
                 yield shard[: n - seen]
             seen += len(shard)
 
-    rest = [shard[max(0, n - seen) :] for seen, shard in _offsets(shards()) if seen + len(shard) > n]
+    rest = [shard[max(0, n - seen) :] for seen, shard in with_offsets(shards()) if seen + len(shard) > n]
     return head, np.concatenate(rest)
-
-
-def _offsets(shards: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-    seen = 0
-    for shard in shards:
-        yield seen, shard
-        seen += len(shard)
 
 
 def grow(args: argparse.Namespace) -> None:
@@ -365,7 +360,7 @@ def write_index_artifact(writer, rows: Callable[[], Iterator[np.ndarray]], qids:
     from tasks.index import INDEX_FILE, VECTORS_FILE, _record
 
     n, d = len(qids), None
-    for start, shard in _offsets(rows()):
+    for start, shard in with_offsets(rows()):
         d = shard.shape[1]
         table = pa.table({"qid": qids[start : start + len(shard)], "vector": schemas.vector_column(shard)})
         writer.write_table("fused_entities", table, schemas.fused_entities(d))

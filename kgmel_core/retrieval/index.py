@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ def kept_measured_choice(wanted: IndexPlan, built: IndexPlan, measured: dict | N
 def held_recall(index, plan: IndexPlan, vectors_path: Path | None, held: np.ndarray, exact: np.ndarray) -> float:
     """Recall@16 of the index as it will search (its shortlist re-scored) for KB vectors it holds. The
     vectors file is the one the build just wrote: the pairing check for files read back is not needed."""
-    searcher = rescore.RescoredIndex(index, vectors_path, plan.rescore) if plan.rescore else index
+    searcher = rescoring(index, vectors_path, plan.rescore, check_pairing=False)
     return recall_at_k(search(searcher, held, RECALL_K)[1], exact)
 
 
@@ -242,13 +242,14 @@ def _ivfsq_in_the_same_lists(pq, sample: np.ndarray, config: IndexConfig, vector
     sq = new_index(IndexPlan("ivfsq", ivf.nlist), ivf.d, config, quantizer=faiss.clone_index(ivf.quantizer))
     sq.train(sample)  # the quantizer holds nlist centroids already: this trains the SQ ranges only
     assignment = list_assignment(pq)
-    for start, rows in _offsets(rescore.rows_in_order(vectors_path, ivf.ntotal, ivf.d)):
+    for start, rows in with_offsets(rescore.rows_in_order(vectors_path, ivf.ntotal, ivf.d)):
         lists = np.ascontiguousarray(assignment[start : start + len(rows)])
         sq.add_core(len(rows), faiss.swig_ptr(rows), None, faiss.swig_ptr(lists))
     return sq
 
 
-def _offsets(chunks: Iterable[np.ndarray]) -> Iterable[tuple[int, np.ndarray]]:
+def with_offsets(chunks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """Each chunk of a row stream with the index of its first row."""
     start = 0
     for chunk in chunks:
         yield start, chunk
@@ -346,13 +347,14 @@ def open_searcher(index_path: Path | str, vectors_path: Path | str | None = None
     return rescoring(index, vectors_path, shortlist), f"{device}, top {shortlist} re-scored" if shortlist else device
 
 
-def rescoring(index, vectors_path: Path | str | None, shortlist: int):
-    """`index` itself, or, when it re-scores, wrapped with its vectors file once that is checked to be
-    the file it was built with."""
+def rescoring(index, vectors_path: Path | str | None, shortlist: int, check_pairing: bool = True):
+    """`index` itself, or, when it re-scores, wrapped with its vectors file (checked to be the file it was
+    built with, unless the caller has just written that file)."""
     if not shortlist:
         return index
     searcher = rescore.RescoredIndex(index, vectors_path, shortlist)
-    searcher.check_pairing()
+    if check_pairing:
+        searcher.check_pairing()
     return searcher
 
 
