@@ -6,6 +6,7 @@ in the default, server-less mode), so a typo fails in a second, not after the se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -152,11 +153,44 @@ def ensure_prefect_api() -> None:
         ) from None
 
 
+def start_temporary_server() -> threading.Thread | None:
+    """Boot Prefect's temporary API server now, in the background, when no API URL is configured.
+
+    Prefect would start the same server (a child process, `SubprocessASGIServer`) on the flow's first
+    API call; started here, its seconds of booting overlap this process importing the pipeline, on
+    another core. Join the thread before the flow runs: Prefect marks the server running before it
+    answers."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def boot() -> None:
+        with contextlib.suppress(Exception):  # Prefect's own first call starts it again and says why it failed
+            SubprocessASGIServer().start()
+
+    booting = threading.Thread(target=boot, name="prefect-server-start", daemon=True)
+    booting.start()
+    return booting
+
+
 def _run_flow(**params: Any) -> dict:
     ensure_prefect_api()
+    booting = start_temporary_server()
     from flows.pipeline import kgmel
 
-    result = kgmel(**params)
+    if booting is None:
+        result = kgmel(**params)
+    else:
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        booting.join()
+        # Heartbeats let a server mark a flow whose process died as crashed. A temporary server dies with
+        # this process, so nothing reads them, and each flow's exit waits up to a second for their thread.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            result = kgmel(**params)
     result["report"].render(console)
     return result
 

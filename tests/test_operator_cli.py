@@ -5,6 +5,7 @@ query examples run as written."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -248,3 +249,29 @@ def test_generate_runs_stage_1_alone_on_a_per_split_sample_and_a_rerun_asks_noth
     assert store.keys("train") == [] and store.keys("embed") == []  # stage 1 alone: nothing trained
     calls = fake.calls
     assert main(argv) == 0 and fake.calls == calls and store.keys("generate") == [key]
+
+
+def test_the_temporary_server_boots_in_the_background_and_prefect_uses_that_one(tmp_path):
+    """Without an API URL the CLI boots Prefect's temporary server while it imports; Prefect's own client
+    must then talk to that server, not start another."""
+    snippet = """
+import httpx
+from flows.cli import start_temporary_server
+from prefect.client.orchestration import get_client
+from prefect.server.api.server import SubprocessASGIServer
+
+booting = start_temporary_server()
+booting.join()
+server = SubprocessASGIServer()
+assert server.running, "the background start did not finish"
+assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
+with get_client(sync_client=True) as client:
+    assert client.api_url.host == "127.0.0.1" and client.api_url.port == server.port, client.api_url
+server.stop()
+print("ok")
+"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

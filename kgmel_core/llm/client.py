@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import mimetypes
@@ -22,25 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
-import litellm
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm.auto import tqdm
 
 from kgmel_core.config import LLMConfig
 
-# httpx's own transport: LiteLLM's aiohttp transport leaves sessions open when an event loop ends.
-litellm.disable_aiohttp_transport = True
 
-# Errors worth another try: the provider or network may recover. Anything else (bad request, auth,
-# unknown model, a model without vision) fails at once with its message recorded.
-TRANSIENT = (
-    litellm.exceptions.Timeout,
-    litellm.exceptions.APIConnectionError,
-    litellm.exceptions.RateLimitError,
-    litellm.exceptions.ServiceUnavailableError,
-    litellm.exceptions.InternalServerError,
-    TimeoutError,
-)
+@functools.cache
+def _litellm() -> Any:
+    """LiteLLM, imported on first use: importing it takes seconds, and most commands (`kgmel link`
+    without an LLM, `status`, `query`) never make a call."""
+    import litellm
+
+    # httpx's own transport: LiteLLM's aiohttp transport leaves sessions open when an event loop ends.
+    litellm.disable_aiohttp_transport = True
+    return litellm
+
+
+@functools.cache
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth another try: the provider or network may recover. Anything else (bad request, auth,
+    unknown model, a model without vision) fails at once with its message recorded."""
+    errors = _litellm().exceptions
+    return (errors.Timeout, errors.APIConnectionError, errors.RateLimitError, errors.ServiceUnavailableError,
+            errors.InternalServerError, TimeoutError)
 
 
 def image_data_url(path: str | Path) -> str:
@@ -146,7 +152,7 @@ class LLMClient:
             started = time.perf_counter()
             try:
                 response = await asyncio.wait_for(
-                    litellm.acompletion(**self._kwargs(request.messages)), self.config.timeout_s
+                    _litellm().acompletion(**self._kwargs(request.messages)), self.config.timeout_s
                 )
             except TimeoutError:  # asyncio's carries no message: say what timed out
                 raise TimeoutError(f"no answer within timeout_s={self.config.timeout_s} s") from None
@@ -189,13 +195,13 @@ class LLMClient:
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self.config.retries + 1),
                 wait=wait_exponential(multiplier=self.config.backoff_s, min=self.config.backoff_s),
-                retry=retry_if_exception_type(TRANSIENT),
+                retry=retry_if_exception_type(transient_errors()),
                 reraise=True,
             )
             try:
                 text, first_token = await retrying(self._call, request, limiter, call)
             except Exception as exc:  # recorded, never raised: the stage decides what a failure means
-                timeout = isinstance(exc, TimeoutError | litellm.exceptions.Timeout)
+                timeout = isinstance(exc, TimeoutError | _litellm().exceptions.Timeout)
                 call.update(status="timeout" if timeout else "error", error=f"{type(exc).__name__}: {exc}"[:500])
                 return LLMResult(request.key, None, call)
             if self.cache is not None:
@@ -219,8 +225,8 @@ class LLMClient:
             bar.close()
             # LiteLLM caches HTTP clients bound to this event loop: close and forget them before the
             # loop ends, so a later loop (the next stage) never reuses a dead one.
-            await litellm.close_litellm_async_clients()
-            litellm.in_memory_llm_clients_cache.flush_cache()
+            await _litellm().close_litellm_async_clients()
+            _litellm().in_memory_llm_clients_cache.flush_cache()
 
     def run(self, requests: list[LLMRequest], progress: bool = True) -> list[LLMResult]:
         """Run all requests (bounded concurrency); results in request order, one per request."""
