@@ -48,7 +48,8 @@ def test_rescore_orders_a_shortlist_by_exact_score_and_keeps_padding_last():
 
 
 @pytest.mark.parametrize(("dtype", "nbits"), [("float32", 4), ("float16", 4), ("float32", 8)])
-def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(tmp_path, dtype, nbits):
+def test_rescoring_returns_exactly_the_flat_top_k_where_the_shortlist_covers_it(tmp_path, monkeypatch, dtype, nbits):
+    monkeypatch.setattr(rescore, "SEARCH_CHUNK", 128)  # 300 queries: three pipelined chunks, the last one short
     rng = np.random.default_rng(0)
     entities, queries = _unit(rng, 3000, 16), _unit(rng, 300, 16)
     built = _build(tmp_path, entities, dtype, nbits=nbits)
