@@ -8,10 +8,12 @@ vectors). It is registered as model `<model>-<entities>` and `kgmel link` runs a
 child process: ingest the mentions file, embed the mentions, search, re-score, write the candidates.
 
     python -m bench.link_scale --artifacts artifacts --model wikimel --dataset ../shared/data/wikimel \\
-        --config configs/wikimel.yaml --entities 1000000 --mentions 10000 [--cold]
+        --config configs/wikimel.yaml --entities 1000000 --mentions 10000 [--cold] [--repeats 5]
 
 `--cold` leaves the store's embedding cache out of the scratch copy, so every mention string is
 encoded (new mentions); without it, strings the store has embedded before are served from the cache.
+`--repeats N` links N times, each on a fresh copy of the prepared store, and reports the median (two
+shared cores are noisy: single runs of the same code spread by several seconds).
 The mentions are the first `--mentions` of the train split (never test). Run on an idle machine.
 """
 
@@ -24,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,10 +43,22 @@ from storage import ArtifactStore, InputRef
 SHARD = 1 << 16
 
 
+# Files a run edits in place (DuckDB's catalog, diskcache's SQLite): copied, or a hard link would edit the source.
+EDITED_IN_PLACE = ("kgmel.duckdb", "kgmel.duckdb.wal", "_llm_cache")
+
+
 def scratch_store(source: Path, target: Path, cold: bool) -> None:
-    """A copy of the store made of hard links (artifacts are immutable: new ones are new files)."""
+    """A copy of the store made of hard links (artifacts and the registry's events are never edited: new
+    ones are new files), except what a run edits in place."""
     skip = {"_embedding_cache"} if cold else set()
-    shutil.copytree(source, target, copy_function=os.link, ignore=lambda folder, names: [
+
+    def link_or_copy(src: str, dst: str) -> None:
+        if Path(src).relative_to(source).parts[0] in EDITED_IN_PLACE:
+            shutil.copy2(src, dst)
+        else:
+            os.link(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy, ignore=lambda folder, names: [
         n for n in names if Path(folder) == source and n in skip])
 
 
@@ -89,37 +104,53 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="passed to `kgmel link --set` (repeatable), e.g. encoder.batch_size=32")
-    parser.add_argument("--keep", default=None, help="a folder for the scratch store, kept and reused by later runs "
-                        "(the same --entities and --cold); a link run on it finds its earlier stages cached")
+    parser.add_argument("--keep", default=None, help="a folder for the prepared store (the grown index), kept and "
+                        "reused by later runs with the same --entities and --cold")
+    parser.add_argument("--repeats", type=int, default=1, help="link runs, each on a fresh copy of the prepared "
+                        "store (so each is as cold as the first); the median is reported")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) if not args.keep else contextlib.nullcontext(args.keep) as work:
         work = Path(work)
         model = f"{args.model}-{args.entities}"
-        if not (work / "store").exists():
-            scratch_store(Path(args.artifacts).resolve(), work / "store", args.cold)
+        prepared = work / "store"
+        if not prepared.exists():
+            scratch_store(Path(args.artifacts).resolve(), prepared, args.cold)
             started = time.perf_counter()
-            grown_index(ArtifactStore(work / "store"), args.model, args.entities)
+            grown_index(ArtifactStore(prepared), args.model, args.entities)
             print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
         count = mentions_file(Path(args.dataset), args.mentions, work / "mentions.json")
-        kgmel = str(Path(sys.executable).parent / "kgmel")
-        command = [kgmel, "link", str(work / "mentions.json"), "--config", args.config, "--model", model,
-                   "--set", f"artifacts={work / 'store'}", "--set", "rerank.enabled=false",
-                   "--set", "nil.enabled=false", "--set", "generation.enabled=false"]
-        command += [part for override in args.overrides for part in ("--set", override)]
+        walls = [link_once(work, prepared, model, args, count, repeat) for repeat in range(args.repeats)]
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+        median = statistics.median(walls)
+        print(f"\n{count} mentions ({'cold: no embedding cache' if args.cold else 'warm embedding cache'}) against "
+              f"{args.entities} entities, median of {len(walls)}: {median:.1f} s wall for `kgmel link` (process "
+              f"start included), {count / median:.0f} mentions/s, peak RSS {peak:.2f} GB; --set {args.overrides}")
+
+
+def link_once(work: Path, prepared: Path, model: str, args: argparse.Namespace, count: int, repeat: int) -> float:
+    """One `kgmel link` in a child process on a fresh copy of the prepared store; its wall seconds."""
+    store = work / f"run-{repeat}"
+    shutil.rmtree(store, ignore_errors=True)
+    scratch_store(prepared, store, args.cold)
+    kgmel = str(Path(sys.executable).parent / "kgmel")
+    command = [kgmel, "link", str(work / "mentions.json"), "--config", args.config, "--model", model,
+               "--set", f"artifacts={store}", "--set", "rerank.enabled=false",
+               "--set", "nil.enabled=false", "--set", "generation.enabled=false"]
+    command += [part for override in args.overrides for part in ("--set", override)]
+    try:
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         seconds = time.perf_counter() - started
         if done.returncode:
             sys.exit(f"kgmel link failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-        runs = pl.read_parquet(work / "store" / "_runs" / "*.parquet")
-        print(f"\n{count} mentions ({'cold: no embedding cache' if args.cold else 'warm embedding cache'}) against "
-              f"{args.entities} entities: {seconds:.1f} s wall for `kgmel link` (process start included), "
-              f"{count / seconds:.0f} mentions/s, peak RSS {peak:.2f} GB; --set {args.overrides}")
-        last = runs.filter(pl.col("run_id") == runs.sort("finished_at")["run_id"][-1])
-        print("\n| stage | cache hit | rows | seconds |\n|---|---|---:|---:|")
-        for row in last.sort("finished_at").iter_rows(named=True):
-            print(f"| {row['stage']} | {row['cache_hit']} | {row['rows']} | {row['seconds']:.1f} |")
+        runs = pl.read_parquet(store / "_runs" / "*.parquet")
+        last = runs.filter(pl.col("run_id") == runs.sort("finished_at")["run_id"][-1]).sort("finished_at")
+        stages = ", ".join(f"{row['stage']} {row['seconds']:.1f} s{' (cached)' if row['cache_hit'] else ''}"
+                           for row in last.iter_rows(named=True))
+        print(f"run {repeat + 1}: {seconds:.1f} s wall, {count / seconds:.0f} mentions/s ({stages})", flush=True)
+        return seconds
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":
