@@ -24,6 +24,9 @@ from kgmel_core.retrieval.encoders import (
     CompositeEncoder,
     OpenClipEncoder,
     SentenceTransformerTextEncoder,
+    composite_identity,
+    open_clip_identity,
+    sentence_encoder_identity,
 )
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL
 
@@ -67,6 +70,29 @@ def create_encoder(spec: EncoderSpec) -> CompositeEncoder:
         spec.text_encoder, batch_size=spec.batch_size, device=spec.device, precision=spec.precision
     )
     return CompositeEncoder(text, clip if spec.image_encoder == "open_clip" else None)
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """The identities `create_encoder(spec)` reports, known without loading a model: the embed stage looks
+    vectors up in the cache by them, so a run whose strings are all cached loads no model."""
+
+    text: str
+    image: str | None  # None: no image encoder
+    shared: bool  # one open_clip model embeds both
+
+    @property
+    def encoder(self) -> str:
+        return composite_identity(self.text, self.image, self.shared)
+
+
+def encoder_identity(spec: EncoderSpec) -> EncoderIdentity:
+    clip = None
+    if "open_clip" in (spec.text_encoder, spec.image_encoder):
+        clip = open_clip_identity(spec.clip_model, spec.clip_pretrained, spec.precision)
+    text = clip if spec.text_encoder == "open_clip" else sentence_encoder_identity(spec.text_encoder, spec.precision)
+    return EncoderIdentity(text, clip if spec.image_encoder == "open_clip" else None,
+                           shared=spec.text_encoder == spec.image_encoder == "open_clip")
 
 
 def encode_texts_with(spec: EncoderSpec, texts: list[str]) -> np.ndarray:

@@ -11,7 +11,14 @@ from prefect import task
 from kgmel_core import schemas
 from kgmel_core.config import EncoderConfig, key_config
 from kgmel_core.data.texts import HeadTexts, text_sha
-from kgmel_core.factory import EncoderSpec, create_encoder, encode_images_with, encode_texts_with
+from kgmel_core.factory import (
+    EncoderIdentity,
+    EncoderSpec,
+    create_encoder,
+    encode_images_with,
+    encode_texts_with,
+    encoder_identity,
+)
 from kgmel_core.retrieval.features import images_to_embed, texts_to_embed
 from storage import Artifact, file_sha256
 from storage.embedding_cache import EmbeddingCache
@@ -32,17 +39,19 @@ def _cached_vectors(ctx: PipelineContext, spec: EncoderSpec, identity: str, kind
     )
 
 
-def _image_vectors(ctx: PipelineContext, spec: EncoderSpec, encoder, images, width: int,
+def _image_vectors(ctx: PipelineContext, spec: EncoderSpec, identity: EncoderIdentity, images, width: int,
                    stats: dict) -> tuple[list[str], np.ndarray]:
     """(image_sha256, vectors) of every distinct image; none when the encoder reads no images (counted)."""
-    if encoder.image_dim is None or images.height == 0:
+    if identity.image is None or images.height == 0:
         if images.height:
-            logger().warning("encoder %s embeds no images: %d images ignored (counted)", encoder.identity,
+            logger().warning("encoder %s embeds no images: %d images ignored (counted)", identity.encoder,
                              images.height)
         stats["images_ignored"] = images.height
-        return [], np.zeros((0, encoder.image_dim or width), np.float32)
+        if identity.image is not None:  # an empty table still has the image encoder's width
+            width = create_encoder(spec).image_dim
+        return [], np.zeros((0, width), np.float32)
     shas = images["image_sha256"].to_list()
-    vectors, fresh = _cached_vectors(ctx, spec, encoder.image.identity, "image", shas, images["image_path"].to_list(),
+    vectors, fresh = _cached_vectors(ctx, spec, identity.image, "image", shas, images["image_path"].to_list(),
                                      encode_images_with)
     stats.update(images_unique=images.height, images_encoded_now=fresh)
     return shas, vectors
@@ -68,22 +77,22 @@ def embed(
     stage_config["precision"] = spec.precision
 
     def build(writer):
-        encoder = create_encoder(spec)
+        identity = encoder_identity(spec)  # the model itself is loaded only if a string is not cached
         mentions, entities = ingest.read("mentions"), ingest.read("entities")
         generated = generation.read("mention_triples") if generation is not None else None
         texts = texts_to_embed(mentions, entities, ingest.read("kb_triples"), HeadTexts.of(config.model_dump()),
                                generated)
         shas = [text_sha(t) for t in texts]
-        vectors, fresh = _cached_vectors(ctx, spec, encoder.text.identity, "text", shas, texts, encode_texts_with,
+        vectors, fresh = _cached_vectors(ctx, spec, identity.text, "text", shas, texts, encode_texts_with,
                                          sizes=[len(text) for text in texts])
         writer.write_table("text_embeddings", *schemas.text_embeddings_table(shas, texts, vectors))
         writer.stats.update(texts_unique=len(texts), texts_encoded_now=fresh,
                             mentions_without_image=int(mentions["image_sha256"].null_count()),
                             entities_without_image=int(entities["image_sha256"].null_count()))
-        image_shas, image_vectors = _image_vectors(ctx, spec, encoder, images_to_embed(mentions, entities),
+        image_shas, image_vectors = _image_vectors(ctx, spec, identity, images_to_embed(mentions, entities),
                                                    vectors.shape[1], writer.stats)
         writer.write_table("image_embeddings", *schemas.image_embeddings_table(image_shas, image_vectors))
-        writer.stats.update(encoder=encoder.identity, precision=stage_config["precision"])
+        writer.stats.update(encoder=identity.encoder, precision=stage_config["precision"])
         if uses_bootstrap:
             writer.stats["encoder_note"] = BOOTSTRAP_NOTE
         logger().info("embed: %s", writer.stats)

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import torch
 
-from kgmel_core.factory import EncoderSpec, create_encoder
+from kgmel_core.factory import EncoderIdentity, EncoderSpec, create_encoder, encoder_identity
 from kgmel_core.retrieval.encoders import OpenClipEncoder
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
@@ -34,11 +34,23 @@ def test_tiny_clip_checkpoint_loads_by_path_like_a_real_one(small_demo, tmp_path
     image_vectors = encoder.encode_images(images[:3], progress=False)
     assert image_vectors.shape == (3, 64)
     assert encoder.identity.startswith(f"open_clip:{TINY_CLIP_MODEL}:file:")
+    shared = EncoderSpec("open_clip", "open_clip", TINY_CLIP_MODEL, str(tmp_path / "tiny.pt"), 4, "cpu", "fp32")
+    assert encoder_identity(shared) == EncoderIdentity(encoder.identity, encoder.identity, shared=True)
+    assert encoder_identity(shared).encoder == create_encoder(shared).identity
 
 
 def test_composite_without_image_encoder_reports_no_image_dim(tmp_path):
     encoder = create_encoder(EncoderSpec("minilm", "none", "unused", None, 8, "cpu", "fp32"))
     assert encoder.image_dim is None and encoder.identity.endswith("|no-images")
+
+
+def test_the_identity_known_without_loading_is_the_loaded_encoders():
+    """The embed stage looks vectors up by `encoder_identity`; it must be what the loaded encoder says."""
+    for precision in ("fp32", "bf16"):
+        spec = EncoderSpec("minilm", "none", "unused", None, 8, "cpu", precision)
+        loaded = create_encoder(spec)
+        assert encoder_identity(spec) == EncoderIdentity(loaded.text.identity, None, shared=False)
+        assert encoder_identity(spec).encoder == loaded.identity
 
 
 def test_embedding_cache_encodes_only_missing(tmp_path):

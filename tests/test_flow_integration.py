@@ -163,3 +163,26 @@ def test_changed_config_rebuilds_only_the_affected_stages_and_force_rebuilds(fir
     hits = _last_run_hits(config.artifacts)
     assert not hits["evaluate"] and all(v for k, v in hits.items() if k != "evaluate")
     assert forced["artifacts"] == result["artifacts"]  # same inputs, same key, replaced in place
+
+
+def test_an_embed_stage_whose_strings_are_all_cached_loads_no_encoder(first_run, prefect_harness, tmp_path,
+                                                                      monkeypatch):
+    """The dataset moved (new paths, so the ingest and embed keys change) but no string or image is new:
+    the vectors come from the cache by the encoder's identity, and no model is loaded to learn it."""
+    import shutil
+
+    import kgmel_core.factory
+    from flows.pipeline import reindex_kb
+
+    def refuse(spec):
+        raise AssertionError(f"an encoder was loaded ({spec}) though every string was cached")
+
+    config, result = first_run
+    shutil.copytree(config.dataset.path, tmp_path / "dataset")
+    moved = config.model_copy(update={"dataset": config.dataset.model_copy(update={"path": str(tmp_path / "dataset")})})
+    monkeypatch.setattr(kgmel_core.factory, "create_encoder", refuse)
+    monkeypatch.setattr("tasks.embed.create_encoder", refuse)
+    out = reindex_kb(moved)
+    assert out["artifacts"]["embed"] != result["artifacts"]["embed"]  # really embedded again, not a cache hit
+    stats = ArtifactStore(config.artifacts).require(*out["artifacts"]["embed"].split("/")).manifest["stats"]
+    assert stats["texts_encoded_now"] == 0 and stats["images_encoded_now"] == 0

@@ -61,6 +61,27 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
 
 
+def open_clip_identity(clip_model: str, clip_pretrained: str | None, precision: str) -> str:
+    """What an `OpenClipEncoder`'s vectors depend on (a weights file by its content), known without loading it."""
+    pretrained = None if clip_model.startswith("local-dir:") else clip_pretrained or None
+    weights_id = f"file:{_file_digest(Path(pretrained))}" if pretrained and Path(pretrained).is_file() else pretrained
+    return f"open_clip:{clip_model}:{weights_id}{_precision_suffix(precision)}"
+
+
+def sentence_encoder_identity(name: str, precision: str) -> str:
+    """What a `SentenceTransformerTextEncoder`'s vectors depend on, known without loading it."""
+    if name not in SENTENCE_ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; choose one of {sorted(SENTENCE_ENCODERS)}")
+    return SENTENCE_ENCODERS[name]()[1] + _precision_suffix(precision)
+
+
+def composite_identity(text: str, image: str | None, shared: bool = False) -> str:
+    """A `CompositeEncoder`'s identity from its parts' (`shared`: one open_clip model serves both)."""
+    if image is None:
+        return f"{text}|no-images"
+    return text if shared else f"{text}|{image}"
+
+
 class OpenClipEncoder:
     """Any open_clip architecture + weights: a tag (`openai`), a checkpoint path, or `local-dir:`."""
 
@@ -75,12 +96,7 @@ class OpenClipEncoder:
         open_clip = open_clip_with_kgmel_configs()
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        pretrained = clip_pretrained or None
-        if clip_model.startswith("local-dir:"):
-            pretrained = None
-        weights_id = pretrained
-        if pretrained and Path(pretrained).is_file():
-            weights_id = f"file:{_file_digest(Path(pretrained))}"
+        pretrained = None if clip_model.startswith("local-dir:") else clip_pretrained or None
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 clip_model, pretrained=pretrained, device=self.device
@@ -99,7 +115,7 @@ class OpenClipEncoder:
             else _probe_dim(self)
         )
         self.precision = resolved_precision(precision, self.device)
-        self.identity = f"open_clip:{clip_model}:{weights_id}{_precision_suffix(self.precision)}"
+        self.identity = open_clip_identity(clip_model, clip_pretrained, self.precision)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
@@ -169,16 +185,14 @@ class SentenceTransformerTextEncoder:
     image_dim = None
 
     def __init__(self, name: str = "minilm", batch_size: int = 256, device: str = "auto", precision: str = "fp32"):
-        if name not in SENTENCE_ENCODERS:
-            raise ValueError(f"unknown text encoder {name!r}; choose one of {sorted(SENTENCE_ENCODERS)}")
-        path, identity = SENTENCE_ENCODERS[name]()
+        self.device = resolve_device(device)
+        self.precision = resolved_precision(precision, self.device)
+        self.identity = sentence_encoder_identity(name, self.precision)  # refuses an unknown name
+        path = SENTENCE_ENCODERS[name]()[0]
         import_torchvision()  # transformers imports torchvision when it is installed
         from sentence_transformers import SentenceTransformer
 
         self.name = name
-        self.device = resolve_device(device)
-        self.precision = resolved_precision(precision, self.device)
-        self.identity = identity + _precision_suffix(self.precision)
         self.model = SentenceTransformer(str(path), device=self.device)
         self.batch_size = batch_size
         self.text_dim = int(
@@ -211,10 +225,8 @@ class CompositeEncoder:
         self.text, self.image = text, image
         self.text_dim = text.text_dim
         self.image_dim = image.image_dim if image is not None else None
-        if image is None or image is text:
-            self.identity = text.identity if image is not None else f"{text.identity}|no-images"
-        else:
-            self.identity = f"{text.identity}|{image.identity}"
+        self.identity = composite_identity(text.identity, image.identity if image is not None else None,
+                                           shared=image is text)
 
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         return self.text.encode_texts(texts, progress=progress)
