@@ -165,14 +165,16 @@ class RescoredIndex:
         width = min(max(k, self.shortlist), self.ntotal)
         chunks = [queries[start : start + SEARCH_CHUNK] for start in range(0, len(queries), SEARCH_CHUNK)]
         found = []
-        with ThreadPoolExecutor(1, thread_name_prefix="first-pass") as pool, \
-                VectorRows(self.vectors_path, self.ntotal, self.d) as rows_of:
-            pending = pool.submit(self.first_pass.search, chunks[0], width)
-            for i, chunk in enumerate(chunks):
-                shortlist = pending.result()[1]
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self.first_pass.search, chunks[i + 1], width)
-                found.append(rescore(chunk, shortlist, rows_of, k))
+        with VectorRows(self.vectors_path, self.ntotal, self.d) as rows_of:
+            if len(chunks) == 1:  # nothing to overlap: no thread for a single chunk (one query, held rows)
+                return rescore(queries, self.first_pass.search(queries, width)[1], rows_of, k)
+            with ThreadPoolExecutor(1, thread_name_prefix="first-pass") as pool:
+                pending = pool.submit(self.first_pass.search, chunks[0], width)
+                for i, chunk in enumerate(chunks):
+                    shortlist = pending.result()[1]
+                    if i + 1 < len(chunks):
+                        pending = pool.submit(self.first_pass.search, chunks[i + 1], width)
+                    found.append(rescore(chunk, shortlist, rows_of, k))
         return np.concatenate([scores for scores, _ in found]), np.concatenate([rows for _, rows in found])
 
     def check_pairing(self, probes: int = 8) -> None:
