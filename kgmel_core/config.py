@@ -95,7 +95,7 @@ class EncoderConfig(_Section):
     image_encoder: Literal["open_clip", "none"] = "open_clip"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
-    batch_size: int = runtime(32, ge=1)  # per forward pass; on a CPU small batches encode faster (docs/results.md)
+    batch_size: int = runtime(32, ge=1)  # strings per forward pass, more when short (encoders.length_batches)
     device: str = runtime("auto")
     # The encoders' forward pass under bf16 autocast (vectors normalised in fp32). auto: bf16 where the
     # hardware multiplies it natively (AMX or AVX512-BF16 CPU, bf16 GPU), else fp32. The resolved

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from kgmel_core.factory import EncoderIdentity, EncoderSpec, create_encoder, encoder_identity
-from kgmel_core.retrieval.encoders import OpenClipEncoder
+from kgmel_core.retrieval.encoders import OpenClipEncoder, length_batches
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
 from storage.embedding_cache import EmbeddingCache
@@ -80,3 +80,23 @@ def test_bf16_text_vectors_are_close_to_fp32_and_cached_apart():
     assert "bf16" not in fp32.identity  # fp32 identities as before: existing embedding caches stay valid
     assert bf16.identity == fp32.identity.replace("|no-images", ":bf16|no-images")
     assert fp32.encode_texts([], progress=False).shape == (0, 384)
+
+
+def test_length_batches_grow_for_short_strings_and_cover_every_row_once():
+    # batch_size 2: a budget of 2 * 64 = 128 word pieces, at most 2 * 16 = 32 strings.
+    lengths = [8] * 20 + [400] * 3 + [8] * 20  # 400 chars ~ 102 pieces -> 1 fits, floor 2; 8 chars ~ 4 -> 32
+    batches = length_batches(lengths, batch_size=2)
+    assert [len(b) for b in batches] == [2, 2, 32, 7]
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)  # longest first: little padding
+    assert length_batches([], batch_size=4) == []
+
+
+def test_minilm_puts_each_vector_back_in_its_row_whatever_its_batch():
+    texts = ["Danube", "Barack Obama: 44th president of the United States, born in Honolulu, Hawaii", "Q42",
+             "a river in central Europe", "Obama"]
+    encoder = create_encoder(EncoderSpec("minilm", "none", "unused", None, 2, "cpu", "fp32"))
+    together = encoder.encode_texts(texts, progress=False)
+    alone = np.concatenate([encoder.encode_texts([text], progress=False) for text in texts])
+    assert np.allclose(together, alone, atol=1e-5)

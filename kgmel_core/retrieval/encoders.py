@@ -51,6 +51,32 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
 
+# A batch of short strings holds more of them, up to this many word pieces per string of `batch_size`:
+# a CPU forward pass has a fixed cost per layer that a batch of 32 four-token names does not amortise,
+# while long strings gain nothing from larger batches (`bench.embedding_throughput`, docs/results.md).
+TOKENS_PER_BATCH_SLOT = 64
+MAX_BATCH_GROWTH = 16
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices of `lengths` (characters) in batches, longest first, sized by estimated word pieces.
+
+    Sorting by length keeps padding small (as sentence-transformers does); each batch then holds
+    `batch_size` strings, or more when its longest string is short: up to `batch_size *
+    TOKENS_PER_BATCH_SLOT` estimated word pieces (about 4 characters each, plus [CLS] and [SEP]),
+    and at most `MAX_BATCH_GROWTH` times `batch_size` strings.
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    budget, most = batch_size * TOKENS_PER_BATCH_SLOT, batch_size * MAX_BATCH_GROWTH
+    batches, start = [], 0
+    while start < len(order):
+        tokens = int(lengths[order[start]]) // 4 + 2
+        size = min(most, max(batch_size, budget // tokens))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
 def _precision_suffix(precision: str) -> str:
     """Empty for fp32, so the embedding caches of fp32 runs stay valid; `:bf16` otherwise."""
     return "" if precision == "fp32" else f":{precision}"
@@ -205,14 +231,16 @@ class SentenceTransformerTextEncoder:
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.text_dim), np.float32)
-        with autocast(self.precision, self.device):
-            vectors = self.model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                convert_to_tensor=True,
-                show_progress_bar=progress and len(texts) > self.batch_size,
-            )
-        return _normalise(vectors).reshape(len(texts), self.text_dim)
+        out = np.zeros((len(texts), self.text_dim), np.float32)
+        with tqdm(total=len(texts), desc="embed texts", unit="text",
+                  disable=not progress or len(texts) <= self.batch_size) as bar, \
+                autocast(self.precision, self.device):
+            for rows in length_batches([len(text) for text in texts], self.batch_size):
+                vectors = self.model.encode([texts[i] for i in rows], batch_size=len(rows),
+                                            convert_to_tensor=True, show_progress_bar=False)
+                out[rows] = _normalise(vectors).reshape(len(rows), self.text_dim)
+                bar.update(len(rows))
+        return out
 
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
         raise RuntimeError(f"the {self.name} encoder embeds text only; use image_encoder=open_clip for images")
