@@ -1,10 +1,13 @@
 import subprocess
 import sys
+import threading
 
 import numpy as np
+import pytest
 import torch
 
 from kgmel_core.factory import EncoderIdentity, EncoderSpec, create_encoder, encoder_identity
+from kgmel_core.retrieval import encoders
 from kgmel_core.retrieval.encoders import OpenClipEncoder, length_batches
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
@@ -100,3 +103,47 @@ def test_minilm_puts_each_vector_back_in_its_row_whatever_its_batch():
     together = encoder.encode_texts(texts, progress=False)
     alone = np.concatenate([encoder.encode_texts([text], progress=False) for text in texts])
     assert np.allclose(together, alone, atol=1e-5)
+
+
+def _thread_count_in_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_two_cpu_lanes_give_the_same_bits_and_leave_torch_threads_as_they_were(monkeypatch):
+    texts = [f"{word} " * (1 + i % 13) + str(i) for i, word in enumerate(["river", "Obama", "Q42"] * 20)]
+    encoder = create_encoder(EncoderSpec("minilm", "none", "unused", None, 4, "cpu", "fp32")).text
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # two lanes of one thread each, also on a one-core runner
+    try:
+        two_lanes = encoder.encode_texts(texts, progress=False)
+        assert torch.get_num_threads() == 2 and _thread_count_in_a_new_thread() == 2
+        monkeypatch.setattr(encoders, "CPU_LANES", 1)
+        one_lane = encoder.encode_texts(texts, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(two_lanes, one_lane)
+
+
+def test_an_error_in_one_lane_is_raised_and_torch_threads_restored(monkeypatch):
+    encoder = create_encoder(EncoderSpec("minilm", "none", "unused", None, 1, "cpu", "fp32")).text
+    calls, preprocess = [], encoder.model.preprocess
+
+    def failing_preprocess(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise ValueError("tokenizer broke")
+        return preprocess(batch)
+
+    monkeypatch.setattr(encoder.model, "preprocess", failing_preprocess)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="tokenizer broke"):
+            encoder.encode_texts([f"{i} " + "long text " * 30 for i in range(6)], progress=False)  # 6 batches
+        assert torch.get_num_threads() == 2 and _thread_count_in_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(before)
