@@ -2,12 +2,14 @@
 throughput, on the real candidate lists a finished `train_reranker` artifact was trained on.
 
     python -m bench.reranker_cost --artifacts artifacts [--reranker KEY] [--mentions 300] [--steps 40]
-                                  [--batch-pairs 64 128 256] [--score-precisions fp32 bf16] [--repeats 3]
+                                  [--batch-pairs 64 128 256] [--score-precisions fp32 bf16] [--cpu-lanes 1 2]
+                                  [--repeats 3]
 
 Scoring: the trained model ranks `--mentions` val mentions, each with its K candidates, batched across
 mentions as the `rerank` stage does, and one mention at a time (what `kgmel link` of one sentence
 pays); `--batch-pairs` compares scoring batch sizes and `--score-precisions` the trained model under
-fp32 and bf16 autocast side by side, each the median of `--repeats` runs in turn. Training (`--steps 0`
+fp32 and bf16 autocast side by side, and `--cpu-lanes` one batch at a time against two in flight, each
+the median of `--repeats` runs in turn. Training (`--steps 0`
 skips it): `--steps` steps of a fresh model at each batch size and precision, in pairs/s and the minutes
 a full training of the artifact's size would take.
 Run it with nothing else running.
@@ -25,6 +27,7 @@ import torch
 
 from kgmel_core.config import CrossEncoderConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
+from kgmel_core.retrieval import device
 from storage import ArtifactStore
 from tasks.reranker import stage3_tables
 
@@ -51,6 +54,8 @@ def main() -> None:
                         help="scoring batch sizes to compare (default: the artifact's batch_pairs)")
     parser.add_argument("--score-precisions", nargs="+", default=None, choices=PRECISIONS,
                         help="precisions to score in, side by side (default: the artifact's)")
+    parser.add_argument("--cpu-lanes", type=int, nargs="+", default=None,
+                        help="batches in flight on a CPU to compare, e.g. 1 2 (default: device.CPU_LANES)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=PRECISIONS)
@@ -66,29 +71,34 @@ def main() -> None:
     k = statistics.median(len(g.qids) for g in val)
     print(f"{trained.id}: {len(val)} val mentions, K = {k:.0f}, max_length {ce.max_length}, "
           f"{torch.get_num_threads()} torch threads\n")
-    print("| scoring | precision | ms / mention |")
-    print("|---|---|---:|")
+    print("| scoring | precision | CPU lanes | ms / mention |")
+    print("|---|---|---:|---:|")
     precisions = args.score_precisions or [ce.precision]
     models = {p: create_cross_encoder(ce.model_copy(update={"precision": p}), trained=trained.folder("reranker"))
               for p in precisions}
     for model in models.values():
         model.score(val[:8], ce.batch_pairs)  # warm-up
-    sizes = args.batch_pairs or [ce.batch_pairs]
-    timings: dict[tuple[str, int], list[float]] = {(p, size): [] for p in precisions for size in sizes}
+    sizes, default_lanes = args.batch_pairs or [ce.batch_pairs], device.CPU_LANES
+    lanes = args.cpu_lanes or [default_lanes]
+    timings: dict[tuple[str, int, int], list[float]] = {
+        (p, size, n): [] for p in precisions for size in sizes for n in lanes}
     for _ in range(args.repeats):  # variants in turn, so a noisy moment does not land on one of them only
-        for (precision, size), runs in timings.items():
+        for (precision, size, n), runs in timings.items():
+            device.CPU_LANES = n
             started = time.perf_counter()
             models[precision].score(val, size)
             runs.append(1000 * (time.perf_counter() - started) / len(val))
-    for (precision, size), runs in timings.items():
+    device.CPU_LANES = default_lanes
+    for (precision, size, n), runs in timings.items():
         listed = ", ".join(f"{t:.1f}" for t in runs)
-        print(f"| batched ({size} pairs) | {models[precision].precision} | {statistics.median(runs):.1f} ({listed}) |")
+        print(f"| batched ({size} pairs) | {models[precision].precision} | {n} | "
+              f"{statistics.median(runs):.1f} ({listed}) |")
     model = models[precisions[0]]
     started = time.perf_counter()
     for group in val[:100]:
         model.score([group], ce.batch_pairs)
     alone = 1000 * (time.perf_counter() - started) / min(100, len(val))
-    print(f"| one mention at a time | {model.precision} | {alone:.1f} |")
+    print(f"| one mention at a time | {model.precision} | {device.CPU_LANES} | {alone:.1f} |")
     if args.steps == 0:
         return
     usable = [g for g in train if g.gold is not None and len(g.qids) > 1]

@@ -270,7 +270,7 @@ class CrossEncoderConfig(_Section):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # resolved on the machine, then part of the key
     device: str = runtime("auto")
-    batch_pairs: int = runtime(128, ge=1)  # pairs scored at a time
+    batch_pairs: int = runtime(32, ge=1)  # pairs scored at a time; small batches, two in flight, suit a CPU
 
 
 class RerankAPIConfig(_Section):

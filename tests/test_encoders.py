@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kgmel_core.factory import EncoderIdentity, EncoderSpec, create_encoder, encoder_identity
-from kgmel_core.retrieval import encoders
+from kgmel_core.retrieval import device
 from kgmel_core.retrieval.encoders import OpenClipEncoder, length_batches
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
@@ -121,7 +121,7 @@ def test_two_cpu_lanes_give_the_same_bits_and_leave_torch_threads_as_they_were(m
     try:
         two_lanes = encoder.encode_texts(texts, progress=False)
         assert torch.get_num_threads() == 2 and _thread_count_in_a_new_thread() == 2
-        monkeypatch.setattr(encoders, "CPU_LANES", 1)
+        monkeypatch.setattr(device, "CPU_LANES", 1)
         one_lane = encoder.encode_texts(texts, progress=False)
     finally:
         torch.set_num_threads(before)

@@ -6,14 +6,17 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from rerank_stub import rerank_server
 
 from kgmel_core.config import CrossEncoderConfig, LLMScope, RerankAPIConfig, RerankConfig
+from kgmel_core.factory import create_cross_encoder
 from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mention_input
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
 from kgmel_core.rerank.groups import Stage3Mentions, Stage3Tables, build_groups
 from kgmel_core.rerank.hosted import score_with_api
 from kgmel_core.rerank.learned import fused_hits1, merged_scores, predictions_from_ranking, ranked_table
+from kgmel_core.retrieval import device
 
 
 def test_mention_input_marks_the_mention_in_place_or_puts_it_first():
@@ -154,3 +157,22 @@ def test_scores_come_from_this_run_or_from_training_and_none_where_the_gate_kept
     groups = [RerankGroup(m, "t", ["Q1", "Q2"], ["a", "b"], np.zeros(2, np.float32)) for m in ("m1", "m2", "m3")]
     merged = merged_scores(groups, {"m1", "m2"}, {"m1": np.array([1.0, 2.0])}, {"m2": {"Q2": 5.0, "Q1": 4.0}})
     assert merged[0].tolist() == [1.0, 2.0] and merged[1].tolist() == [4.0, 5.0] and merged[2] is None
+
+
+def test_scoring_in_two_cpu_lanes_gives_the_same_scores_in_the_same_places(monkeypatch):
+    torch.manual_seed(0)  # the fresh scoring head
+    model = create_cross_encoder(CrossEncoderConfig(device="cpu", precision="fp32"))
+    groups = [RerankGroup(f"m{g}", f"mention {g}: " + "context " * g, [f"Q{g}{i}" for i in range(5)],
+                          [f"label {i}" + " fact" * (3 * i + g) for i in range(5)], np.zeros(5, np.float32))
+              for g in range(7)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # two lanes of one thread each, also on a one-core runner
+    try:
+        two_lanes = model.score(groups, batch_pairs=4)
+        monkeypatch.setattr(device, "CPU_LANES", 1)
+        one_lane = model.score(groups, batch_pairs=4)
+        alone = [model.score([group], batch_pairs=64)[0] for group in groups]
+    finally:
+        torch.set_num_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(two_lanes, one_lane, strict=True))
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(two_lanes, alone, strict=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from kgmel_core.config import CrossEncoderConfig
 from kgmel_core.data.texts import window_start
-from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
+from kgmel_core.retrieval.device import autocast, in_cpu_lanes, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_torchvision
 
 
@@ -99,27 +100,41 @@ class CrossEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).to(self.device)
 
-    def _logits(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length,
-                               padding=True, return_tensors="pt").to(self.device)
-        with autocast(self.precision, self.device):
-            return self.model(**batch).logits.squeeze(-1).float()
+    def _tokens(self, firsts: list[str], seconds: list[str]):
+        return self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length,
+                              padding=True, return_tensors="pt").to(self.device)
 
-    @torch.inference_mode()
+    def _forward(self, tokens) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self.model(**tokens).logits.squeeze(-1).float()
+
+    def _logits(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
+        return self._forward(self._tokens(firsts, seconds))
+
     def score(self, groups: Sequence[RerankGroup], batch_pairs: int = 128, progress: bool = False) -> list[np.ndarray]:
         """One score per candidate of every group. Pairs are batched across groups in order of
-        length, so a batch pads to similar lengths."""
+        length, so a batch pads to similar lengths; on a CPU two batches run at once
+        (`device.in_cpu_lanes`), tokenised one at a time because a fast tokenizer is not thread-safe."""
         self.model.eval()
         pairs = [(g, i) for g, group in enumerate(groups) for i in range(len(group.qids))]
         order = sorted(range(len(pairs)), key=lambda p: len(groups[pairs[p][0]].mention_text)
                        + len(groups[pairs[p][0]].candidate_texts[pairs[p][1]]))
         flat = np.zeros(len(pairs), np.float32)
-        steps = range(0, len(order), batch_pairs)
-        for start in tqdm(steps, desc="rerank", unit="batch", disable=not progress or len(steps) < 2):
-            chunk = order[start : start + batch_pairs]
-            firsts = [groups[pairs[p][0]].mention_text for p in chunk]
-            seconds = [groups[pairs[p][0]].candidate_texts[pairs[p][1]] for p in chunk]
-            flat[chunk] = self._logits(firsts, seconds).cpu().numpy()
+        chunks = [order[start : start + batch_pairs] for start in range(0, len(order), batch_pairs)]
+        tokenizer_lock = threading.Lock()
+
+        def score_chunks(chunks: Sequence[list[int]]) -> None:
+            with torch.inference_mode():
+                for chunk in chunks:
+                    firsts = [groups[pairs[p][0]].mention_text for p in chunk]
+                    seconds = [groups[pairs[p][0]].candidate_texts[pairs[p][1]] for p in chunk]
+                    with tokenizer_lock:
+                        tokens = self._tokens(firsts, seconds)
+                    flat[chunk] = self._forward(tokens).cpu().numpy()
+                    bar.update(1)
+
+        with tqdm(total=len(chunks), desc="rerank", unit="batch", disable=not progress or len(chunks) < 2) as bar:
+            in_cpu_lanes(self.device, chunks, score_chunks)
         out, at = [], 0
         for group in groups:
             out.append(flat[at : at + len(group.qids)])

@@ -4,9 +4,18 @@ matrix products run (training steps and the frozen encoders each have a `precisi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+# On a CPU, two batches in flight, each on half the cores, beat one batch on all of them: one thread's
+# Python between operators and its small matrix products' synchronisation overlap the other's
+# arithmetic. The results are the same bits: a batch's numbers do not depend on its thread count.
+CPU_LANES = 2
 
 
 def resolve_device(device: str) -> str:
@@ -45,3 +54,27 @@ def autocast(precision: str, device: str) -> Iterator[None]:
     dtype = autocast_dtype(precision, device)
     with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
         yield
+
+
+def in_cpu_lanes(device: str, batches: Sequence[T], work: Callable[[Sequence[T]], None]) -> None:
+    """`work(batches)`; on a CPU with torch threads to share, as `CPU_LANES` threads, each doing every
+    `CPU_LANES`-th batch on its share of the cores.
+
+    `work` must enter `torch.inference_mode` and `autocast` itself (both are per thread) and must not call
+    a fast tokenizer from two lanes at once. A lane's error is raised here after both lanes stop.
+    """
+    threads = torch.get_num_threads()
+    lanes = CPU_LANES if device == "cpu" and threads >= CPU_LANES and len(batches) > 1 else 1
+    if lanes == 1:
+        work(batches)
+        return
+
+    def lane(share: Sequence[T]) -> None:
+        torch.set_num_threads(threads // lanes)
+        work(share)
+
+    try:
+        with ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(lane, [batches[at::lanes] for at in range(lanes)]))
+    finally:
+        torch.set_num_threads(threads)  # threads started later copy the last setting: restore it

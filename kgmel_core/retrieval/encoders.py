@@ -13,7 +13,6 @@ import functools
 import hashlib
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kgmel_core.packaged import ALL_MPNET_BASE_V2, model_file
-from kgmel_core.retrieval.device import autocast, resolve_device, resolved_precision
+from kgmel_core.retrieval.device import autocast, in_cpu_lanes, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -77,12 +76,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
         batches.append(order[start : start + size])
         start += size
     return batches
-
-
-# On a CPU, two batches in flight, each on half the cores, beat one batch on all of them: one thread's
-# Python between operators and its small matrix products' synchronisation overlap the other's
-# arithmetic. The results are the same bits: a batch's numbers do not depend on its thread count.
-CPU_LANES = 2
 
 
 def _precision_suffix(precision: str) -> str:
@@ -216,7 +209,7 @@ class SentenceTransformerTextEncoder:
     Datasets without images still get a meaningful text space.
 
     It batches and calls the model itself rather than through `SentenceTransformer.encode`, which
-    neither sizes batches by length nor runs two at once (`CPU_LANES`); a fast tokenizer must not be
+    neither sizes batches by length nor runs two at once (`device.in_cpu_lanes`); a fast tokenizer must not be
     called from two threads at once, so tokenising takes a lock.
     """
 
@@ -246,16 +239,11 @@ class SentenceTransformerTextEncoder:
         from sentence_transformers.util import batch_to_device
 
         out = np.zeros((len(texts), self.text_dim), np.float32)
-        batches = length_batches([len(text) for text in texts], self.batch_size)
-        threads = torch.get_num_threads()
-        lanes = CPU_LANES if self.device == "cpu" and threads >= CPU_LANES and len(batches) > 1 else 1
         tokenizer_lock = threading.Lock()
 
-        def encode_share(share: list[np.ndarray]) -> None:
-            if lanes > 1:
-                torch.set_num_threads(threads // lanes)  # this thread's share of the cores
-            with torch.inference_mode(), autocast(self.precision, self.device):  # both are per thread
-                for rows in share:
+        def encode_batches(batches: Sequence[np.ndarray]) -> None:
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                for rows in batches:
                     with tokenizer_lock:
                         features = self.model.preprocess([texts[i] for i in rows])
                     vectors = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
@@ -264,14 +252,8 @@ class SentenceTransformerTextEncoder:
 
         with tqdm(total=len(texts), desc="embed texts", unit="text",
                   disable=not progress or len(texts) <= self.batch_size) as bar:
-            if lanes == 1:
-                encode_share(batches)
-                return out
-            try:
-                with ThreadPoolExecutor(lanes) as pool:
-                    list(pool.map(encode_share, [batches[lane::lanes] for lane in range(lanes)]))
-            finally:
-                torch.set_num_threads(threads)  # threads started later copy the last setting: restore it
+            in_cpu_lanes(self.device, length_batches([len(text) for text in texts], self.batch_size),
+                         encode_batches)
         return out
 
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
