@@ -86,10 +86,10 @@ def test_bf16_text_vectors_are_close_to_fp32_and_cached_apart():
 
 
 def test_length_batches_grow_for_short_strings_and_cover_every_row_once():
-    # batch_size 2: a budget of 2 * 64 = 128 word pieces, at most 2 * 16 = 32 strings.
-    lengths = [8] * 20 + [400] * 3 + [8] * 20  # 400 chars ~ 102 pieces -> 1 fits, floor 2; 8 chars ~ 4 -> 32
-    batches = length_batches(lengths, batch_size=2)
-    assert [len(b) for b in batches] == [2, 2, 32, 7]
+    # batch_size 8: a budget of 8 * 64 = 512 word pieces, at most 8 * 2 = 16 strings.
+    lengths = [8] * 10 + [400] * 8 + [200] * 9 + [8] * 10  # chars ~ pieces: 400 ~ 102, 200 ~ 52, 8 ~ 4
+    batches = length_batches(lengths, batch_size=8)
+    assert [len(b) for b in batches] == [8, 9, 16, 4]  # 512 // 102 < 8: 8; 512 // 52 = 9; 512 // 4: capped
     rows = np.concatenate(batches)
     assert sorted(rows.tolist()) == list(range(len(lengths)))
     assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)  # longest first: little padding

@@ -54,9 +54,10 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 # A batch of short strings holds more of them, up to this many word pieces per string of `batch_size`:
 # a CPU forward pass has a fixed cost per layer that a batch of 32 four-token names does not amortise,
-# while long strings gain nothing from larger batches (`bench.embedding_throughput`, docs/results.md).
+# while long strings gain nothing from larger batches. Twice `batch_size` at most: with two batches in
+# flight (`device.in_cpu_lanes`) more, smaller batches keep both lanes busy (docs/results.md).
 TOKENS_PER_BATCH_SLOT = 64
-MAX_BATCH_GROWTH = 16
+MAX_BATCH_GROWTH = 2
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
