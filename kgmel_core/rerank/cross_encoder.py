@@ -111,7 +111,7 @@ class CrossEncoder:
     def _logits(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
         return self._forward(self._tokens(firsts, seconds))
 
-    def score(self, groups: Sequence[RerankGroup], batch_pairs: int = 128, progress: bool = False) -> list[np.ndarray]:
+    def score(self, groups: Sequence[RerankGroup], batch_pairs: int, progress: bool = False) -> list[np.ndarray]:
         """One score per candidate of every group. Pairs are batched across groups in order of
         length, so a batch pads to similar lengths; on a CPU two batches run at once
         (`device.in_cpu_lanes`), tokenised one at a time because a fast tokenizer is not thread-safe."""

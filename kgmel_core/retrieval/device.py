@@ -1,5 +1,6 @@
-"""Where torch work runs (`auto`: CUDA when torch sees a GPU, else the CPU), and in what precision its
-matrix products run (training steps and the frozen encoders each have a `precision` setting)."""
+"""Where torch work runs (`auto`: CUDA when torch sees a GPU, else the CPU), in what precision its
+matrix products run (training steps and the frozen encoders each have a `precision` setting), and how
+inference batches share a CPU's cores (`in_cpu_lanes`)."""
 
 from __future__ import annotations
 

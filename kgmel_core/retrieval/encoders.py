@@ -233,7 +233,6 @@ class SentenceTransformerTextEncoder:
             else self.model.get_sentence_embedding_dimension()
         )
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.text_dim), np.float32)
