@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 
 from kgmel_core.retrieval import device as device_module
@@ -32,3 +34,35 @@ def test_a_cpu_with_amx_or_avx512_bf16_multiplies_bf16_natively(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert device_module.has_native_bf16("cpu") is False  # a torch without the probes: assume neither
+
+
+def _weight_casts(context) -> int:
+    """How many fp32 -> bf16 copies five forward passes of a linear layer make inside `context`."""
+    layer = torch.nn.Linear(8, 8)
+    with torch.profiler.profile() as profile, context():
+        for _ in range(5):
+            assert layer(torch.randn(2, 8)).dtype is torch.bfloat16
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::_to_copy")
+
+
+def test_inference_casts_each_weight_once_for_a_run_of_batches():
+    once = _weight_casts(lambda: device_module.inference("bf16", "cpu"))
+    assert once == 2 + 5  # weight and bias once, the input of every pass
+
+    def inference_mode_autocast():
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(device_module.autocast("bf16", "cpu"))
+        return stack
+
+    assert _weight_casts(inference_mode_autocast) == 3 * 5  # what it replaces: weight, bias and input every pass
+
+
+def test_cached_weight_casts_give_the_same_bits():
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(16, 16), torch.randn(4, 16)
+    with device_module.inference("bf16", "cpu"):
+        cached = [layer(x) for _ in range(2)]
+    with torch.inference_mode(), device_module.autocast("bf16", "cpu"):
+        fresh = layer(x)
+    assert all(torch.equal(out, fresh) for out in cached)

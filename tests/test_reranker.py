@@ -11,7 +11,7 @@ from rerank_stub import rerank_server
 
 from kgmel_core.config import CrossEncoderConfig, LLMScope, RerankAPIConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
-from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, mention_input
+from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, lane_batch_size, mention_input
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
 from kgmel_core.rerank.groups import Stage3Mentions, Stage3Tables, build_groups
 from kgmel_core.rerank.hosted import score_with_api
@@ -157,6 +157,38 @@ def test_scores_come_from_this_run_or_from_training_and_none_where_the_gate_kept
     groups = [RerankGroup(m, "t", ["Q1", "Q2"], ["a", "b"], np.zeros(2, np.float32)) for m in ("m1", "m2", "m3")]
     merged = merged_scores(groups, {"m1", "m2"}, {"m1": np.array([1.0, 2.0])}, {"m2": {"Q2": 5.0, "Q1": 4.0}})
     assert merged[0].tolist() == [1.0, 2.0] and merged[1].tolist() == [4.0, 5.0] and merged[2] is None
+
+
+def test_lane_batches_are_at_most_batch_pairs_and_shared_evenly_by_the_lanes():
+    assert lane_batch_size(16, 32, lanes=2) == 8  # one mention: two batches of 8, one a lane
+    assert lane_batch_size(16, 32, lanes=1) == 16
+    assert lane_batch_size(40, 32, lanes=2) == 20  # not 32 + 8
+    assert lane_batch_size(4800, 32, lanes=2) == 32
+    assert lane_batch_size(4801, 32, lanes=2) == 32  # 151 batches -> 152, of 31 or 32 pairs
+    assert lane_batch_size(1, 32, lanes=2) == 1
+    assert lane_batch_size(0, 32, lanes=2) == 32  # nothing to split
+
+
+def test_one_mention_is_split_across_two_cpu_lanes_with_the_same_scores(monkeypatch):
+    torch.manual_seed(0)  # the fresh scoring head
+    model = create_cross_encoder(CrossEncoderConfig(device="cpu", precision="fp32"))
+    group = RerankGroup("m", "mention: " + "context " * 9, [f"Q{i}" for i in range(16)],
+                        [f"label {i}" + " fact" * i for i in range(16)], np.zeros(16, np.float32))
+    batches = []
+    forward = model._forward
+    monkeypatch.setattr(model, "_forward", lambda tokens: batches.append(len(tokens["input_ids"])) or forward(tokens))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = model.score([group], batch_pairs=32)[0]
+        assert sorted(batches) == [8, 8]
+        monkeypatch.setattr(device, "CPU_LANES", 1)
+        batches.clear()
+        whole = model.score([group], batch_pairs=32)[0]
+        assert batches == [16]
+    finally:
+        torch.set_num_threads(before)
+    assert np.allclose(split, whole, atol=1e-4) and int(np.argmax(split)) == int(np.argmax(whole))
 
 
 def test_scoring_in_two_cpu_lanes_gives_the_same_scores_in_the_same_places(monkeypatch):

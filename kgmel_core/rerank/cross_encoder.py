@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from kgmel_core.config import CrossEncoderConfig
 from kgmel_core.data.texts import window_start
-from kgmel_core.retrieval.device import autocast, in_cpu_lanes, resolve_device, resolved_precision
+from kgmel_core.retrieval.device import (
+    autocast,
+    cpu_lanes,
+    in_cpu_lanes,
+    inference,
+    resolve_device,
+    resolved_precision,
+)
 from kgmel_core.retrieval.torch_compat import import_torchvision
 
 
@@ -84,6 +91,13 @@ def candidate_input(label: str, description: str | None, facts: Sequence[tuple[s
     return " ; ".join(parts)
 
 
+def lane_batch_size(pairs: int, batch_pairs: int, lanes: int) -> int:
+    """At most `batch_pairs` a batch, in a number of batches the lanes share evenly: one mention's 16 pairs
+    at 32 would be one batch and leave a lane idle; as two batches of 8 they run at once."""
+    batches = math.ceil(math.ceil(pairs / batch_pairs) / lanes) * lanes
+    return max(1, math.ceil(pairs / batches)) if batches else batch_pairs
+
+
 class CrossEncoder:
     """A transformers sequence-classification model with one output, and its tokenizer."""
 
@@ -114,17 +128,19 @@ class CrossEncoder:
     def score(self, groups: Sequence[RerankGroup], batch_pairs: int, progress: bool = False) -> list[np.ndarray]:
         """One score per candidate of every group. Pairs are batched across groups in order of
         length, so a batch pads to similar lengths; on a CPU two batches run at once
-        (`device.in_cpu_lanes`), tokenised one at a time because a fast tokenizer is not thread-safe."""
+        (`device.in_cpu_lanes`; a single mention's pairs are split in two for it), tokenised one at a
+        time because a fast tokenizer is not thread-safe."""
         self.model.eval()
         pairs = [(g, i) for g, group in enumerate(groups) for i in range(len(group.qids))]
         order = sorted(range(len(pairs)), key=lambda p: len(groups[pairs[p][0]].mention_text)
                        + len(groups[pairs[p][0]].candidate_texts[pairs[p][1]]))
         flat = np.zeros(len(pairs), np.float32)
-        chunks = [order[start : start + batch_pairs] for start in range(0, len(order), batch_pairs)]
+        size = lane_batch_size(len(order), batch_pairs, cpu_lanes(self.device))
+        chunks = [order[start : start + size] for start in range(0, len(order), size)]
         tokenizer_lock = threading.Lock()
 
         def score_chunks(chunks: Sequence[list[int]]) -> None:
-            with torch.inference_mode():
+            with inference(self.precision, self.device):
                 for chunk in chunks:
                     firsts = [groups[pairs[p][0]].mention_text for p in chunk]
                     seconds = [groups[pairs[p][0]].candidate_texts[pairs[p][1]] for p in chunk]

@@ -57,15 +57,30 @@ def autocast(precision: str, device: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def inference(precision: str, device: str) -> Iterator[None]:
+    """Forward passes without gradients under `autocast`, entered once around a run of batches: under
+    `torch.no_grad` autocast keeps its bf16 copy of each weight until the context exits, while under
+    `torch.inference_mode` it caches nothing and casts every weight again before each batch."""
+    with torch.no_grad(), autocast(precision, device):
+        yield
+
+
+def cpu_lanes(device: str) -> int:
+    """How many batches `in_cpu_lanes` keeps in flight on `device`: a caller with less work than that
+    many batches splits it into smaller ones, or one lane would idle."""
+    return CPU_LANES if device == "cpu" and torch.get_num_threads() >= CPU_LANES else 1
+
+
 def in_cpu_lanes(device: str, batches: Sequence[T], work: Callable[[Sequence[T]], None]) -> None:
     """`work(batches)`; on a CPU with torch threads to share, as `CPU_LANES` threads, each doing every
     `CPU_LANES`-th batch on its share of the cores.
 
-    `work` must enter `torch.inference_mode` and `autocast` itself (both are per thread) and must not call
+    `work` must enter `inference` itself (gradient and autocast modes are per thread) and must not call
     a fast tokenizer from two lanes at once. A lane's error is raised here after both lanes stop.
     """
     threads = torch.get_num_threads()
-    lanes = CPU_LANES if device == "cpu" and threads >= CPU_LANES and len(batches) > 1 else 1
+    lanes = cpu_lanes(device) if len(batches) > 1 else 1
     if lanes == 1:
         work(batches)
         return

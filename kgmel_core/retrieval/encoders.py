@@ -1,7 +1,7 @@
 """Frozen encoders: open_clip (text + image) and packaged sentence-transformers models (text only).
 
-Both return L2-normalised float32 numpy arrays, batch their input, run under
-`torch.inference_mode`, and show a progress bar, because embedding a 100k-entity KB is the
+Both return L2-normalised float32 numpy arrays, batch their input, run without gradients
+(`device.inference`), and show a progress bar, because embedding a 100k-entity KB is the
 longest step of the pipeline on a CPU. `precision` bf16 runs the forward pass under bf16 autocast
 (the vectors are normalised in fp32), where the hardware multiplies bf16 natively; the identity says
 which precision made a vector, so fp32 and bf16 vectors never mix (speed and agreement: docs/results.md).
@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kgmel_core.packaged import ALL_MPNET_BASE_V2, model_file
-from kgmel_core.retrieval.device import autocast, in_cpu_lanes, resolve_device, resolved_precision
+from kgmel_core.retrieval.device import in_cpu_lanes, inference, resolve_device, resolved_precision
 from kgmel_core.retrieval.torch_compat import import_open_clip, import_torchvision
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -145,33 +145,31 @@ class OpenClipEncoder:
         self.precision = resolved_precision(precision, self.device)
         self.identity = open_clip_identity(clip_model, clip_pretrained, self.precision)
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         out = np.zeros((len(texts), self.text_dim), np.float32)
-        for start in tqdm(
-            range(0, len(texts), self.batch_size),
-            desc="embed texts",
-            unit="batch",
-            disable=not progress or len(texts) <= self.batch_size,
-        ):
-            batch = list(texts[start : start + self.batch_size])
-            tokens = self.tokenizer(batch).to(self.device)
-            with autocast(self.precision, self.device):
+        with inference(self.precision, self.device):
+            for start in tqdm(
+                range(0, len(texts), self.batch_size),
+                desc="embed texts",
+                unit="batch",
+                disable=not progress or len(texts) <= self.batch_size,
+            ):
+                batch = list(texts[start : start + self.batch_size])
+                tokens = self.tokenizer(batch).to(self.device)
                 out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
         return out
 
-    @torch.inference_mode()
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
         out = np.zeros((len(paths), self.image_dim), np.float32)
-        for start in tqdm(
-            range(0, len(paths), self.batch_size),
-            desc="embed images",
-            unit="batch",
-            disable=not progress or len(paths) <= self.batch_size,
-        ):
-            batch = paths[start : start + self.batch_size]
-            pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
-            with autocast(self.precision, self.device):
+        with inference(self.precision, self.device):
+            for start in tqdm(
+                range(0, len(paths), self.batch_size),
+                desc="embed images",
+                unit="batch",
+                disable=not progress or len(paths) <= self.batch_size,
+            ):
+                batch = paths[start : start + self.batch_size]
+                pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
                 out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
         return out
 
@@ -242,7 +240,7 @@ class SentenceTransformerTextEncoder:
         tokenizer_lock = threading.Lock()
 
         def encode_batches(batches: Sequence[np.ndarray]) -> None:
-            with torch.inference_mode(), autocast(self.precision, self.device):
+            with inference(self.precision, self.device):
                 for rows in batches:
                     with tokenizer_lock:
                         features = self.model.preprocess([texts[i] for i in rows])
