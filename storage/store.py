@@ -9,9 +9,10 @@ exists". Folders are built under a temporary name and renamed into place after e
 manifest are written; temporary folders are invisible to every reader.
 
 Verification is cheap by default: a file whose (size, mtime) matches the last time its sha256 was
-checked is trusted (the stat cache under `_verified/`, like git's index); any other file is hashed
-again. Anything written through the file system changes the mtime, so truncation, a bit flip or an
-overwrite is caught; silent corruption below the file system needs `verify(full=True)`.
+checked, by the writer that made it or a reader since, is trusted (the stat cache under `_verified/`,
+like git's index); any other file is hashed again. Anything written through the file system changes
+the mtime, so truncation, a bit flip or an overwrite is caught; silent corruption below the file system
+needs `verify(full=True)`.
 
 On an object store (an `s3://…` root) there is no rename: an artifact is staged on local disk,
 its files are uploaded under the final prefix, and the manifest is uploaded last; a prefix without a
@@ -47,6 +48,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # format 1 manifests recorded no digests: such artifacts are rebuilt, never trusted
 TMP_PREFIX = ".tmp-"
 VERIFIED_DIR = "_verified"
+# A file written again within the file system clock's tick keeps its mtime ("racy git"): the writer puts in
+# the stat cache only files last written longer ago than this, and leaves the rest to be hashed when read.
+RACY_NS = 2_000_000_000
 QUARANTINE_DIR = "_quarantine"
 
 log = logging.getLogger(__name__)
@@ -429,11 +433,12 @@ class ArtifactStore:
                 if not path.exists():
                     raise ArtifactError(f"{stage}/{key}: file {name!r} was registered but never written")
                 writer.files[name] = path.stat().st_size
-            content = {
-                path.relative_to(tmp).as_posix(): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-                for path in sorted(tmp.rglob("*"))
-                if path.is_file()
-            }
+            content, signatures, settled_before = {}, {}, time.time_ns() - RACY_NS
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                stat, rel = path.stat(), path.relative_to(tmp).as_posix()
+                content[rel] = {"bytes": stat.st_size, "sha256": file_sha256(path)}
+                if stat.st_mtime_ns < settled_before:  # a rename keeps size and mtime
+                    signatures[rel] = [stat.st_size, stat.st_mtime_ns]
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "stage": stage,
@@ -464,7 +469,14 @@ class ArtifactStore:
                 if trusted:
                     self.fsx.remove(self.path(stage, key))
             self._publish(tmp, stage, key, json.dumps(manifest, indent=2, default=str))
-            self._stat_cache_path(stage, key).unlink(missing_ok=True)
+            # The files were hashed just now: the stat cache says so, or the first reader would hash
+            # them all again (a 1M-entity index's vectors are most of a GB). Without it, it does.
+            stat_cache = self._stat_cache_path(stage, key)
+            if self.fsx.local:
+                with contextlib.suppress(OSError):
+                    write_atomic(stat_cache, json.dumps(signatures).encode())
+            else:
+                stat_cache.unlink(missing_ok=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

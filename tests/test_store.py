@@ -8,15 +8,16 @@ import pyarrow as pa
 import pytest
 
 from storage import ArtifactError, ArtifactStore, artifact_key
+from storage import store as store_module
 from storage.store import conform
 
 
-def _write(store, key="k1", rows=3, fail=False):
+def _write(store, key="k1", rows=3, fail=False, read=True):
     with store.writer("stage", key, code="c1", config={"a": 1}, inputs={}, sources={"x": "1"}) as writer:
         writer.write_table("numbers", pl.DataFrame({"n": list(range(rows))}))
         if fail:
             raise RuntimeError("boom")
-    return store.require("stage", key)
+    return store.require("stage", key) if read else None
 
 
 def test_written_artifact_round_trips(tmp_path):
@@ -183,3 +184,33 @@ def test_a_copied_part_is_counted_from_its_footer_and_a_non_parquet_file_is_refu
     with pytest.raises(Exception, match="Parquet"), store.writer("stage", "k3", code="c", config={}, inputs={}) as w:
         w.copy_part("numbers", lambda path: path.write_bytes(b"not parquet"))
     assert store.get("stage", "k3") is None
+
+
+def _hashes_on_require(store, monkeypatch) -> int:
+    hashed = []
+    real = store.fsx.sha256
+    monkeypatch.setattr(store.fsx, "sha256", lambda path: hashed.append(path) or real(path))
+    store.require("stage", "k1")
+    monkeypatch.setattr(store.fsx, "sha256", real)
+    return len(hashed)
+
+
+def test_the_writer_vouches_for_the_files_it_hashed_so_the_first_reader_does_not_hash_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "RACY_NS", 0)  # every file counts as written long enough ago
+    store = ArtifactStore(tmp_path)
+    _write(store, read=False)
+    assert _hashes_on_require(store, monkeypatch) == 0
+    part = Path(store.path("stage", "k1")) / "numbers" / "part-0.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    part.write_bytes(bytes(data))
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 1))  # whatever the clock's tick
+    assert store.get("stage", "k1") is None  # a change the stat shows is hashed and caught
+
+
+def test_files_written_within_the_clock_tick_are_left_for_the_reader_to_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "RACY_NS", 10**18)  # every file counts as just written
+    store = ArtifactStore(tmp_path)
+    _write(store, read=False)
+    assert _hashes_on_require(store, monkeypatch) == 1  # hashed once, then in the stat cache
+    assert _hashes_on_require(store, monkeypatch) == 0
