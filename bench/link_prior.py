@@ -23,10 +23,9 @@ from collections import Counter
 
 import numpy as np
 import polars as pl
-import torch
 
 from kgmel_core.metrics import paired_gain
-from kgmel_core.rerank.fusion import fold_of
+from kgmel_core.rerank.fusion import fit_logit, fold_of
 from storage import ArtifactStore
 
 FEATURES = ("retrieval", "reranker", "mention prior", "entity prior")
@@ -59,33 +58,9 @@ def val_lists(store: ArtifactStore, rerank_key: str) -> list[tuple[str, np.ndarr
     return rows
 
 
-def fit(rows, columns: list[int], l2: float = 1e-3) -> tuple[np.ndarray, float]:
+def fit(rows, columns: list[int]) -> tuple[np.ndarray, float]:
     """Conditional-logit weights (in feature units) and the penalised loss, over lists with their gold."""
-    usable = [(x, g) for _, x, g in rows if g is not None and len(x) > 1]
-    width = max(len(x) for x, _ in usable)
-    values = torch.zeros(len(usable), width, len(columns), dtype=torch.float64)
-    mask = torch.zeros(len(usable), width, dtype=torch.bool)
-    for i, (x, _) in enumerate(usable):
-        values[i, : len(x)] = torch.as_tensor(x[:, columns])
-        mask[i, : len(x)] = True
-    target = torch.tensor([g for _, g in usable])
-    scale = values[mask].std(0, correction=0).clamp_min(1e-9)
-    weights = torch.zeros(len(columns), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        z = ((values / scale) @ w).masked_fill(~mask, float("-inf"))
-        return torch.nn.functional.cross_entropy(z, target) + l2 * (w**2).sum()
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = loss_of(weights)
-        loss.backward()
-        return loss
-
-    optimizer.step(objective)
-    fitted = weights.detach()
-    return (fitted / scale).numpy(), float(loss_of(fitted))
+    return fit_logit([x[:, columns] for _, x, _ in rows], [g for _, _, g in rows])
 
 
 def fit_nonnegative_priors(rows, columns: list[int]) -> tuple[np.ndarray, list[int]]:

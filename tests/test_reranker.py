@@ -12,7 +12,7 @@ from rerank_stub import rerank_server
 from kgmel_core.config import CrossEncoderConfig, LLMScope, RerankAPIConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
 from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, lane_batch_size, mention_input
-from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fold_of, out_of_fold
+from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fit_logit, fold_of, out_of_fold
 from kgmel_core.rerank.groups import Stage3Mentions, Stage3Tables, build_groups
 from kgmel_core.rerank.hosted import score_with_api
 from kgmel_core.rerank.learned import fused_hits1, merged_scores, predictions_from_ranking, ranked_table
@@ -104,6 +104,24 @@ def test_fusion_fit_matches_a_hand_computed_optimum():
     for da, db in ((1e-2, 0), (-1e-2, 0), (0, 1e-2), (0, -1e-2)):
         assert objective(fusion.reranker + da, fusion.retrieval + db) >= best - 1e-6
     assert Fusion(2.0, 10.0).apply(np.array([1.0, 0.0]), np.array([0.5, 0.7])).tolist() == [7.0, 7.0]
+
+
+def test_fit_logit_reports_its_penalised_loss_and_serves_any_number_of_features():
+    rng = np.random.default_rng(1)
+    features = [rng.normal(size=(5, 3)) for _ in range(30)]
+    gold = [int(np.argmax(x[:, 0] + 0.5 * x[:, 2] + rng.normal(size=5))) for x in features] + [None]
+    features.append(rng.normal(size=(5, 3)))  # a list without its gold takes no part
+    weights, loss = fit_logit(features, gold)
+    assert weights[0] > 0 and weights[2] > 0
+    scale = np.concatenate(features[:30]).std(0)
+    z = [x @ weights for x in features[:30]]
+    by_hand = -np.mean([zi[g] - np.log(np.exp(zi).sum()) for zi, g in zip(z, gold, strict=False)])
+    assert loss == pytest.approx(by_hand + 1e-3 * ((weights * scale) ** 2).sum(), rel=1e-9)
+    pairs = [x[:, :2] for x in features]  # the two-feature case is the fusion, started from the reranker alone
+    a, b = fit_logit(pairs, gold, start=(1.0, 0.0))[0]
+    assert fit_fusion([x[:, 0] for x in pairs], [x[:, 1] for x in pairs], gold) == Fusion(float(a), float(b))
+    with pytest.raises(ValueError, match="no list has its gold"):
+        fit_logit(features[30:], [None])
 
 
 def test_fusion_without_any_gold_is_the_reranker_alone_and_folds_are_stable():

@@ -34,42 +34,56 @@ class Fusion:
 RERANKER_ONLY = Fusion(1.0, 0.0)
 
 
-def _padded(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    values = torch.zeros((len(rows), width), dtype=torch.float64)
+def fit_logit(
+    features: Sequence[np.ndarray], gold: Sequence[int | None], l2: float = 1e-3, start: Sequence[float] | None = None
+) -> tuple[np.ndarray, float]:
+    """Conditional-logit weights over lists of candidates (`features[i]`: one row of F features a
+    candidate; z = features @ weights, a softmax over the list) by maximum likelihood of the gold, over the
+    lists whose gold is among their candidates; and the penalised loss at them. Fitted in standardised
+    units from `start` (zeros by default; a small L2 keeps the weights finite when the features separate
+    the data), returned in the features' own units. Needs at least one list with its gold."""
+    rows = [i for i, g in enumerate(gold) if g is not None and len(features[i]) > 1]
+    if not rows:
+        raise ValueError("no list has its gold among two or more candidates: nothing to fit")
+    width, columns = max(len(features[i]) for i in rows), np.asarray(features[rows[0]]).shape[1]
+    values = torch.zeros((len(rows), width, columns), dtype=torch.float64)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        values[i, : len(row)] = torch.as_tensor(np.asarray(row, np.float64))
-        mask[i, : len(row)] = True
-    return values, mask
+    for at, i in enumerate(rows):
+        values[at, : len(features[i])] = torch.as_tensor(np.asarray(features[i], np.float64))
+        mask[at, : len(features[i])] = True
+    target = torch.tensor([gold[i] for i in rows])
+    scale = values[mask].std(0, correction=0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant feature: its weight is moot
+    standardised = values / scale
+    weights = torch.tensor(list(start) if start is not None else [0.0] * columns, dtype=torch.float64,
+                           requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        z = (standardised @ w).masked_fill(~mask, float("-inf"))
+        return torch.nn.functional.cross_entropy(z, target) + l2 * (w**2).sum()
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(weights)
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    fitted = weights.detach()
+    return (fitted / scale).numpy(), float(loss_of(fitted))
 
 
 def fit_fusion(
     reranker: Sequence[np.ndarray], retrieval: Sequence[np.ndarray], gold: Sequence[int | None], l2: float = 1e-3
 ) -> Fusion:
-    """Maximum-likelihood weights over the lists whose gold is among the candidates (a small L2 keeps
-    them finite when the scores separate the data); the reranker alone when no list has its gold."""
-    rows = [i for i, g in enumerate(gold) if g is not None and len(reranker[i]) > 1]
-    if not rows:
+    """The two weights by `fit_logit`, from the reranker alone; the reranker alone when no list has its gold."""
+    if not any(g is not None and len(reranker[i]) > 1 for i, g in enumerate(gold)):
         return RERANKER_ONLY
-    c, mask = _padded([reranker[i] for i in rows])
-    r, _ = _padded([retrieval[i] for i in rows])
-    target = torch.tensor([gold[i] for i in rows])
-    scale_c = float(c[mask].std(correction=0)) or 1.0  # fit in standardised units
-    scale_r = float(r[mask].std(correction=0)) or 1.0
-    weights = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        z = (weights[0] * c / scale_c + weights[1] * r / scale_r).masked_fill(~mask, float("-inf"))
-        loss = torch.nn.functional.cross_entropy(z, target) + l2 * (weights**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(objective)
-    a, b = weights.detach().tolist()
-    return Fusion(a / scale_c, b / scale_r)
+    features = [np.stack([np.asarray(c, np.float64), np.asarray(r, np.float64)], 1)
+                for c, r in zip(reranker, retrieval, strict=True)]
+    (a, b), _ = fit_logit(features, gold, l2, start=(1.0, 0.0))
+    return Fusion(float(a), float(b))
 
 
 def fold_of(mention_id: str, folds: int = 2) -> int:
