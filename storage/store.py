@@ -435,10 +435,12 @@ class ArtifactStore:
                 writer.files[name] = path.stat().st_size
             content, signatures, settled_before = {}, {}, time.time_ns() - RACY_NS
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                stat, rel = path.stat(), path.relative_to(tmp).as_posix()
-                content[rel] = {"bytes": stat.st_size, "sha256": file_sha256(path)}
-                if stat.st_mtime_ns < settled_before:  # a rename keeps size and mtime
-                    signatures[rel] = [stat.st_size, stat.st_mtime_ns]
+                rel = path.relative_to(tmp).as_posix()
+                if self.fsx.local:  # what `check` compares, taken before the hash; a rename keeps it
+                    signature = self.fsx.signature(str(path))
+                    if signature[1] < settled_before:
+                        signatures[rel] = signature
+                content[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "stage": stage,
@@ -470,7 +472,7 @@ class ArtifactStore:
                     self.fsx.remove(self.path(stage, key))
             self._publish(tmp, stage, key, json.dumps(manifest, indent=2, default=str))
             # The files were hashed just now: the stat cache says so, or the first reader would hash
-            # them all again (a 1M-entity index's vectors are most of a GB). Without it, it does.
+            # them all again (a 1M-entity index's vectors are most of a GB).
             stat_cache = self._stat_cache_path(stage, key)
             if self.fsx.local:
                 with contextlib.suppress(OSError):
