@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -146,31 +146,28 @@ class OpenClipEncoder:
         self.identity = open_clip_identity(clip_model, clip_pretrained, self.precision)
 
     def encode_texts(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
-        out = np.zeros((len(texts), self.text_dim), np.float32)
-        with inference(self.precision, self.device):
-            for start in tqdm(
-                range(0, len(texts), self.batch_size),
-                desc="embed texts",
-                unit="batch",
-                disable=not progress or len(texts) <= self.batch_size,
-            ):
-                batch = list(texts[start : start + self.batch_size])
-                tokens = self.tokenizer(batch).to(self.device)
-                out[start : start + len(batch)] = _normalise(self.model.encode_text(tokens))
-        return out
+        def encode(batch: list[str]) -> torch.Tensor:
+            return self.model.encode_text(self.tokenizer(batch).to(self.device))
+
+        return self._in_batches(list(texts), encode, "embed texts", progress)
 
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
-        out = np.zeros((len(paths), self.image_dim), np.float32)
+        def encode(batch: list[str]) -> torch.Tensor:
+            pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
+            return self.model.encode_image(pixels)
+
+        return self._in_batches(list(paths), encode, "embed images", progress)
+
+    def _in_batches(self, items: list[str], encode: Callable[[list[str]], torch.Tensor], desc: str,
+                    progress: bool) -> np.ndarray:
+        """`encode` over `batch_size` items at a time, normalised (one model embeds both modalities, so
+        texts and images share a width)."""
+        out = np.zeros((len(items), self.text_dim), np.float32)
         with inference(self.precision, self.device):
-            for start in tqdm(
-                range(0, len(paths), self.batch_size),
-                desc="embed images",
-                unit="batch",
-                disable=not progress or len(paths) <= self.batch_size,
-            ):
-                batch = paths[start : start + self.batch_size]
-                pixels = torch.stack([self.preprocess(_open_rgb(p)) for p in batch]).to(self.device)
-                out[start : start + len(batch)] = _normalise(self.model.encode_image(pixels))
+            for start in tqdm(range(0, len(items), self.batch_size), desc=desc, unit="batch",
+                              disable=not progress or len(items) <= self.batch_size):
+                batch = items[start : start + self.batch_size]
+                out[start : start + len(batch)] = _normalise(encode(batch))
         return out
 
 
