@@ -37,8 +37,8 @@ from kgmel_core.rerank.fusion import fit_logit, fold_of
 from storage import Artifact, ArtifactStore
 
 FEATURES = ("retrieval", "reranker", "mention prior", "entity prior", "name cosine", "text cosine", "QID order")
-PRIORS = (2, 3)  # the columns whose weights `--nonnegative` fits hold >= 0
-QID = re.compile(r"Q[1-9][0-9]*")
+PRIORS = (2, 3)  # the columns whose weights `fit_nonnegative_priors` holds >= 0
+QID = re.compile(r"Q[1-9][0-9]*")  # stricter than the readers' Q\d+: no Q0, whose log is -inf
 
 
 def mention_key(mention: str) -> str:
