@@ -8,7 +8,7 @@ import torch
 
 from kgmel_core.factory import EncoderIdentity, EncoderSpec, create_encoder, encoder_identity
 from kgmel_core.retrieval import device
-from kgmel_core.retrieval.encoders import OpenClipEncoder, length_batches
+from kgmel_core.retrieval.encoders import OpenClipEncoder, SentenceTransformerTextEncoder, length_batches
 from kgmel_core.retrieval.tiny_clip import TINY_CLIP_MODEL, train_tiny_clip
 from storage import ArtifactStore
 from storage.embedding_cache import EmbeddingCache
@@ -87,13 +87,42 @@ def test_bf16_text_vectors_are_close_to_fp32_and_cached_apart():
 
 def test_length_batches_grow_for_short_strings_and_cover_every_row_once():
     # batch_size 8: a budget of 8 * 64 = 512 word pieces, at most 8 * 2 = 16 strings.
-    lengths = [8] * 10 + [400] * 8 + [200] * 9 + [8] * 10  # chars ~ pieces: 400 ~ 102, 200 ~ 52, 8 ~ 4
-    batches = length_batches(lengths, batch_size=8)
+    pieces = [4] * 10 + [102] * 8 + [52] * 9 + [4] * 10
+    batches = length_batches(pieces, batch_size=8)
     assert [len(b) for b in batches] == [8, 9, 16, 4]  # 512 // 102 < 8: 8; 512 // 52 = 9; 512 // 4: capped
     rows = np.concatenate(batches)
-    assert sorted(rows.tolist()) == list(range(len(lengths)))
-    assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)  # longest first: little padding
+    assert sorted(rows.tolist()) == list(range(len(pieces)))
+    assert [pieces[i] for i in rows] == sorted(pieces, reverse=True)  # longest first: little padding
     assert length_batches([], batch_size=4) == []
+    assert [len(b) for b in length_batches([0, 0], batch_size=1)] == [2]  # no division by zero
+
+
+def test_minilm_counts_word_pieces_not_characters():
+    encoder = SentenceTransformerTextEncoder("minilm", device="cpu")
+    texts = ["Q42", "antidisestablishmentarianism", "a b c d e f g h", "word " * 500]
+    pieces = encoder.word_pieces(texts)
+    # [CLS] and [SEP] around each; a long word splits into several pieces; the model cuts at max_seq_length
+    assert pieces[0] == len(encoder.model.tokenizer("Q42")["input_ids"])
+    assert pieces[2] == 10 and pieces[1] > 3
+    assert pieces[3] == encoder.model.max_seq_length
+
+
+def test_minilm_batches_strings_of_equal_word_pieces_together(monkeypatch):
+    encoder = SentenceTransformerTextEncoder("minilm", batch_size=1, device="cpu")
+    # sorted by characters (18, 15, 15, 13) each batch of two would pad: 18 characters are one piece
+    texts = ["a b c d e f g h", "international", "q r s t u v w x", "telecommunications"]
+    padding, preprocess = [], encoder.model.preprocess
+
+    def recording(batch):
+        features = preprocess(batch)
+        padding.append(int((features["attention_mask"] == 0).sum()))
+        return features
+
+    monkeypatch.setattr(device, "CPU_LANES", 1)
+    monkeypatch.setattr(encoder.model, "preprocess", recording)
+    vectors = encoder.encode_texts(texts, progress=False)
+    assert padding == [0, 0]
+    assert np.allclose(vectors, np.concatenate([encoder.encode_texts([t], progress=False) for t in texts]), atol=1e-5)
 
 
 def test_minilm_puts_each_vector_back_in_its_row_whatever_its_batch():

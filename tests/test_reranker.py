@@ -226,3 +226,23 @@ def test_scoring_in_two_cpu_lanes_gives_the_same_scores_in_the_same_places(monke
         torch.set_num_threads(before)
     assert all(np.array_equal(a, b) for a, b in zip(two_lanes, one_lane, strict=True))
     assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(two_lanes, alone, strict=True))
+
+
+def test_pairs_are_batched_by_their_word_pieces_not_their_characters(monkeypatch):
+    torch.manual_seed(0)  # the fresh scoring head
+    model = create_cross_encoder(CrossEncoderConfig(device="cpu", precision="fp32"))
+    # characters and word pieces disagree: 15 characters are 8 pieces, 18 characters one
+    candidates = ["a b c d e f g h", "international", "q r s t u v w x", "telecommunications"]
+    group = RerankGroup("m", "[ Paris ]", [f"Q{i}" for i in range(4)], candidates, np.zeros(4, np.float32))
+    eight, one = model.word_pieces(["[ Paris ]"] * 2, [candidates[0], candidates[3]])
+    assert eight == one + 7
+    padding = []
+    forward = model._forward
+    monkeypatch.setattr(device, "CPU_LANES", 1)
+    monkeypatch.setattr(model, "_forward",
+                        lambda tokens: padding.append(int((tokens["attention_mask"] == 0).sum())) or forward(tokens))
+    scores = model.score([group], batch_pairs=2)[0]
+    assert padding == [0, 0]  # sorted by characters, each batch would pad its short pair
+    alone = [model.score([RerankGroup("m", "[ Paris ]", ["Q"], [c], np.zeros(1, np.float32))], 2)[0][0]
+             for c in candidates]
+    assert np.allclose(scores, alone, atol=1e-4)  # each score back in its candidate's place

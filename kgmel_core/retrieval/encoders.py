@@ -60,20 +60,19 @@ TOKENS_PER_BATCH_SLOT = 64
 MAX_BATCH_GROWTH = 2
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Row indices of `lengths` (characters) in batches, longest first, sized by estimated word pieces.
+def length_batches(word_pieces: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices in batches, longest first, sized by each string's word pieces.
 
-    Sorting by length keeps padding small (as sentence-transformers does); each batch then holds
-    `batch_size` strings, or more when its longest string is short: up to `batch_size *
-    TOKENS_PER_BATCH_SLOT` estimated word pieces (about 4 characters each, plus [CLS] and [SEP]),
-    and at most `MAX_BATCH_GROWTH` times `batch_size` strings.
+    A batch pads to its longest string, so rows are sorted by counted word pieces: sorted by characters,
+    strings of one length differ enough in word pieces that batches padded to 1.4 times the real pieces
+    (docs/results.md). Each batch holds `batch_size` strings, or more when its longest string is short: up
+    to `batch_size * TOKENS_PER_BATCH_SLOT` word pieces and at most `MAX_BATCH_GROWTH` times `batch_size`.
     """
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    order = np.argsort(-np.asarray(word_pieces, dtype=np.int64), kind="stable")
     budget, most = batch_size * TOKENS_PER_BATCH_SLOT, batch_size * MAX_BATCH_GROWTH
     batches, start = [], 0
     while start < len(order):
-        tokens = int(lengths[order[start]]) // 4 + 2
-        size = min(most, max(batch_size, budget // tokens))
+        size = min(most, max(batch_size, budget // max(int(word_pieces[order[start]]), 1)))
         batches.append(order[start : start + size])
         start += size
     return batches
@@ -247,9 +246,14 @@ class SentenceTransformerTextEncoder:
 
         with tqdm(total=len(texts), desc="embed texts", unit="text",
                   disable=not progress or len(texts) <= self.batch_size) as bar:
-            in_cpu_lanes(self.device, length_batches([len(text) for text in texts], self.batch_size),
-                         encode_batches)
+            in_cpu_lanes(self.device, length_batches(self.word_pieces(texts), self.batch_size), encode_batches)
         return out
+
+    def word_pieces(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in the model's word pieces, as its forward pass sees them (truncated)."""
+        return self.model.tokenizer(list(texts), truncation=True, max_length=self.model.max_seq_length,
+                                    return_attention_mask=False, return_token_type_ids=False,
+                                    return_length=True)["length"]
 
     def encode_images(self, paths: Sequence[str], progress: bool = True) -> np.ndarray:
         raise RuntimeError(f"the {self.name} encoder embeds text only; use image_encoder=open_clip for images")
