@@ -114,16 +114,18 @@ class CrossEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).to(self.device)
 
+    def _tokenize(self, firsts: list[str], seconds: list[str], **options):
+        """The pairs cut as the model reads them; the one place that says how, so counts match batches."""
+        return self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length, **options)
+
     def _tokens(self, firsts: list[str], seconds: list[str]):
-        return self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length,
-                              padding=True, return_tensors="pt").to(self.device)
+        return self._tokenize(firsts, seconds, padding=True, return_tensors="pt").to(self.device)
 
     def word_pieces(self, firsts: list[str], seconds: list[str]) -> list[int]:
         """Each pair's length in word pieces as `_tokens` cuts it: what its batch pads to."""
         if not firsts:
             return []
-        return self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length,
-                              return_attention_mask=False, return_token_type_ids=False,
+        return self._tokenize(firsts, seconds, return_attention_mask=False, return_token_type_ids=False,
                               return_length=True)["length"]
 
     def _forward(self, tokens) -> torch.Tensor:
