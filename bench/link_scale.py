@@ -12,6 +12,8 @@ child process: ingest the mentions file, embed the mentions, search, re-score, w
 
 `--cold` leaves the store's embedding cache out of the scratch copy, so every mention string is
 encoded (new mentions); without it, strings the store has embedded before are served from the cache.
+`--cold-disk` also drops the prepared store's files from the page cache before each run
+(`POSIX_FADV_DONTNEED`), as after a reboot: the index and its vectors file are then read from the disk.
 `--repeats N` links N times, each on a fresh copy of the prepared store, and reports the median (two
 shared cores are noisy: single runs of the same code spread by several seconds).
 The mentions are the first `--mentions` of the train split (never test). Run on an idle machine.
@@ -62,6 +64,18 @@ def scratch_store(source: Path, target: Path, cold: bool) -> None:
         n for n in names if Path(folder) == source and n in skip])
 
 
+def evict_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to drop every file under `folder` from the page cache (clean pages only: the
+    prepared store was written long before, so they are clean)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def grown_index(store: ArtifactStore, model: str, n: int) -> None:
     """Write an index artifact of the served retriever over `n` entities; register it as a model."""
     version = store.models.require(model).serving
@@ -101,6 +115,8 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=1_000_000)
     parser.add_argument("--mentions", type=int, default=10_000)
     parser.add_argument("--cold", action="store_true", help="no embedding cache: every mention string encoded")
+    parser.add_argument("--cold-disk", action="store_true", help="drop the prepared store's files from the page "
+                        "cache before each run, as after a reboot")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="passed to `kgmel link --set` (repeatable), e.g. encoder.batch_size=32")
@@ -122,7 +138,9 @@ def main() -> None:
         walls = [link_once(work, prepared, model, args, count, repeat) for repeat in range(args.repeats)]
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
         median = statistics.median(walls)
-        print(f"\n{count} mentions ({'cold: no embedding cache' if args.cold else 'warm embedding cache'}) against "
+        caches = ("cold: no embedding cache" if args.cold else "warm embedding cache") + (
+            ", store outside the page cache" if args.cold_disk else "")
+        print(f"\n{count} mentions ({caches}) against "
               f"{args.entities} entities, median of {len(walls)}: {median:.1f} s wall for `kgmel link` (process "
               f"start included), {count / median:.0f} mentions/s, peak RSS {peak:.2f} GB; --set {args.overrides}")
 
@@ -132,6 +150,8 @@ def link_once(work: Path, prepared: Path, model: str, args: argparse.Namespace, 
     store = work / f"run-{repeat}"
     shutil.rmtree(store, ignore_errors=True)
     scratch_store(prepared, store, args.cold)
+    if args.cold_disk:
+        evict_from_page_cache(store)
     kgmel = str(Path(sys.executable).parent / "kgmel")
     command = [kgmel, "link", str(work / "mentions.json"), "--config", args.config, "--model", model,
                "--set", f"artifacts={store}", "--set", "rerank.enabled=false",

@@ -196,6 +196,63 @@ def test_vector_rows_read_what_the_array_holds_and_refuse_a_file_that_shrank(tmp
             rows_of[ids]
 
 
+def test_prefetch_asks_for_each_row_in_ranges_cut_at_the_window_and_whole_windows_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(rescore, "PREFETCH_GAP", 256)  # 4 rows of 16 float32
+    monkeypatch.setattr(rescore, "PREFETCH_WINDOW", 1024)  # 16 rows
+    calls = []
+    monkeypatch.setattr(rescore.os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (offset, length, advice)))
+    with open(tmp_path / "v.npy", "wb") as handle:
+        rescore.write_header(handle, 1000, 16, "float32")
+        rescore.write_rows(handle, np.zeros((1000, 16), np.float32), "float32")
+    dense = np.arange(600, 700)
+    with rescore.VectorRows(tmp_path / "v.npy", 1000, 16) as rows_of:
+        start = rows_of.offset
+        rows_of.prefetch(np.array([[7, 5, 6, -1], [100, 103, 500, 5]]))
+        # rows 5-7 one range; 100 and 103 (two rows apart, within the gap) one range; 500 alone; padding skipped
+        assert calls == [(start + 5 * 64, 3 * 64, rescore.os.POSIX_FADV_WILLNEED),
+                         (start + 100 * 64, 4 * 64, rescore.os.POSIX_FADV_WILLNEED),
+                         (start + 500 * 64, 64, rescore.os.POSIX_FADV_WILLNEED)]
+        calls.clear()
+        rows_of.prefetch(dense)
+        asked = [(offset, offset + length) for offset, length, _ in calls]
+        assert all(low // 1024 == (high - 1) // 1024 for low, high in asked)  # never across a window
+        assert asked[0][0] == start + 600 * 64 and asked[-1][1] == start + 700 * 64
+        assert all(a[1] == b[0] for a, b in zip(asked, asked[1:], strict=False))  # one unbroken range
+        whole = [(low, high) for low, high in asked if high - low == 1024]
+        assert len(whole) >= 4
+        calls.clear()
+        rows_of.prefetch(dense)  # whole windows already asked for: only the two partial ends again
+        assert [(offset, offset + length) for offset, length, _ in calls] == [asked[0], asked[-1]]
+
+
+def test_the_rows_a_search_re_scores_were_prefetched_before_they_were_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(rescore, "SEARCH_CHUNK", 64)
+    entities = _unit(np.random.default_rng(4), 1500, 16)
+    _build(tmp_path, entities, "float16", shortlist=50)
+    events = []
+    prefetch, read = rescore.VectorRows.prefetch, rescore.VectorRows.__getitem__
+
+    def logged(kind, method):
+        return lambda self, ids: (events.append((kind, set(np.ravel(ids).tolist()))), method(self, ids))[1]
+
+    monkeypatch.setattr(rescore.VectorRows, "prefetch", logged("prefetch", prefetch))
+    monkeypatch.setattr(rescore.VectorRows, "__getitem__", logged("read", read))
+    queries = _unit(np.random.default_rng(5), 200, 16)
+    searcher, _ = open_searcher(tmp_path / "x.faiss", tmp_path / "v.npy", 50)
+    events.clear()  # the pairing check at open reads its probe rows without a shortlist
+    expected = search(searcher, queries, 10)
+    asked: set[int] = set()
+    for kind, rows in events:
+        if kind == "prefetch":
+            asked |= rows
+        else:
+            assert rows <= asked
+    assert sum(kind == "read" for kind, _ in events) == len(queries)
+    monkeypatch.delattr(rescore.os, "posix_fadvise")  # macOS, Windows: no advice, the same answer
+    assert (search(searcher, queries, 10)[1] == expected[1]).all()
+
+
 def _clusters(rng, n, centers, spread):
     x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, centers.shape[1]))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
