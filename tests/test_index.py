@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -112,3 +115,11 @@ def test_a_low_held_recall_names_the_setting_to_change():
     assert "index.hnsw_ef_search" in low_recall_advice(IndexPlan("hnsw"), 0.5)
     assert low_recall_advice(IndexPlan("flat"), 0.0) is None  # exact: nothing to tune
     assert low_recall_advice(pq, float("nan")) is None  # nothing measured
+
+
+def test_faiss_is_loaded_after_torch_so_the_two_share_one_openmp_runtime():
+    """A fresh process: whichever way kgmel reaches faiss, torch was imported first (`_faiss`)."""
+    code = ("import sys; from kgmel_core.retrieval.index import _faiss; _faiss(); names = list(sys.modules); "
+            "print(names.index('torch') < names.index('faiss'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"

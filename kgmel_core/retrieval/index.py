@@ -32,6 +32,11 @@ from kgmel_core.retrieval import rescore
 
 
 def _faiss():
+    # torch first, always: faiss-cpu ships its own OpenMP runtime, and only a faiss loaded after torch binds
+    # to torch's instead. With two runtimes each keeps its own spinning threads, and on a 2-core machine a
+    # re-scored search (FAISS in one thread, torch in the other) ran 1.4x slower.
+    import torch  # noqa: F401
+
     try:
         import faiss
     except ImportError as exc:
