@@ -129,22 +129,27 @@ class VectorRows:
         whole window is asked for once per open file, so a warm file is not asked for again and again."""
         if not hasattr(os, "posix_fadvise"):  # macOS, Windows: the reads alone, as before
             return
-        ids = np.unique(np.asarray(ids, np.int64))
+        ids = np.sort(np.asarray(ids, np.int64), axis=None)
         ids = ids[ids >= 0]
         if not len(ids):
             return
+        ids = ids[np.r_[True, ids[1:] != ids[:-1]]]  # not np.unique: 15x slower on a chunk's 131k rows
         starts = self.offset + ids * self.row_bytes
         ends = starts + self.row_bytes
         cuts = np.flatnonzero(starts[1:] - ends[:-1] > PREFETCH_GAP) + 1
-        for start, end in zip(starts[np.r_[0, cuts]].tolist(), ends[np.r_[cuts - 1, len(ends) - 1]].tolist(),
-                              strict=True):
-            for window in range(start // PREFETCH_WINDOW, (end - 1) // PREFETCH_WINDOW + 1):
-                low, high = max(start, window * PREFETCH_WINDOW), min(end, (window + 1) * PREFETCH_WINDOW)
-                if high - low == PREFETCH_WINDOW:
-                    if self.asked[window]:
-                        continue
-                    self.asked[window] = True
-                os.posix_fadvise(self.fd, low, high - low, os.POSIX_FADV_WILLNEED)
+        starts, ends = starts[np.r_[0, cuts]], ends[np.r_[cuts - 1, len(ends) - 1]]  # the joined ranges
+        # Each range's windows, in numpy: a search of 10k queries at 1M meets ~12k a chunk, most asked before.
+        first = starts // PREFETCH_WINDOW
+        count = (ends - 1) // PREFETCH_WINDOW - first + 1
+        range_of = np.repeat(np.arange(len(starts)), count)
+        window = first[range_of] + np.arange(len(range_of)) - np.repeat(np.cumsum(count) - count, count)
+        low = np.maximum(starts[range_of], window * PREFETCH_WINDOW)
+        high = np.minimum(ends[range_of], (window + 1) * PREFETCH_WINDOW)
+        whole = high - low == PREFETCH_WINDOW
+        ask = ~(whole & self.asked[window])
+        self.asked[window[whole]] = True
+        for offset, length in zip(low[ask].tolist(), (high - low)[ask].tolist(), strict=True):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         os.close(self.fd)
