@@ -116,7 +116,7 @@ class OpenClipEncoder:
         self,
         clip_model: str,
         clip_pretrained: str | None,
-        batch_size: int = 256,
+        batch_size: int = 32,  # `encoder.batch_size`'s default: small batches suit a CPU
         device: str = "auto",
         precision: str = "fp32",
     ):
@@ -210,7 +210,7 @@ class SentenceTransformerTextEncoder:
 
     image_dim = None
 
-    def __init__(self, name: str = "minilm", batch_size: int = 256, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, name: str = "minilm", batch_size: int = 32, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         self.precision = resolved_precision(precision, self.device)
         self.identity = sentence_encoder_identity(name, self.precision)  # refuses an unknown name
