@@ -107,7 +107,7 @@ class VectorRows:
         self.offset, self.dtype = checked_layout(path, n, d)
         self.row_bytes = d * self.dtype.itemsize
         self.d = d
-        self.asked = np.zeros(os.path.getsize(self.path) // PREFETCH_WINDOW + 1, bool)  # whole windows prefetched
+        self.asked = np.zeros((self.offset + n * self.row_bytes) // PREFETCH_WINDOW + 1, bool)  # whole windows asked
         self.fd = os.open(self.path, os.O_RDONLY)
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
