@@ -11,6 +11,7 @@ from rerank_stub import rerank_server
 
 from kgmel_core.config import CrossEncoderConfig, LLMScope, RerankAPIConfig, RerankConfig
 from kgmel_core.factory import create_cross_encoder
+from kgmel_core.rerank import cross_encoder
 from kgmel_core.rerank.cross_encoder import RerankGroup, candidate_input, lane_batch_size, mention_input
 from kgmel_core.rerank.fusion import RERANKER_ONLY, Fusion, fit_fusion, fit_logit, fold_of, out_of_fold
 from kgmel_core.rerank.groups import Stage3Mentions, Stage3Tables, build_groups
@@ -246,3 +247,32 @@ def test_pairs_are_batched_by_their_word_pieces_not_their_characters(monkeypatch
     alone = [model.score([RerankGroup("m", "[ Paris ]", ["Q"], [c], np.zeros(1, np.float32))], 2)[0][0]
              for c in candidates]
     assert np.allclose(scores, alone, atol=1e-4)  # each score back in its candidate's place
+
+
+def test_training_logits_come_in_word_piece_sorted_parts_and_back_in_pair_order(monkeypatch):
+    torch.manual_seed(0)  # the fresh scoring head
+    model = create_cross_encoder(CrossEncoderConfig(device="cpu", precision="fp32"))
+    model.model.eval()  # no dropout: parts and one batch must agree
+    groups = [RerankGroup(f"m{g}", f"mention {g}: " + "context " * (5 * g), [f"Q{g}{i}" for i in range(4)],
+                          [f"label {i}" + " fact" * (4 - i) for i in range(4)], np.zeros(4, np.float32), gold=g % 4)
+              for g in range(6)]
+    firsts = [g.mention_text for g in groups for _ in g.qids]
+    seconds = [c for g in groups for c in g.candidate_texts]
+    whole = model._forward(model._tokens(firsts, seconds))  # one batch, padded to the longest pair
+    monkeypatch.setattr(cross_encoder, "TRAIN_PAIRS_PER_FORWARD", 5)
+    parts = []
+    forward = model._forward
+    monkeypatch.setattr(model, "_forward", lambda tokens: parts.append(tokens["attention_mask"].sum(1).tolist())
+                        or forward(tokens))
+    split = model._logits(firsts, seconds)
+    assert [len(p) for p in parts] == [5, 5, 5, 5, 4]  # 24 pairs in five parts
+    flat = [n for p in parts for n in p]
+    assert flat == sorted(flat)  # each part holds pairs of like length
+    assert torch.allclose(split, whole, atol=1e-4)  # each logit back in its pair's place
+    loss = model.listwise_loss(groups, negatives=3)
+    loss.backward()
+    expected = torch.stack([torch.logsumexp(part, 0) - part[0] for part in torch.split(
+        whole.detach()[[4 * g + i for g, group in enumerate(groups)
+                        for i in [group.gold] + [j for j in range(4) if j != group.gold]]], 4)]).mean()
+    assert math.isclose(loss.item(), expected.item(), abs_tol=1e-4)
+    assert model.model.classifier.weight.grad is not None  # gradients flow through every part

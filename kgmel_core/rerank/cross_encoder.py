@@ -91,6 +91,10 @@ def candidate_input(label: str, description: str | None, facts: Sequence[tuple[s
     return " ; ".join(parts)
 
 
+# Pairs per forward pass in training. Fewer pairs pad less but multiply smaller matrices.
+TRAIN_PAIRS_PER_FORWARD = 16
+
+
 def lane_batch_size(pairs: int, batch_pairs: int, lanes: int) -> int:
     """At most `batch_pairs` a batch, in a number of batches the lanes share evenly: one mention's 16 pairs
     at 32 would be one batch and leave a lane idle; as two batches of 8 they run at once."""
@@ -133,7 +137,14 @@ class CrossEncoder:
             return self.model(**tokens).logits.squeeze(-1).float()
 
     def _logits(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
-        return self._forward(self._tokens(firsts, seconds))
+        """One logit per pair, in the order given, computed in word-piece-sorted parts of at most
+        `TRAIN_PAIRS_PER_FORWARD` pairs: one batch of a step's mixed pairs pads to the longest of them
+        (1.65 times the real word pieces on WikiDiverse's training steps; docs/results.md)."""
+        pieces = np.asarray(self.word_pieces(firsts, seconds), dtype=np.int64)
+        order = np.argsort(pieces, kind="stable")
+        parts = [self._forward(self._tokens([firsts[i] for i in rows], [seconds[i] for i in rows]))
+                 for rows in np.array_split(order, max(1, math.ceil(len(order) / TRAIN_PAIRS_PER_FORWARD)))]
+        return torch.cat(parts)[torch.from_numpy(np.argsort(order, kind="stable")).to(parts[0].device)]
 
     def score(self, groups: Sequence[RerankGroup], batch_pairs: int, progress: bool = False) -> list[np.ndarray]:
         """One score per candidate of every group. Pairs are batched across groups in order of their
